@@ -1,0 +1,51 @@
+"""
+Which target a new connection should try first, and which after that.
+
+A balancer knows nothing of sockets: it orders an app's targets for one
+client.  The dialer walks that order, so failover is simply "the next one".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from zope.interface import Interface, implementer
+
+from tcpproxy.config import Target
+
+
+class IBalancer(Interface):
+    """
+    Chooses the order in which one client's connection tries the targets.
+    """
+
+    def order() -> list[Target]:
+        """
+        The targets to try for one new client, first choice first.
+
+        Each target appears at most once, so a client never dials the same
+        target twice.
+        """
+
+
+@implementer(IBalancer)
+class RoundRobin:
+    """
+    Start each client one target further along the app's list.
+
+    One instance serves every port of an app, so the rotation is per app: a
+    client on port 5001 and the next on port 5200 go to consecutive targets.
+    The rest of the list, in order, is the failover sequence.
+    """
+
+    def __init__(self, targets: Sequence[Target]) -> None:
+        if not targets:
+            raise ValueError("a balancer needs at least one target")
+        self._targets = tuple(targets)
+        self._next = 0
+
+    def order(self) -> list[Target]:
+        start = self._next
+        self._next = (start + 1) % len(self._targets)
+        targets = self._targets
+        return [*targets[start:], *targets[:start]]

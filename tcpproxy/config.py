@@ -1,0 +1,313 @@
+"""
+The proxy's configuration: JSON in, frozen values out.
+
+Every refusal of a configuration lives in this module, so that start-up and
+(later) reload judge a file by exactly the same rules.  A refused file raises
+L{ConfigError}, whose text is one paragraph naming the file, the app, the key
+and the offending value: it is meant to be shown to a person as it is, never
+with a traceback.
+
+The accepted shape is the classic one, extended only by optional keys::
+
+    {"BindAddress": "0.0.0.0",          # optional, where every port listens
+     "DrainTimeout": 10,                # optional, seconds granted at shutdown
+     "Apps": [{"Name": "five-thousand",
+               "Ports": [5001, 5200],
+               "Targets": ["127.0.0.1:6001", "backend.example:6002",
+                           "[::1]:6003"],
+               "ConnectTimeout": 5}]}   # optional, seconds per attempt
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+from dataclasses import dataclass
+
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+
+DEFAULT_DRAIN_TIMEOUT = 10.0
+DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_BIND_ADDRESS = "0.0.0.0"
+
+IPV4 = "ipv4"
+IPV6 = "ipv6"
+HOSTNAME = "hostname"
+
+_TOP_KEYS = ("Apps", "BindAddress", "DrainTimeout")
+_APP_KEYS = ("Name", "Ports", "Targets", "ConnectTimeout")
+_HOSTNAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._")
+
+
+class ConfigError(Exception):
+    """
+    A configuration was refused.
+
+    C{str()} of it is the whole message for the user: it already names the
+    file, the app, the key and the value.
+    """
+
+
+@dataclass(frozen=True)
+class Target:
+    """
+    One place an app's connections may be relayed to.
+
+    @ivar host: a hostname or an IP literal, without brackets.
+    @ivar port: the TCP port.
+    @ivar kind: L{IPV4}, L{IPV6} or L{HOSTNAME}; it decides which client
+        endpoint reaches the target (a hostname is resolved on each connect).
+    """
+
+    host: str
+    port: int
+    kind: str
+
+    def __str__(self) -> str:
+        if self.kind == IPV6:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """
+    One app: the ports it listens on and the targets it relays to.
+    """
+
+    name: str
+    ports: tuple[int, ...]
+    targets: tuple[Target, ...]
+    connectTimeout: float = DEFAULT_CONNECT_TIMEOUT
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """
+    A whole, valid configuration.
+
+    @ivar source: where it was read from, for messages.
+    """
+
+    apps: tuple[AppConfig, ...]
+    bindAddress: str = DEFAULT_BIND_ADDRESS
+    drainTimeout: float = DEFAULT_DRAIN_TIMEOUT
+    source: str = "<config>"
+
+    def listeners(self) -> list[tuple[AppConfig, int]]:
+        """
+        Every (app, port) pair the proxy listens on, in configuration order.
+        """
+        return [(app, port) for app in self.apps for port in app.ports]
+
+
+def _show(value: object) -> str:
+    """
+    Render a configuration value as the user wrote it (JSON), shortened.
+    """
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _Where:
+    """
+    The location an error is reported at: file, then app, then key.
+    """
+
+    def __init__(self, source: str, app: str | None = None) -> None:
+        self.source = source
+        self.app = app
+
+    def forApp(self, app: str) -> _Where:
+        return _Where(self.source, app)
+
+    def error(self, key: str | None, message: str) -> ConfigError:
+        parts = [self.source]
+        if self.app is not None:
+            parts.append(f"app {json.dumps(self.app)}")
+        if key is not None:
+            parts.append(f"key {json.dumps(key)}")
+        return ConfigError(": ".join(parts) + ": " + message)
+
+
+def _checkKeys(where: _Where, obj: dict, allowed: tuple[str, ...], required: tuple[str, ...]) -> None:
+    for key in obj:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+            hint = f' (did you mean "{close[0]}"?)' if close else ""
+            raise where.error(key, f"unknown key{hint}; known keys are {', '.join(allowed)}")
+    for key in required:
+        if key not in obj:
+            raise where.error(key, "missing required key")
+
+
+def _duration(where: _Where, key: str, value: object, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise where.error(key, f"{_show(value)} is not a number of seconds")
+    if value < 0 or (positive and value == 0):
+        bound = "greater than 0" if positive else "0 or more"
+        raise where.error(key, f"{_show(value)} must be {bound} seconds")
+    return float(value)
+
+
+def _port(where: _Where, key: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise where.error(key, f"{_show(value)} is not a port number (an integer 1-65535)")
+    if not 1 <= value <= 65535:
+        raise where.error(key, f"{_show(value)} is outside the port range 1-65535")
+    return value
+
+
+def parseTarget(text: str) -> Target:
+    """
+    Parse C{"host:port"}, C{"1.2.3.4:port"} or C{"[::1]:port"}.
+
+    @raise ValueError: with a message that says what is wrong with C{text}.
+    """
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep:
+            raise ValueError("has no closing ']' after its IPv6 address")
+        if not rest.startswith(":"):
+            raise ValueError("has no port (write it as [address]:port)")
+        portText = rest[1:]
+        if not isIPv6Address(host):
+            raise ValueError(f"has {host!r} in brackets, which is not an IPv6 address")
+        kind = IPV6
+    else:
+        host, sep, portText = text.rpartition(":")
+        if not sep:
+            raise ValueError("has no port (write it as host:port)")
+        if ":" in host:
+            raise ValueError("is an IPv6 address without brackets (write it as [address]:port)")
+        if not host:
+            raise ValueError("has no host before the ':'")
+        if isIPAddress(host):
+            kind = IPV4
+        elif set(host) <= _HOSTNAME_CHARS and not host.startswith(("-", ".")) and ".." not in host:
+            kind = HOSTNAME
+        else:
+            raise ValueError(f"has {host!r}, which is neither a hostname nor an IP address")
+    if not portText.isdigit() or not portText.isascii():
+        raise ValueError(f"has {portText!r} as its port, which is not a number")
+    port = int(portText)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"has port {port}, outside the range 1-65535")
+    return Target(host, port, kind)
+
+
+def _nonEmptyList(where: _Where, key: str, value: object, what: str) -> list:
+    if not isinstance(value, list):
+        raise where.error(key, f"{_show(value)} is not a list of {what}")
+    if not value:
+        raise where.error(key, f"is empty; list at least one of {what}")
+    return value
+
+
+def _parseApp(where: _Where, index: int, obj: object) -> AppConfig:
+    if not isinstance(obj, dict):
+        raise where.error("Apps", f"entry {index + 1} is {_show(obj)}, not an object")
+    name = obj.get("Name")
+    if "Name" not in obj:
+        raise where.error("Name", f'missing required key in entry {index + 1} of "Apps"')
+    if not isinstance(name, str) or not name.strip():
+        raise where.error("Name", f'{_show(name)} in entry {index + 1} of "Apps" is not a non-empty string')
+    where = where.forApp(name)
+    _checkKeys(where, obj, _APP_KEYS, ("Ports", "Targets"))
+
+    ports: list[int] = []
+    for value in _nonEmptyList(where, "Ports", obj["Ports"], "ports"):
+        port = _port(where, "Ports", value)
+        if port in ports:
+            raise where.error("Ports", f"{port} is listed twice")
+        ports.append(port)
+
+    targets: list[Target] = []
+    for value in _nonEmptyList(where, "Targets", obj["Targets"], '"host:port" targets'):
+        if not isinstance(value, str):
+            raise where.error("Targets", f'{_show(value)} is not a "host:port" string')
+        try:
+            target = parseTarget(value.strip())
+        except ValueError as e:
+            raise where.error("Targets", f"{_show(value)} {e}") from None
+        if target in targets:
+            raise where.error("Targets", f"{_show(value)} is listed twice")
+        targets.append(target)
+
+    connectTimeout = DEFAULT_CONNECT_TIMEOUT
+    if "ConnectTimeout" in obj:
+        connectTimeout = _duration(where, "ConnectTimeout", obj["ConnectTimeout"], positive=True)
+    return AppConfig(name, tuple(ports), tuple(targets), connectTimeout)
+
+
+def parseConfig(document: object, source: str = "<config>") -> ProxyConfig:
+    """
+    Validate a decoded JSON document and build the configuration from it.
+
+    @param document: what C{json.loads} returned.
+    @param source: the file name, used in every message.
+    @raise ConfigError: on the first thing wrong, described for a person.
+    """
+    where = _Where(source)
+    if not isinstance(document, dict):
+        raise where.error(None, f'the top level is {_show(document)}, not an object with an "Apps" list')
+    _checkKeys(where, document, _TOP_KEYS, ("Apps",))
+    appsValue = _nonEmptyList(where, "Apps", document["Apps"], "apps")
+
+    apps: list[AppConfig] = []
+    owner: dict[int, str] = {}
+    for index, obj in enumerate(appsValue):
+        app = _parseApp(where, index, obj)
+        if any(other.name == app.name for other in apps):
+            raise where.forApp(app.name).error("Name", f"{_show(app.name)} is the name of another app too")
+        for port in app.ports:
+            if port in owner:
+                raise where.forApp(app.name).error(
+                    "Ports", f"{port} is already a port of app {json.dumps(owner[port])}"
+                )
+            owner[port] = app.name
+        apps.append(app)
+
+    bindAddress = document.get("BindAddress", DEFAULT_BIND_ADDRESS)
+    if not isinstance(bindAddress, str) or not (
+        bindAddress == "" or isIPAddress(bindAddress) or isIPv6Address(bindAddress)
+    ):
+        raise where.error("BindAddress", f"{_show(bindAddress)} is not an IPv4 or IPv6 address")
+
+    drainTimeout = DEFAULT_DRAIN_TIMEOUT
+    if "DrainTimeout" in document:
+        drainTimeout = _duration(where, "DrainTimeout", document["DrainTimeout"])
+
+    return ProxyConfig(tuple(apps), bindAddress or DEFAULT_BIND_ADDRESS, drainTimeout, source)
+
+
+def _noDuplicateKeys(pairs: list[tuple[str, object]]) -> dict:
+    result: dict = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"key {json.dumps(key)} appears twice in one object")
+        result[key] = value
+    return result
+
+
+def loadConfig(path: str) -> ProxyConfig:
+    """
+    Read, decode and validate the configuration file at C{path}.
+
+    @raise ConfigError: if the file cannot be read, is not JSON, or is refused.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the configuration file: {e.strerror or e}") from None
+    try:
+        document = json.loads(raw.decode("utf-8"), object_pairs_hook=_noDuplicateKeys)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text: {e.reason} at byte {e.start}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except ValueError as e:
+        raise ConfigError(f"{path}: invalid JSON: {e}") from None
+    return parseConfig(document, path)

@@ -1,0 +1,189 @@
+"""
+Reaching a target: one client endpoint per target, tried in the order the
+balancer gave, each attempt bounded by a connect timeout.
+
+The dialer knows nothing of round-robin (the order comes in) nor of relaying
+(the protocol factory comes in): it turns "these targets, in this order" into
+one connected protocol, or into one failure that lists every target's reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+from twisted.internet import defer, error
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.interfaces import (
+    IProtocol,
+    IProtocolFactory,
+    IReactorTCP,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
+from twisted.python.failure import Failure
+from zope.interface import Interface, implementer
+
+from tcpproxy.config import IPV4, IPV6, Target
+
+
+def endpointForTarget(reactor: IReactorTCP, target: Target) -> IStreamClientEndpoint:
+    """
+    The client endpoint that reaches C{target}.
+
+    IP literals get a plain TCP endpoint of their family; a hostname gets a
+    L{HostnameEndpoint}, which resolves on every connect (so DNS changes are
+    followed) and tries IPv6 and IPv4 addresses alike.
+    """
+    if target.kind == IPV4:
+        return TCP4ClientEndpoint(reactor, target.host, target.port)
+    if target.kind == IPV6:
+        return TCP6ClientEndpoint(reactor, target.host, target.port)
+    return HostnameEndpoint(reactor, target.host.encode("idna"), target.port)
+
+
+def describeFailure(reason: Failure, timeout: float) -> str:
+    """
+    Say in a few words why a connect attempt failed, for the log.
+    """
+    if reason.check(error.ConnectionRefusedError):
+        return "connection refused"
+    if reason.check(defer.TimeoutError, error.TimeoutError):
+        return f"no answer within {timeout:g}s"
+    if reason.check(error.DNSLookupError):
+        return "hostname did not resolve"
+    if reason.check(error.NoRouteError):
+        return "no route to host"
+    return reason.getErrorMessage() or reason.type.__name__
+
+
+class NoTargetAvailable(Exception):
+    """
+    Every target of the list failed to connect.
+
+    @ivar failures: C{(target, reason text)} for each target, in the order tried.
+    """
+
+    def __init__(self, failures: list[tuple[Target, str]]) -> None:
+        super().__init__(failures)
+        self.failures = failures
+
+    def __str__(self) -> str:
+        if not self.failures:
+            return "no target to try"
+        reasons = "; ".join(f"{target}: {reason}" for target, reason in self.failures)
+        return f"all {len(self.failures)} targets failed: {reasons}"
+
+
+@dataclass
+class Dialled:
+    """
+    The outcome of a successful dial.
+
+    @ivar target: the target that answered.
+    @ivar protocol: the protocol connected to it.
+    @ivar failures: C{(target, reason text)} of the targets tried before it.
+    """
+
+    target: Target
+    protocol: IProtocol
+    failures: list[tuple[Target, str]] = field(default_factory=list)
+
+
+class IDialer(Interface):
+    """
+    Connects a protocol to the first target, of an ordered list, that answers.
+    """
+
+    def dial(protocolFactory: IProtocolFactory, targets: Iterable[Target]) -> Deferred[Dialled]:
+        """
+        Try C{targets} one after the other until one connects.
+
+        @return: a L{Deferred} firing with a L{Dialled}, or failing with
+            L{NoTargetAvailable}.  Cancelling it abandons the attempt under
+            way and tries no further target.
+        """
+
+
+class _FailoverAttempt:
+    """
+    One client's walk along the target list.
+
+    A class rather than closures because cancellation must be seen before the
+    cancelled attempt's errback runs, or that errback would dial the next target.
+    """
+
+    def __init__(
+        self,
+        dialer: FailoverDialer,
+        protocolFactory: IProtocolFactory,
+        targets: Iterator[Target],
+    ) -> None:
+        self._dialer = dialer
+        self._protocolFactory = protocolFactory
+        self._targets = targets
+        self._failures: list[tuple[Target, str]] = []
+        self._current: Deferred | None = None
+        self._cancelled = False
+        self.result: Deferred[Dialled] = Deferred(self._cancel)
+        self._next()
+
+    def _next(self) -> None:
+        target = next(self._targets, None)
+        if target is None:
+            self.result.errback(NoTargetAvailable(self._failures))
+            return
+        attempt = self._dialer.endpointFor(target).connect(self._protocolFactory)
+        attempt.addTimeout(self._dialer.timeout, self._dialer.clock)
+        self._current = attempt
+        attempt.addCallbacks(self._connected, self._failed, callbackArgs=(target,), errbackArgs=(target,))
+
+    def _connected(self, protocol: IProtocol, target: Target) -> None:
+        self._current = None
+        self.result.callback(Dialled(target, protocol, self._failures))
+
+    def _failed(self, reason: Failure, target: Target) -> None:
+        self._current = None
+        if self._cancelled:
+            reason.trap(CancelledError, error.ConnectingCancelledError)
+            return
+        self._failures.append((target, describeFailure(reason, self._dialer.timeout)))
+        self._next()
+
+    def _cancel(self, result: Deferred[Dialled]) -> None:
+        self._cancelled = True
+        if self._current is not None:
+            self._current.cancel()
+
+
+@implementer(IDialer)
+class FailoverDialer:
+    """
+    Dial targets through one cached client endpoint each, with failover.
+
+    @ivar timeout: seconds each attempt may take before the next target is
+        tried; it covers name resolution as well as the TCP handshake.
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorTCP,
+        timeout: float,
+        clock: IReactorTime | None = None,
+        endpointFactory: Callable[[IReactorTCP, Target], IStreamClientEndpoint] = endpointForTarget,
+    ) -> None:
+        self._reactor = reactor
+        self.timeout = timeout
+        self.clock = clock if clock is not None else reactor
+        self._endpointFactory = endpointFactory
+        self._endpoints: dict[Target, IStreamClientEndpoint] = {}
+
+    def endpointFor(self, target: Target) -> IStreamClientEndpoint:
+        endpoint = self._endpoints.get(target)
+        if endpoint is None:
+            endpoint = self._endpoints[target] = self._endpointFactory(self._reactor, target)
+        return endpoint
+
+    def dial(self, protocolFactory: IProtocolFactory, targets: Iterable[Target]) -> Deferred[Dialled]:
+        return _FailoverAttempt(self, protocolFactory, iter(targets)).result

@@ -1,0 +1,330 @@
+"""
+The relay: a pair of protocols that copy bytes between a client and the
+target chosen for it, with backpressure both ways and half-close.
+
+The pattern is that of L{twisted.protocols.portforward}: each transport is
+registered as the other's streaming producer, so a side whose write buffer
+fills pauses the reading of the other side, and memory stays bounded whatever
+the speeds.  On top of that:
+
+  - Half-close.  Both protocols provide L{IHalfCloseableProtocol}.  When one
+    side's peer sends EOF, that side stops producing into the other and the
+    other transport is shut for writing once its buffer is flushed; bytes the
+    other way keep flowing.  Twisted delivers no C{connectionLost} after both
+    halves are shut, so the pair closes itself when both directions are done.
+
+  - Producers are unregistered before every close: a transport whose paused
+    producer stays registered never finishes closing.
+
+  - While the target is being dialled the client is read into a small buffer
+    and then paused, so a client that leaves during a slow dial is noticed
+    (and the dial cancelled) without anything it sent being lost or held
+    without bound.
+
+One log event per connection, when both sides are gone, carries the client,
+app, port, target, failed attempts, bytes each way, duration and how it ended.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from tcpproxy.balancer import IBalancer
+from tcpproxy.config import AppConfig
+from tcpproxy.dialer import Dialled, IDialer, NoTargetAvailable
+
+PREDIAL_BUFFER = 64 * 1024
+"""
+How much a client may send before its target is connected; past this the
+client is paused until then.
+"""
+
+# How a relayed connection ended, as written in the access log.
+END_DONE = "done"
+END_CLIENT_LOST = "client reset"
+END_TARGET_LOST = "target reset"
+END_CLIENT_LEFT = "client left while dialling"
+END_NO_TARGET = "no target"
+END_ABORTED = "aborted"
+
+
+def _describePeer(transport) -> str:
+    address = transport.getPeer()
+    host = getattr(address, "host", None)
+    if host is None:
+        return str(address)
+    return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
+
+
+@implementer(IHalfCloseableProtocol)
+class _RelaySide(Protocol):
+    """
+    What the client side and the target side have in common: copying to the
+    peer, and turning EOF and loss into the matching action on the peer.
+
+    @ivar peer: the other side, once paired.
+    @ivar readDone: this side's remote end sent EOF.
+    @ivar writeDone: this side's transport was shut for writing, so its
+        remote end has seen EOF.
+    @ivar closed: C{connectionLost} was called.
+    @ivar received: bytes read from this side's remote end.
+    """
+
+    peer: _RelaySide | None = None
+    readDone = False
+    writeDone = False
+    closed = False
+    received = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += len(data)
+        self.peer.transport.write(data)
+
+    def readConnectionLost(self) -> None:
+        self.readDone = True
+        peer = self.peer
+        if peer is not None and not peer.closed:
+            # This transport produces nothing more for the peer; left
+            # registered, the peer would resume it and read EOF again.
+            peer.transport.unregisterProducer()
+            peer.transport.loseWriteConnection()
+
+    def writeConnectionLost(self) -> None:
+        self.writeDone = True
+        self.relay.checkBothDirectionsDone()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.closed = True
+        self.transport.unregisterProducer()
+        peer = self.peer
+        if peer is not None and not peer.closed:
+            # Let the peer flush what this side already sent it, then close.
+            peer.transport.unregisterProducer()
+            peer.transport.loseConnection()
+
+    def pairWith(self, peer: _RelaySide) -> None:
+        """
+        Make C{peer} the other side, and each transport the other's producer.
+        """
+        self.peer = peer
+        peer.peer = self
+        self.transport.registerProducer(peer.transport, True)
+        peer.transport.registerProducer(self.transport, True)
+
+
+class ProxyClientProtocol(_RelaySide):
+    """
+    The side connected to the target.
+
+    @ivar relay: the L{ProxyServerProtocol} that owns this pair.
+    """
+
+    relay: ProxyServerProtocol
+
+    def connectionLost(self, reason: Failure) -> None:
+        _RelaySide.connectionLost(self, reason)
+        self.relay.sideLost(self, reason)
+
+
+class ProxyServerProtocol(_RelaySide):
+    """
+    The side connected to the client; it owns the pair.
+
+    It dials a target when the client connects, pairs the two sides, closes
+    the pair when both directions are done, and logs the connection at the end.
+    """
+
+    log = Logger()
+    factory: ProxyServerFactory
+    client: ProxyClientProtocol | None = None
+    target = None
+    end: str | None = None
+
+    def __init__(self) -> None:
+        self._pending: list[bytes] | None = []
+        self._pendingSize = 0
+        self._dialling = None
+        self._failures: list = []
+
+    @property
+    def relay(self) -> ProxyServerProtocol:
+        return self
+
+    def connectionMade(self) -> None:
+        factory = self.factory
+        self.started = factory.clock.seconds()
+        self.clientAddress = _describePeer(self.transport)
+        self.port = self.transport.getHost().port
+        factory.relays.add(self)
+        self.transport.setTcpNoDelay(True)
+        self._dialling = factory.dialer.dial(factory.clientFactory, factory.balancer.order())
+        self._dialling.addCallbacks(self._targetConnected, self._noTarget)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._pending is None:
+            _RelaySide.dataReceived(self, data)
+            return
+        self.received += len(data)
+        self._pending.append(data)
+        self._pendingSize += len(data)
+        if self._pendingSize >= PREDIAL_BUFFER:
+            self.transport.pauseProducing()
+
+    def _targetConnected(self, dialled: Dialled) -> None:
+        self._dialling = None
+        self.target = dialled.target
+        self._failures = dialled.failures
+        client = self.client = dialled.protocol
+        client.relay = self
+        client.transport.setTcpNoDelay(True)
+        pending, self._pending = self._pending, None
+        self.pairWith(client)
+        if self.readDone:
+            # The client sent EOF while the target was dialled.
+            client.transport.unregisterProducer()
+            client.transport.write(b"".join(pending))
+            client.transport.loseWriteConnection()
+            return
+        self.transport.resumeProducing()
+        if pending:
+            client.transport.write(b"".join(pending))
+
+    def _noTarget(self, reason: Failure) -> None:
+        self._dialling = None
+        if reason.check(CancelledError):
+            # The client left, or shutdown aborted us: already handled.
+            return
+        if reason.check(NoTargetAvailable):
+            self._failures = reason.value.failures
+            self.end = END_NO_TARGET
+            self.transport.loseConnection()
+        else:
+            self.log.failure("dialling failed unexpectedly", reason)
+            self.transport.abortConnection()
+
+    def readConnectionLost(self) -> None:
+        if self.client is None:
+            # Still dialling: remember the EOF, deliver it once connected.
+            self.readDone = True
+            return
+        _RelaySide.readConnectionLost(self)
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self._dialling is not None:
+            self.end = self.end or END_CLIENT_LEFT
+            self._dialling.cancel()
+        _RelaySide.connectionLost(self, reason)
+        self.sideLost(self, reason)
+
+    def checkBothDirectionsDone(self) -> None:
+        """
+        Close the pair once each remote end has seen the other's EOF.
+
+        Twisted gives no C{connectionLost} once both halves of a socket are
+        shut, so the pair must close itself.
+        """
+        client = self.client
+        if client is not None and self.writeDone and client.writeDone:
+            self.end = self.end or END_DONE
+            for side in (self, client):
+                side.transport.unregisterProducer()
+                side.transport.loseConnection()
+
+    def sideLost(self, side: _RelaySide, reason: Failure) -> None:
+        """
+        One side's connection is gone; log the connection once both are.
+        """
+        if self.end is None and not reason.check(ConnectionDone):
+            self.end = END_CLIENT_LOST if side is self else END_TARGET_LOST
+        client = self.client
+        if self.closed and (client is None or client.closed) and self in self.factory.relays:
+            self._finished()
+
+    def abort(self) -> None:
+        """
+        Drop both sides at once (used when the drain period is over).
+        """
+        self.end = self.end or END_ABORTED
+        if self._dialling is not None:
+            self._dialling.cancel()
+        for side in (self, self.client):
+            if side is not None and not side.closed:
+                side.transport.abortConnection()
+
+    def _finished(self) -> None:
+        factory = self.factory
+        factory.relays.discard(self)
+        end = self.end or END_DONE
+        failures = [f"{target}: {why}" for target, why in self._failures]
+        # A connection nobody could serve is worth a warning; the text then
+        # lists every target's reason.
+        emit = self.log.warn if end == END_NO_TARGET else self.log.info
+        emit(
+            "{client} -> {app}:{port} -> {target}: {end} after {duration:.3f}s, "
+            "{bytesIn} bytes in, {bytesOut} bytes out" + ("; failed: {failed}" if failures else ""),
+            client=self.clientAddress,
+            app=factory.app.name,
+            port=self.port,
+            target=None if self.target is None else str(self.target),
+            failures=failures,
+            failed="; ".join(failures),
+            bytesIn=self.received,
+            bytesOut=0 if self.client is None else self.client.received,
+            duration=factory.clock.seconds() - self.started,
+            end=end,
+        )
+        factory.relayFinished()
+
+
+class ProxyServerFactory(Factory):
+    """
+    Accepts an app's clients (on every one of its ports) and relays each to
+    a target the balancer picks, through the dialer.
+
+    @ivar relays: the connections open now, so that shutdown can drain them.
+    """
+
+    noisy = False
+    protocol = ProxyServerProtocol
+
+    def __init__(self, app: AppConfig, balancer: IBalancer, dialer: IDialer, clock: IReactorTime) -> None:
+        self.app = app
+        self.balancer = balancer
+        self.dialer = dialer
+        self.clock = clock
+        self.relays: set[ProxyServerProtocol] = set()
+        self._idleWaiters: list[Deferred[None]] = []
+        self.clientFactory = Factory.forProtocol(ProxyClientProtocol)
+        self.clientFactory.noisy = False
+
+    def relayFinished(self) -> None:
+        """
+        A relay has ended: wake whoever waits for the app to be idle.
+        """
+        if not self.relays:
+            waiters, self._idleWaiters = self._idleWaiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def whenIdle(self) -> Deferred[None]:
+        """
+        A L{Deferred} that fires once no connection of this app is open.
+        """
+        if not self.relays:
+            return succeed(None)
+        d: Deferred[None] = Deferred(self._idleWaiters.remove)
+        self._idleWaiters.append(d)
+        return d
+
+    def abortAll(self) -> None:
+        """
+        Drop every open connection of this app at once.
+        """
+        for relay in list(self.relays):
+            relay.abort()

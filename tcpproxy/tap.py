@@ -1,0 +1,99 @@
+"""
+C{twistd tcpproxy}: command-line options and the service they describe.
+
+The configuration is read and every port bound here, while C{twistd} is
+still parsing options: a mistake in the file or a port in use is then
+reported as one line on standard error with a non-zero exit status, before
+any pidfile is written or the process goes into the background.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from twisted.application.service import IService, MultiService
+from twisted.python import usage
+
+from tcpproxy.config import ConfigError, loadConfig, parseTarget
+from tcpproxy.demo import DemoBackendsService
+from tcpproxy.listening import ListenError
+from tcpproxy.service import ProxyService
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE] [--demo-backends [--demo-down HOST:PORT ...]]"
+    longdesc = (
+        "Listen on every port of every app in the configuration and relay each "
+        "connection to one of the app's targets, round-robin, failing over to "
+        "the next target when one cannot be reached."
+    )
+    optParameters = [
+        ["config", "c", "config.json", "The JSON configuration file."],
+    ]
+    optFlags = [
+        [
+            "demo-backends",
+            None,
+            "Also serve echo backends on the configuration's loopback targets, "
+            "to try the proxy with no real backend.",
+        ],
+    ]
+
+    def __init__(self) -> None:
+        usage.Options.__init__(self)
+        self["demo-down"] = []
+
+    def opt_demo_down(self, target: str) -> None:
+        """
+        With --demo-backends, leave this target dead on purpose (repeatable).
+        """
+        try:
+            parseTarget(target)
+        except ValueError as e:
+            raise usage.UsageError(f"--demo-down {target!r} {e}") from None
+        self["demo-down"].append(target)
+
+    def postOptions(self) -> None:
+        if self["demo-down"] and not self["demo-backends"]:
+            raise usage.UsageError("--demo-down only makes sense with --demo-backends")
+
+
+def buildService(options: Options, reactor=None) -> IService:
+    """
+    Read the configuration and bind every port.
+
+    @raise ConfigError: the configuration is refused.
+    @raise ListenError: a port cannot be bound.
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+    config = loadConfig(options["config"])
+    proxy = ProxyService(config, reactor)
+    if not options["demo-backends"]:
+        proxy.bind()
+        return proxy
+    down = frozenset(str(parseTarget(t)) for t in options["demo-down"])
+    served = {str(t) for app in config.apps for t in app.targets}
+    unknown = sorted(down - served)
+    if unknown:
+        raise ConfigError(f"--demo-down: {', '.join(unknown)} is not a target of {config.source}")
+    demo = DemoBackendsService(config, reactor, down)
+    demo.bind()
+    proxy.bind()
+    both = MultiService()
+    demo.setServiceParent(both)
+    proxy.setServiceParent(both)
+    return both
+
+
+def makeService(options: Options) -> IService:
+    """
+    The C{twistd} entry point: L{buildService}, with a refusal shown as one
+    line on standard error and exit status 1, not as a traceback.
+    """
+    try:
+        return buildService(options)
+    except (ConfigError, ListenError) as e:
+        sys.stderr.write(f"tcpproxy: error: {e}\n")
+        sys.stderr.flush()
+        raise SystemExit(1) from None

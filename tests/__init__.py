@@ -1,0 +1,1 @@
+"""System tests: they run the real C{twistd tcpproxy} process."""
