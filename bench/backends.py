@@ -1,0 +1,332 @@
+"""
+The loopback backends behind every proxy under test, in a process of their own.
+
+One listening port serves every scenario, so each proxy is configured with a
+single target exactly as a user would: the first byte a connection sends
+picks what the backend does with the rest.
+
+  - L{ECHO}: send back every byte (bulk echo, ping-pong, connection rate,
+    idle connections).
+  - L{SINK}: read and discard as fast as possible (bulk one-way).
+  - L{SLOW}: read at L{SLOW_RATE} bytes a second (backpressure).
+
+The server is a single C{epoll} loop on non-blocking sockets reading into
+preallocated buffers, so that it costs as little CPU as a Python server can:
+it must never be what limits a proxy's figures (the run checks this by
+measuring I{direct}, the backend with no proxy in front).
+
+Run as C{python -m bench.backends --fd N}: the benchmark binds and listens on
+the socket itself (so the port is known and connectable at once) and hands it
+over; the process exits when its parent does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+from bench.system import childSetup
+
+ECHO = b"E"
+SINK = b"S"
+SLOW = b"W"
+
+SLOW_RATE = 1024 * 1024
+"""
+Bytes a second a L{SLOW} connection is read at.
+"""
+
+_TICK = 0.02
+_BUFFER = 256 * 1024
+_ACCEPT_BATCH = 64
+_IN = select.EPOLLIN
+_OUT = select.EPOLLOUT
+_GONE = (ConnectionResetError, BrokenPipeError, TimeoutError)
+
+
+class _Conn:
+    """
+    One accepted connection: its socket, mode, and bytes to echo that the
+    client has not taken yet.
+    """
+
+    __slots__ = ("sock", "mode", "pending")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.mode = b""
+        self.pending = b""
+
+
+class BackendServer:
+    """
+    The C{epoll} loop serving L{ECHO}, L{SINK} and L{SLOW} connections on
+    one listening socket.
+    """
+
+    def __init__(self, listener: socket.socket, slowRate: int = SLOW_RATE) -> None:
+        listener.setblocking(False)
+        self._listener = listener
+        self._slowRate = slowRate
+        self._epoll = select.epoll()
+        self._epoll.register(listener.fileno(), _IN)
+        self._conns: dict[int, _Conn] = {}
+        self._slow: set[int] = set()
+        self._buffer = bytearray(_BUFFER)
+        self._view = memoryview(self._buffer)
+
+    def serve(self, parent: int | None = None) -> None:
+        """
+        Serve until the process with pid C{parent} is gone (forever if
+        C{None}).
+        """
+        listenFd = self._listener.fileno()
+        conns = self._conns
+        buffer = self._buffer
+        view = self._view
+        poll = self._epoll.poll
+        nextTick = time.monotonic() + _TICK
+        while True:
+            timeout = max(0.0, nextTick - time.monotonic())
+            for fd, events in poll(timeout):
+                conn = conns.get(fd)
+                if conn is not None and conn.mode == ECHO and events == _IN:
+                    # The hot path (echo, nothing pending), kept inline.
+                    try:
+                        n = conn.sock.recv_into(buffer)
+                        if n == 0:
+                            self._close(fd)
+                            continue
+                        try:
+                            sent = conn.sock.send(view[:n])
+                        except BlockingIOError:
+                            sent = 0
+                    except BlockingIOError:
+                        continue
+                    except _GONE:
+                        self._close(fd)
+                        continue
+                    if sent < n:
+                        # Stop reading until the client takes what it was sent.
+                        conn.pending = bytes(view[sent:n])
+                        self._epoll.modify(fd, _OUT)
+                elif fd == listenFd:
+                    self._accept()
+                else:
+                    self._ready(fd, events)
+            now = time.monotonic()
+            if now >= nextTick:
+                self._readSlow(_TICK)
+                nextTick = now + _TICK
+                if parent is not None and os.getppid() != parent:
+                    return
+
+    def _accept(self) -> None:
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                sock, _ = self._listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE):
+                    return
+                raise
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._conns[sock.fileno()] = _Conn(sock)
+            self._epoll.register(sock.fileno(), _IN)
+
+    def _close(self, fd: int) -> None:
+        conn = self._conns.pop(fd, None)
+        if conn is None:
+            return
+        self._slow.discard(fd)
+        # Closing the socket takes it out of the epoll set.
+        conn.sock.close()
+
+    def _ready(self, fd: int, events: int) -> None:
+        conn = self._conns.get(fd)
+        if conn is None:
+            return
+        try:
+            if events & _OUT:
+                self._flush(fd, conn)
+            elif events & (_IN | select.EPOLLHUP | select.EPOLLERR):
+                self._read(fd, conn)
+        except _GONE:
+            self._close(fd)
+
+    def _read(self, fd: int, conn: _Conn) -> None:
+        try:
+            n = conn.sock.recv_into(self._buffer)
+        except BlockingIOError:
+            return
+        if n == 0:
+            self._close(fd)
+            return
+        data = self._view[:n]
+        if not conn.mode:
+            conn.mode = bytes(data[:1])
+            data = data[1:]
+            if conn.mode == SLOW:
+                # Read on the clock from now on, not when data arrives.
+                self._epoll.unregister(fd)
+                self._slow.add(fd)
+                return
+            if conn.mode not in (ECHO, SINK):
+                self._close(fd)
+                return
+        if conn.mode == ECHO and data:
+            try:
+                sent = conn.sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            if sent < len(data):
+                # Stop reading until the client takes what it was sent.
+                conn.pending = bytes(data[sent:])
+                self._epoll.modify(fd, _OUT)
+
+    def _flush(self, fd: int, conn: _Conn) -> None:
+        try:
+            sent = conn.sock.send(conn.pending)
+        except BlockingIOError:
+            return
+        conn.pending = conn.pending[sent:]
+        if not conn.pending:
+            self._epoll.modify(fd, _IN)
+
+    def _readSlow(self, elapsed: float) -> None:
+        quota = int(self._slowRate * elapsed)
+        for fd in list(self._slow):
+            conn = self._conns[fd]
+            left = quota
+            try:
+                while left > 0:
+                    n = conn.sock.recv_into(self._buffer, min(left, _BUFFER))
+                    if n == 0:
+                        self._close(fd)
+                        break
+                    left -= n
+            except BlockingIOError:
+                pass
+            except _GONE:
+                self._close(fd)
+
+
+class NotReady(Exception):
+    """
+    Nothing echoed at an address in time; the text says what happened.
+    """
+
+
+def waitUntilEchoing(address: tuple[str, int], timeout: float, alive: Callable[[], bool]) -> None:
+    """
+    Poll-connect to C{address} until an echo comes back through it: the
+    backend itself, or a proxy in front of it, is then ready.
+
+    @param alive: called between attempts; a false answer ends the wait.
+    @raise NotReady: C{timeout} seconds passed, or C{alive} said no.
+    """
+    deadline = time.monotonic() + timeout
+    probe = b"ready?"
+    last = "no attempt"
+    while time.monotonic() < deadline:
+        if not alive():
+            raise NotReady("the process exited")
+        try:
+            with socket.create_connection(address, timeout=2.0) as sock:
+                sock.sendall(ECHO + probe)
+                reply = b""
+                while len(reply) < len(probe):
+                    data = sock.recv(64)
+                    if not data:
+                        break
+                    reply += data
+            if reply == probe:
+                return
+            last = f"the echo came back as {reply!r}"
+        except OSError as e:
+            last = str(e)
+        time.sleep(0.05)
+    raise NotReady(f"nothing echoed after {timeout:g}s ({last})")
+
+
+class BackendProcess:
+    """
+    The parent's handle on the backend process: bind, start, stop.
+
+    @ivar address: where the backend listens, once started.
+    """
+
+    address: tuple[str, int] | None = None
+
+    def __init__(self, cpus: frozenset[int] | None, host: str = "127.0.0.1") -> None:
+        self._cpus = cpus
+        self._host = host
+        self._process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30.0) -> tuple[str, int]:
+        """
+        Start serving; return the address once an echo came back.
+
+        @raise NotReady: it did not answer.
+        """
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            listener.bind((self._host, 0))
+            listener.listen(4096)
+            self.address = listener.getsockname()
+            # The child must find this package wherever it is run from.
+            root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "bench.backends", "--fd", str(listener.fileno())],
+                pass_fds=[listener.fileno()],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=childSetup(self._cpus),
+                start_new_session=True,
+            )
+        finally:
+            listener.close()
+        waitUntilEchoing(self.address, timeout, self.alive)
+        return self.address
+
+    def alive(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(3)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.backends")
+    parser.add_argument("--fd", type=int, required=True, help="a listening TCP socket to serve")
+    parser.add_argument("--slow-rate", type=int, default=SLOW_RATE, help="bytes/s for slow readers")
+    options = parser.parse_args(argv)
+    listener = socket.socket(fileno=options.fd)
+    try:
+        BackendServer(listener, options.slow_rate).serve(parent=os.getppid())
+    except KeyboardInterrupt:
+        pass
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

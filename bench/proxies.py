@@ -1,0 +1,306 @@
+"""
+The proxies under test: how each is started, found ready, measured and
+stopped.
+
+Every proxy runs as a process of its own, pinned to the proxy's CPU, with one
+listening port on 127.0.0.1 relaying to the one backend port.  I{Direct} is
+the absence of a proxy: the load generator talks to the backend itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+
+from zope.interface import Attribute, Interface, implementer
+
+from bench.backends import NotReady, waitUntilEchoing
+from bench.load import Address
+from bench.system import childSetup, residentKiB
+
+LOOPBACK = "127.0.0.1"
+START_TIMEOUT = 30.0
+"""
+Seconds a proxy may take to accept and relay its first connection.
+"""
+STOP_GRACE = 3.0
+
+
+class ProxyStartError(Exception):
+    """
+    A proxy did not start; the text says why, with the end of its output.
+    """
+
+
+class IProxyUnderTest(Interface):
+    """
+    One thing the load generator can be pointed at.
+    """
+
+    name = Attribute("Short name used in the tables, in --only and in the JSON.")
+    description = Attribute("One line for the report: what exactly is run.")
+    hasProcess = Attribute("Whether there is a proxy process whose memory can be measured.")
+    address = Attribute("Where the load generator connects, once started.")
+    pid = Attribute("The proxy process's id, once started, or None.")
+
+    def unavailable() -> str | None:
+        """
+        Why this proxy cannot run on this machine, or C{None} if it can.
+        """
+
+    def start(backend: Address) -> None:
+        """
+        Start relaying to C{backend}; return once a connection is relayed.
+
+        @raise ProxyStartError: it did not come up.
+        """
+
+    def alive() -> bool:
+        """
+        Whether the proxy is still running.
+        """
+
+    def stop() -> None:
+        """
+        Stop the proxy (and do nothing if it is not running).
+        """
+
+    def logText() -> str:
+        """
+        What the proxy wrote on its output so far.
+        """
+
+
+@implementer(IProxyUnderTest)
+class Direct:
+    """
+    No proxy: the ceiling every proxy is measured against.
+    """
+
+    name = "direct"
+    description = "no proxy: the load generator talks to the backend (the ceiling)"
+    hasProcess = False
+    address: Address | None = None
+    pid = None
+
+    def unavailable(self) -> str | None:
+        return None
+
+    def start(self, backend: Address) -> None:
+        self.address = backend
+
+    def alive(self) -> bool:
+        return True
+
+    def stop(self) -> None:
+        pass
+
+    def logText(self) -> str:
+        return ""
+
+
+def freePort() -> int:
+    """
+    A TCP port on 127.0.0.1 that was free a moment ago.
+    """
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
+
+
+class _ProxyProcess:
+    """
+    What the real proxies share: a command line in a work directory, output
+    to a log file, pinned to the proxy's CPU, started and stopped.
+
+    Subclasses say how to build the command (L{command}).
+    """
+
+    hasProcess = True
+    address: Address | None = None
+
+    def __init__(self, workdir: str, cpus: frozenset[int] | None) -> None:
+        self._workdir = os.path.join(workdir, self.name)
+        self._cpus = cpus
+        self._process: subprocess.Popen | None = None
+        self._logPath = os.path.join(self._workdir, "output.log")
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    def unavailable(self) -> str | None:
+        return None
+
+    def command(self, port: int, backend: Address) -> list[str]:
+        raise NotImplementedError()
+
+    def start(self, backend: Address) -> None:
+        os.makedirs(self._workdir, exist_ok=True)
+        # Another program may take the port between freePort() and the
+        # proxy binding it: try another.
+        for attempt in range(3):
+            port = freePort()
+            argv = self.command(port, backend)
+            with open(self._logPath, "ab") as log:
+                self._process = subprocess.Popen(
+                    argv,
+                    cwd=self._workdir,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    preexec_fn=childSetup(self._cpus),
+                    start_new_session=True,
+                )
+            self.address = (LOOPBACK, port)
+            try:
+                waitUntilEchoing(self.address, START_TIMEOUT, self.alive)
+                return
+            except NotReady as e:
+                self.stop()
+                if attempt == 2 or "in use" not in self.logText():
+                    raise ProxyStartError(
+                        f"{self.name}: {e}; its output ends with:\n{self._logTail()}"
+                    ) from None
+
+    def alive(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def residentKiB(self) -> int:
+        return residentKiB(self.pid)
+
+    def logText(self) -> str:
+        try:
+            with open(self._logPath, errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def _logTail(self, lines: int = 15) -> str:
+        return "\n".join("    " + line for line in self.logText().splitlines()[-lines:])
+
+
+def _twistd(*arguments: str) -> list[str]:
+    # The real twistd, run by this interpreter: the process started is the
+    # proxy itself (no wrapper), so its pid is the one to measure.
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", *arguments]
+
+
+@implementer(IProxyUnderTest)
+class TcpProxy(_ProxyProcess):
+    """
+    The real C{twistd -n tcpproxy} process, with a one-app configuration.
+    """
+
+    name = "tcpproxy"
+    description = "twistd -n tcpproxy --config (one app, one port, one target)"
+
+    def command(self, port: int, backend: Address) -> list[str]:
+        config = {
+            "BindAddress": LOOPBACK,
+            "Apps": [{"Name": "bench", "Ports": [port], "Targets": [f"{backend[0]}:{backend[1]}"]}],
+        }
+        path = os.path.join(self._workdir, "config.json")
+        with open(path, "w") as f:
+            json.dump(config, f)
+        return _twistd("-n", "--pidfile=", "tcpproxy", "--config", path)
+
+
+@implementer(IProxyUnderTest)
+class PortForward(_ProxyProcess):
+    """
+    Twisted's own C{twistd -n portforward}: the relay tcpproxy started from.
+    """
+
+    name = "portforward"
+    description = "twistd -n portforward (twisted.protocols.portforward)"
+
+    def command(self, port: int, backend: Address) -> list[str]:
+        listen = f"tcp:{port}:interface={LOOPBACK}"
+        return _twistd(
+            "-n", "--pidfile=", "portforward", "-p", listen, "-h", backend[0], "-d", str(backend[1])
+        )
+
+
+def findHAProxy() -> str | None:
+    """
+    The C{haproxy} binary, looked for on C{PATH} and in C{/usr/sbin}.
+    """
+    return shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/usr/local/sbin")
+
+
+@implementer(IProxyUnderTest)
+class HAProxy(_ProxyProcess):
+    """
+    HAProxy in C{mode tcp}, round-robin, one thread, no logging, in the
+    foreground.
+    """
+
+    name = "haproxy"
+
+    def __init__(self, workdir: str, cpus: frozenset[int] | None, binary: str | None) -> None:
+        """
+        @param binary: the C{haproxy} to run (see L{findHAProxy}), or C{None}
+            if it is not installed.
+        """
+        _ProxyProcess.__init__(self, workdir, cpus)
+        self._binary = binary
+
+    @property
+    def description(self) -> str:
+        return f"{self.version()} (mode tcp, balance roundrobin, nbthread 1, no logging)"
+
+    def version(self) -> str:
+        if self._binary is None:
+            return "haproxy (not installed)"
+        try:
+            out = subprocess.run([self._binary, "-v"], capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return "haproxy (version unknown)"
+        words = out.split()
+        return f"HAProxy {words[2]}" if len(words) > 2 else "haproxy (version unknown)"
+
+    def unavailable(self) -> str | None:
+        if self._binary is None:
+            return "haproxy is not installed (apt-get install haproxy): skipped"
+        return None
+
+    def command(self, port: int, backend: Address) -> list[str]:
+        config = f"""\
+global
+    maxconn 6000
+    nbthread 1
+
+defaults
+    mode tcp
+    maxconn 6000
+    timeout connect 5s
+    timeout client 600s
+    timeout server 600s
+
+listen bench
+    bind {LOOPBACK}:{port}
+    balance roundrobin
+    server backend {backend[0]}:{backend[1]}
+"""
+        path = os.path.join(self._workdir, "haproxy.cfg")
+        with open(path, "w") as f:
+            f.write(config)
+        return [self._binary, "-f", path, "-db"]

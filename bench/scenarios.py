@@ -1,0 +1,314 @@
+"""
+The scenarios: what each one measures, in which units, and for how long.
+
+A scenario is given a started proxy (or L{Direct}) and a L{Budget}, drives it
+with the load generator and returns its figures as a flat C{dict}.  Scenarios
+that read the proxy's memory want a fresh proxy process for every
+measurement (L{Scenario.freshProcess}), so that memory freed by earlier
+traffic is not reused and hidden.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from bench import load
+
+
+@dataclass(frozen=True)
+class Budget:
+    """
+    How much time and traffic each measurement gets.
+
+    @ivar warmup: seconds of traffic before the window opens.
+    @ivar window: seconds the figures are measured over.
+    @ivar idleConnections: connections held for the idle-memory scenario.
+    @ivar pushBytes: bytes offered to the slow reader.
+    @ivar pushSeconds: how long the slow reader is pushed and watched.
+    @ivar settle: pause between measurements, for closed connections to go.
+    """
+
+    warmup: float
+    window: float
+    idleConnections: int
+    pushBytes: int
+    pushSeconds: float
+    settle: float
+
+
+FULL = Budget(
+    warmup=0.5, window=2.0, idleConnections=2000, pushBytes=200 * 10**6, pushSeconds=5.0, settle=0.3
+)
+QUICK = Budget(
+    warmup=0.05, window=0.25, idleConnections=200, pushBytes=10 * 10**6, pushSeconds=0.5, settle=0.05
+)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """
+    One figure a scenario reports.
+
+    @ivar key: its name in the results and the JSON.
+    @ivar label: its column heading, with the unit.
+    @ivar higherIsBetter: which way is better, for the reader of ratios.
+    """
+
+    key: str
+    label: str
+    higherIsBetter: bool
+
+
+MB_S = Metric("MB/s", "MB/s", True)
+REQ_S = Metric("req/s", "req/s", True)
+LATENCIES = tuple(Metric(key, f"{key} µs", False) for key in ("p50", "p90", "p99", "p999"))
+CONN_S = Metric("conn/s", "conn/s", True)
+ERRORS = Metric("errors", "errors", False)
+KIB_PER_CONN = Metric("KiB/conn", "KiB/conn", False)
+RSS_BEFORE = Metric("rssBeforeMiB", "RSS before MiB", False)
+RSS_HELD = Metric("rssHeldMiB", "RSS held MiB", False)
+GROWTH = Metric("growthMiB", "RSS growth MiB", False)
+PUSHED = Metric("pushedMB", "taken MB", False)
+
+
+class Scenario:
+    """
+    The common part of every scenario.
+
+    @cvar name: what C{--scenario} selects it by.
+    @cvar metrics: the figures it reports, the first being the main one.
+    @cvar ratioMetrics: the keys of the figures given as ratios per repetition.
+    @cvar ceiling: whether I{direct} must be far above every proxy on the
+        main figure (for throughputs; not for memory, which direct lacks).
+    @cvar needsProcess: only meaningful for a proxy with a process.
+    @cvar freshProcess: wants a proxy process started for each measurement.
+    @cvar skipped: why the scenario is not run at all, or C{None}.
+    """
+
+    name: str
+    title: str
+    metrics: tuple[Metric, ...]
+    ratioMetrics: tuple[str, ...]
+    ceiling = True
+    needsProcess = False
+    freshProcess = False
+    skipped: str | None = None
+
+    def measure(self, proxy, budget: Budget) -> dict:
+        raise NotImplementedError()
+
+
+class Bulk(Scenario):
+    """
+    Bulk throughput, one-way to a sink or echoed back.
+    """
+
+    def __init__(self, connections: int, echo: bool) -> None:
+        self.connections = connections
+        self.echo = echo
+        way = "echo" if echo else "sink"
+        self.name = f"bulk-{way}-{connections}"
+        plural = "s" if connections > 1 else ""
+        self.title = (
+            f"bulk, {'echoed back' if echo else 'one-way to a sink'}, {connections} connection{plural}"
+        )
+        self.metrics = (MB_S,)
+        self.ratioMetrics = (MB_S.key,)
+
+    def measure(self, proxy, budget: Budget) -> dict:
+        return load.bulk(proxy.address, self.connections, self.echo, budget.warmup, budget.window)
+
+
+class PingPong(Scenario):
+    """
+    64-byte ping-pong: request rate and round-trip latency percentiles.
+    """
+
+    size = 64
+
+    def __init__(self, connections: int) -> None:
+        self.connections = connections
+        self.name = f"pingpong-{connections}"
+        plural = "s" if connections > 1 else ""
+        self.title = f"{self.size}-byte ping-pong, {connections} connection{plural}"
+        self.metrics = (REQ_S, *LATENCIES)
+        self.ratioMetrics = (REQ_S.key, "p99")
+
+    def measure(self, proxy, budget: Budget) -> dict:
+        return load.pingPong(proxy.address, self.connections, self.size, budget.warmup, budget.window)
+
+
+class ConnectionRate(Scenario):
+    """
+    Connect, one small echo, close: sequentially or several at a time.
+    """
+
+    def __init__(self, concurrency: int) -> None:
+        self.concurrency = concurrency
+        self.name = "connrate-seq" if concurrency == 1 else f"connrate-{concurrency}"
+        how = "sequential" if concurrency == 1 else f"{concurrency} concurrent"
+        self.title = f"connection rate: connect, one small echo, close; {how}"
+        self.metrics = (CONN_S, ERRORS)
+        self.ratioMetrics = (CONN_S.key,)
+
+    def measure(self, proxy, budget: Budget) -> dict:
+        return load.connectionRate(proxy.address, self.concurrency, budget.warmup, budget.window)
+
+
+class IdleMemory(Scenario):
+    """
+    The proxy's resident memory per idle relayed connection: the growth of
+    its RSS with many connections held open, each relayed to the backend.
+    """
+
+    name = "idle-memory"
+    title = "memory per idle connection (proxy RSS growth / connections held)"
+    metrics = (KIB_PER_CONN, RSS_BEFORE, RSS_HELD)
+    ratioMetrics = (KIB_PER_CONN.key,)
+    ceiling = False
+    needsProcess = True
+    freshProcess = True
+
+    def measure(self, proxy, budget: Budget) -> dict:
+        count = budget.idleConnections
+        # Warm up first (imports, first allocations), so that only what each
+        # connection costs is counted.
+        load.closeAll(load.openIdle(proxy.address, 10))
+        time.sleep(budget.settle + 0.2)
+        before = proxy.residentKiB()
+        held = load.openIdle(proxy.address, count)
+        try:
+            time.sleep(budget.settle + 0.2)
+            after = proxy.residentKiB()
+        finally:
+            load.closeAll(held)
+        return {
+            KIB_PER_CONN.key: (after - before) / count,
+            RSS_BEFORE.key: before / 1024,
+            RSS_HELD.key: after / 1024,
+            "connections": count,
+        }
+
+
+class Backpressure(Scenario):
+    """
+    A fast client pushing into a backend that reads at 1 MB/s: the proxy
+    must stop reading the client rather than buffer what the reader cannot
+    take.  Its RSS is sampled throughout; the growth is the peak minus the
+    RSS before.
+    """
+
+    name = "backpressure"
+    title = "bytes offered as fast as taken to a 1 MB/s reader (proxy RSS growth)"
+    metrics = (GROWTH, PUSHED)
+    ratioMetrics = (GROWTH.key,)
+    ceiling = False
+    needsProcess = True
+    freshProcess = True
+
+    def measure(self, proxy, budget: Budget) -> dict:
+        load.closeAll(load.openIdle(proxy.address, 1))
+        time.sleep(budget.settle)
+        before = proxy.residentKiB()
+        result = load.push(proxy.address, budget.pushBytes, budget.pushSeconds, proxy.residentKiB)
+        return {
+            GROWTH.key: (result["peak"] - before) / 1024,
+            PUSHED.key: result["pushedMB"],
+            "offeredMB": budget.pushBytes / 1e6,
+            "seconds": budget.pushSeconds,
+        }
+
+
+class TlsTermination(Scenario):
+    """
+    TLS termination throughput: a place kept for when tcpproxy terminates
+    TLS (issue 7).  Until then it is reported as skipped.
+
+    When TLS exists: give the proxies a certificate (tcpproxy's own TLS
+    listener, HAProxy C{bind ... ssl crt}), have the load generator speak
+    TLS (the C{ssl} module) and measure bulk MB/s as L{Bulk} does.
+    """
+
+    name = "tls"
+    title = "TLS termination throughput"
+    metrics = (MB_S,)
+    ratioMetrics = (MB_S.key,)
+    skipped = "TLS termination does not exist in tcpproxy yet: skipped (placeholder, see bench/scenarios.py)"
+
+
+SCENARIOS: tuple[Scenario, ...] = (
+    Bulk(1, echo=False),
+    Bulk(8, echo=False),
+    Bulk(1, echo=True),
+    Bulk(8, echo=True),
+    PingPong(1),
+    PingPong(50),
+    ConnectionRate(1),
+    ConnectionRate(20),
+    IdleMemory(),
+    Backpressure(),
+    TlsTermination(),
+)
+
+
+def selectScenarios(spec: str | None) -> list[Scenario]:
+    """
+    The scenarios named by a C{--scenario} value: a comma-separated list of
+    names or name prefixes (C{bulk} selects every C{bulk-*}).
+
+    @raise ValueError: a name selects nothing; the text lists the names.
+    """
+    if not spec:
+        return list(SCENARIOS)
+    chosen: list[Scenario] = []
+    for word in (w.strip() for w in spec.split(",")):
+        if not word:
+            continue
+        matches = [s for s in SCENARIOS if s.name == word or s.name.startswith(word + "-")]
+        if not matches:
+            names = ", ".join(s.name for s in SCENARIOS)
+            raise ValueError(f"no scenario is called {word!r}; the scenarios are: {names}")
+        chosen.extend(s for s in matches if s not in chosen)
+    return [s for s in SCENARIOS if s in chosen]
+
+
+@dataclass(frozen=True)
+class Target:
+    """
+    One goal tcpproxy is held to, from the issue.
+
+    @ivar scenario: the scenario's name.
+    @ivar metric: the figure's key.
+    @ivar against: C{"haproxy"} for a ratio against HAProxy in the same
+        repetition, or C{None} for the figure itself.
+    @ivar atLeast: the figure (or ratio) must be at least C{limit}, else at most.
+    """
+
+    label: str
+    scenario: str
+    metric: str
+    against: str | None
+    atLeast: bool
+    limit: float
+
+    def describe(self) -> str:
+        op = "≥" if self.atLeast else "≤"
+        if self.against:
+            return f"{self.metric} {op} {self.limit:g}× {self.against}"
+        return f"{self.metric} {op} {self.limit:g}"
+
+    def met(self, value: float) -> bool:
+        return value >= self.limit if self.atLeast else value <= self.limit
+
+
+TARGETS: tuple[Target, ...] = (
+    Target("bulk one-way, 1 conn", "bulk-sink-1", MB_S.key, "haproxy", True, 1.5),
+    Target("bulk echoed, 1 conn", "bulk-echo-1", MB_S.key, "haproxy", True, 1.5),
+    Target("ping-pong 50 conns", "pingpong-50", REQ_S.key, "haproxy", True, 0.8),
+    Target("ping-pong 1 conn", "pingpong-1", "p99", "haproxy", False, 1.05),
+    Target("connections 20 concurrent", "connrate-20", CONN_S.key, "haproxy", True, 0.8),
+    Target("memory per idle conn", "idle-memory", KIB_PER_CONN.key, None, False, 3.5),
+    Target("backpressure RSS growth", "backpressure", GROWTH.key, None, False, 2.0),
+)
+TARGET_PROXY = "tcpproxy"
