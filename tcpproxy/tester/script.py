@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import dataclass
 from typing import TextIO
 
 from twisted.python import usage
@@ -25,44 +26,42 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 
-def _positiveInt(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(f"{value} is not 1 or more")
-    return value
+COERCION_FAILED = "Parameter type enforcement failed: "
+"""
+What C{usage} puts before a coercer's message; L{run} takes it off, since
+the coercers of this module already name the option.
+"""
 
 
-_positiveInt.coerceDoc = "An integer, 1 or more."  # type: ignore[attr-defined]
+def _number(option: str, kind: type, minimum: float, above: bool = False):
+    """
+    A coercer for C{--option}: a number of C{kind} at least C{minimum} (or
+    greater than it, with C{above}), with a message that names the option.
+    """
+    what = "a whole number" if kind is int else "a number"
+    bound = f"greater than {minimum:g}" if above else f"{minimum:g} or more"
+
+    def coerce(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value < minimum or (above and value == minimum):
+            raise ValueError(f"--{option} {text!r}: give {what}, {bound}")
+        return value
+
+    coerce.coerceDoc = f"{what[0].upper()}{what[1:]}, {bound}."  # type: ignore[attr-defined]
+    return coerce
 
 
-def _nonNegativeInt(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError(f"{value} is negative")
-    return value
+def _showVersion() -> None:
+    from importlib.metadata import PackageNotFoundError, version
 
-
-_nonNegativeInt.coerceDoc = "An integer, 0 or more."  # type: ignore[attr-defined]
-
-
-def _positiveFloat(text: str) -> float:
-    value = float(text)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{text} is not a number greater than 0")
-    return value
-
-
-_positiveFloat.coerceDoc = "A number greater than 0."  # type: ignore[attr-defined]
-
-
-def _nonNegativeFloat(text: str) -> float:
-    value = float(text)
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"{text} is not a number, 0 or more")
-    return value
-
-
-_nonNegativeFloat.coerceDoc = "A number, 0 or more."  # type: ignore[attr-defined]
+    try:
+        print(f"{PROG} {version('tcpproxy')}")
+    except PackageNotFoundError:
+        print(f"{PROG} (tcpproxy, not installed)")
+    raise SystemExit(0)
 
 
 class _TargetOptions(usage.Options):
@@ -80,6 +79,12 @@ class _TargetOptions(usage.Options):
         self["app"] = []
         self["port"] = []
 
+    def opt_version(self) -> None:
+        """
+        Show the version and exit.
+        """
+        _showVersion()
+
     def opt_app(self, name: str) -> None:
         """
         Only this app (repeatable; default: every app).
@@ -90,10 +95,9 @@ class _TargetOptions(usage.Options):
         """
         Only this port (repeatable; default: every port of the chosen apps).
         """
-        try:
-            self["port"].append(_positiveInt(port))
-        except ValueError:
-            raise usage.UsageError(f"--port {port!r} is not a port number") from None
+        if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+            raise usage.UsageError(f"--port {port!r}: give a port number, 1-65535")
+        self["port"].append(int(port))
 
     def selectPorts(self, config: ProxyConfig):
         from tcpproxy.tester.targets import selectPorts
@@ -117,9 +121,21 @@ class CheckOptions(_TargetOptions):
     ]
     optParameters = [
         ["message", "m", None, "The small message to send (default: a line of text)."],
-        ["large-size", None, 4 * 1024 * 1024, "Bytes in the large message.", _positiveInt],
-        ["concurrency", None, 10, "Connections opened at once by the concurrency check.", _positiveInt],
-        ["timeout", "t", 10.0, "Seconds each step (connect, reply, close) may take.", _positiveFloat],
+        ["large-size", None, 4 * 1024 * 1024, "Bytes in the large message", _number("large-size", int, 1)],
+        [
+            "concurrency",
+            None,
+            10,
+            "Connections opened at once by the concurrency check",
+            _number("concurrency", int, 1),
+        ],
+        [
+            "timeout",
+            "t",
+            10.0,
+            "Seconds each step (connect, reply, close) may take",
+            _number("timeout", float, 0, above=True),
+        ],
     ]
 
     def postOptions(self) -> None:
@@ -136,55 +152,97 @@ class LoadOptions(_TargetOptions):
         "messages exceed --max-errors."
     )
     optParameters = [
-        ["connections", "n", 1, "Connections per port.", _positiveInt],
-        ["connect-rate", None, None, "Open connections gradually, this many per second.", _positiveFloat],
-        ["messages", None, None, "Messages per connection (default: send for --duration).", _positiveInt],
+        ["connections", "n", 1, "Connections per port", _number("connections", int, 1)],
+        [
+            "connect-rate",
+            None,
+            None,
+            "Open connections gradually, this many per second",
+            _number("connect-rate", float, 0, above=True),
+        ],
+        [
+            "messages",
+            None,
+            None,
+            "Messages per connection (default: send for --duration)",
+            _number("messages", int, 1),
+        ],
         [
             "duration",
             "d",
             None,
-            "Seconds to send for (default 10, unless --messages is given).",
-            _positiveFloat,
+            "Seconds to send for (default 10, unless --messages is given)",
+            _number("duration", float, 0, above=True),
         ],
         ["message", "m", None, "Send this text as each message."],
         ["message-file", "f", None, "Send the lines of this file (newline included), in turn."],
-        ["size", "s", None, "Send messages of this many random bytes (default 64).", _positiveInt],
-        ["rate", "r", None, "Open loop: messages per second per connection.", _positiveFloat],
-        ["burst", None, 1, "Open loop: messages sent back to back per tick.", _positiveInt],
+        [
+            "size",
+            "s",
+            None,
+            "Send messages of this many random bytes (default 64)",
+            _number("size", int, 1),
+        ],
+        [
+            "rate",
+            "r",
+            None,
+            "Open loop: messages per second per connection",
+            _number("rate", float, 0, above=True),
+        ],
+        ["burst", None, 1, "Open loop: messages sent back to back per tick", _number("burst", int, 1)],
         ["shape", None, None, f"Open loop: total rate over time, one of {', '.join(SHAPES)}."],
-        ["max-rate", None, None, "Shape: highest total messages per second.", _positiveFloat],
-        ["min-rate", None, 0.0, "Shape: lowest total messages per second.", _nonNegativeFloat],
+        [
+            "max-rate",
+            None,
+            None,
+            "Shape: highest total messages per second",
+            _number("max-rate", float, 0, above=True),
+        ],
+        ["min-rate", None, 0.0, "Shape: lowest total messages per second", _number("min-rate", float, 0)],
         [
             "period",
             None,
             10.0,
-            "Shape: seconds per cycle (sine, sawtooth), or to climb (step).",
-            _positiveFloat,
+            "Shape: seconds per cycle (sine, sawtooth), or to climb (step)",
+            _number("period", float, 0, above=True),
         ],
         [
             "step",
             None,
             None,
-            "Step shape: rate added at each step (default: a tenth of the climb).",
-            _positiveFloat,
+            "Step shape: rate added at each step (default: a tenth of the climb)",
+            _number("step", float, 0, above=True),
         ],
         [
             "step-every",
             None,
             None,
-            "Step shape: seconds between steps (default: a tenth of --period).",
-            _positiveFloat,
+            "Step shape: seconds between steps (default: a tenth of --period)",
+            _number("step-every", float, 0, above=True),
         ],
         ["end", None, "drain", "How to end: drain (wait for replies in flight) or cut (stop at once)."],
-        ["drain-timeout", None, 5.0, "Seconds --end drain waits for replies in flight.", _nonNegativeFloat],
-        ["connect-timeout", None, 5.0, "Seconds a connection may take to open.", _positiveFloat],
+        [
+            "drain-timeout",
+            None,
+            5.0,
+            "Seconds --end drain waits for replies in flight",
+            _number("drain-timeout", float, 0),
+        ],
+        [
+            "connect-timeout",
+            None,
+            5.0,
+            "Seconds a connection may take to open",
+            _number("connect-timeout", float, 0, above=True),
+        ],
         ["sweep", None, None, "Run once per connection count, e.g. 1,10,100 (instead of --connections)."],
         [
             "max-errors",
             None,
             0,
-            "Exit with status 1 when errors plus dropped messages exceed this.",
-            _nonNegativeInt,
+            "Exit with status 1 when errors plus dropped messages exceed this",
+            _number("max-errors", int, 0),
         ],
         ["report", None, None, "Write the figures and per-second series to this JSON file."],
         ["plot", None, None, "Draw throughput and latency to this PNG file (needs matplotlib)."],
@@ -217,10 +275,10 @@ class LoadOptions(_TargetOptions):
         if self["messages"] is None and self["duration"] is None:
             self["duration"] = 10.0
         if self["sweep"] is not None:
-            try:
-                counts = [_positiveInt(part) for part in self["sweep"].split(",") if part.strip()]
-            except ValueError:
-                counts = []
+            parts = [part.strip() for part in self["sweep"].split(",")]
+            if not all(part.isascii() and part.isdigit() and int(part) > 0 for part in parts):
+                raise usage.UsageError(f"--sweep {self['sweep']!r}: give connection counts like 1,10,100")
+            counts = [int(part) for part in parts]
             if not counts:
                 raise usage.UsageError(f"--sweep {self['sweep']!r}: give connection counts like 1,10,100")
             self["sweep"] = counts
@@ -234,8 +292,11 @@ class LoadOptions(_TargetOptions):
 
 
 class TesterOptions(usage.Options):
-    synopsis = "check|load [options]   (see: tcpproxy-tester check --help, tcpproxy-tester load --help)"
-    longdesc = "Test a running tcpproxy with the same configuration file: check it works, or load it."
+    synopsis = f"Usage: {PROG}"
+    longdesc = (
+        "Test a running tcpproxy, reading its own configuration file: "
+        f"{PROG} check [options] checks that it works, {PROG} load [options] measures it."
+    )
     subCommands = [
         ["check", None, CheckOptions, "Conformance run (on trial) against every port of every app."],
         ["load", None, LoadOptions, "Load the proxy and report throughput and latency percentiles."],
@@ -249,13 +310,7 @@ class TesterOptions(usage.Options):
         """
         Show the version and exit.
         """
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            print(f"{PROG} {version('tcpproxy')}")
-        except PackageNotFoundError:
-            print(f"{PROG} (tcpproxy, not installed)")
-        raise SystemExit(0)
+        _showVersion()
 
 
 class UserError(Exception):
@@ -307,26 +362,43 @@ def _selectPorts(options: _TargetOptions, config: ProxyConfig):
         raise UserError(str(e)) from None
 
 
-def _payloads(options: LoadOptions):
+@dataclass(frozen=True)
+class LoadPlan:
+    """
+    Everything C{load} needs that can be wrong by the user's mistake, worked
+    out before the reactor starts.
+    """
+
+    config: ProxyConfig
+    ports: list
+    payloads: object
+    shape: object
+
+
+def planLoad(options: LoadOptions) -> LoadPlan:
+    """
+    Read the configuration, choose the ports, make the messages and the shape.
+
+    @raise UserError: for any of these the user got wrong.
+    """
     from tcpproxy.tester import payloads
-
-    try:
-        if options["message"] is not None:
-            return payloads.fromText(options["message"])
-        if options["message-file"] is not None:
-            return payloads.fromFile(options["message-file"])
-        return payloads.fromSize(options["size"] or 64)
-    except payloads.PayloadError as e:
-        raise UserError(str(e)) from None
-
-
-def _pacer(options: LoadOptions, reactor):
-    from tcpproxy.tester.pacing import ClosedLoop, OpenLoop
     from tcpproxy.tester.shapes import Constant, makeShape
 
+    config = _loadConfig(options)
+    ports = _selectPorts(options, config)
+    try:
+        if options["message"] is not None:
+            messages = payloads.fromText(options["message"])
+        elif options["message-file"] is not None:
+            messages = payloads.fromFile(options["message-file"])
+        else:
+            messages = payloads.fromSize(options["size"] or 64)
+    except payloads.PayloadError as e:
+        raise UserError(str(e)) from None
+    shape = None
     if options["rate"] is not None:
-        return OpenLoop(reactor, Constant(options["rate"]), perConnection=True, burst=options["burst"])
-    if options["shape"] is not None:
+        shape = Constant(options["rate"])
+    elif options["shape"] is not None:
         try:
             shape = makeShape(
                 options["shape"],
@@ -338,24 +410,30 @@ def _pacer(options: LoadOptions, reactor):
             )
         except ValueError as e:
             raise UserError(str(e)) from None
-        return OpenLoop(reactor, shape, perConnection=False, burst=options["burst"])
-    return ClosedLoop(reactor)
+    return LoadPlan(config, ports, messages, shape)
 
 
-async def runLoad(reactor, options: LoadOptions, stdout: TextIO, stderr: TextIO) -> int:
+def _pacer(options: LoadOptions, plan: LoadPlan, reactor):
+    from tcpproxy.tester.pacing import ClosedLoop, OpenLoop
+
+    if plan.shape is None:
+        return ClosedLoop(reactor)
+    perConnection = options["rate"] is not None
+    return OpenLoop(reactor, plan.shape, perConnection=perConnection, burst=options["burst"])
+
+
+async def runLoad(reactor, options: LoadOptions, plan: LoadPlan, stdout: TextIO, stderr: TextIO) -> int:
     """
     Run C{load} (once, or once per step of a sweep), print the tables, write
     the report and the plot.
 
     @return: the exit status.
+    @raise UserError: the proxy cannot be reached, or a file cannot be written.
     """
     from tcpproxy.tester.load import LoadRun, LoadSettings, Unreachable
     from tcpproxy.tester.progress import ProgressLine
     from tcpproxy.tester.report import formatSweep, formatTable, reportDocument, writeReport
 
-    config = _loadConfig(options)
-    ports = _selectPorts(options, config)
-    payloads = _payloads(options)
     counts = options["sweep"] or [options["connections"]]
     results = []
     interrupted: list[bool] = []
@@ -371,7 +449,7 @@ async def runLoad(reactor, options: LoadOptions, stdout: TextIO, stderr: TextIO)
         )
         label = f"[{count} conn/port] " if options["sweep"] else ""
         progress = None if options["quiet"] else ProgressLine(stderr, label=label)
-        run = LoadRun(reactor, ports, settings, _pacer(options, reactor), payloads, onSample=progress)
+        run = LoadRun(reactor, plan.ports, settings, _pacer(options, plan, reactor), plan.payloads, progress)
 
         def interrupt(run=run):
             interrupted.append(True)
@@ -401,8 +479,9 @@ async def runLoad(reactor, options: LoadOptions, stdout: TextIO, stderr: TextIO)
     if options["sweep"]:
         stdout.write("== sweep ==\n" + formatSweep(results) + "\n")
     if options["report"] is not None:
+        document = reportDocument(results, plan.config.source, _settingsRecord(options))
         try:
-            writeReport(options["report"], reportDocument(results, config.source, _settingsRecord(options)))
+            writeReport(options["report"], document)
         except OSError as e:
             raise UserError(f"--report {options['report']}: cannot write it: {e.strerror or e}") from None
         stdout.write(f"report written to {options['report']}\n")
@@ -417,6 +496,7 @@ async def runLoad(reactor, options: LoadOptions, stdout: TextIO, stderr: TextIO)
         except PlotError as e:
             raise UserError(str(e)) from None
         stdout.write(f"plot written to {options['plot']}\n")
+    stdout.flush()
     bad = sum(r.total.errors + r.total.dropped for r in results)
     if bad > options["max-errors"]:
         stderr.write(
@@ -440,29 +520,35 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(run(argv, sys.stdout, sys.stderr))
 
 
-def run(argv: list[str], stdout: TextIO, stderr: TextIO) -> int:
+def run(argv: list[str], stdout: TextIO, stderr: TextIO, react=None) -> int:
     """
     L{main} without the exit, for tests.
+
+    @param react: runs C{load} on a reactor (default L{reactLoad}); tests
+        replace it, as they cannot run the global reactor themselves.
     """
     options = TesterOptions()
     try:
         options.parseOptions(argv)
     except usage.UsageError as e:
         hint = f"{PROG} {options.subCommand} --help" if options.subCommand else f"{PROG} --help"
-        return _fail(stderr, f"{e}\n(see {hint})", EXIT_USAGE)
+        return _fail(stderr, f"{str(e).removeprefix(COERCION_FAILED)}\n(see {hint})", EXIT_USAGE)
     sub = options.subOptions
     try:
         if options.subCommand == "check":
             return runCheck(sub, stdout)
-        return _react(sub, stdout, stderr)
+        plan = planLoad(sub)
+        return (react or reactLoad)(sub, plan, stdout, stderr)
     except UserError as e:
         return _fail(stderr, str(e), e.status)
 
 
-def _react(options: LoadOptions, stdout: TextIO, stderr: TextIO) -> int:
+def reactLoad(options: LoadOptions, plan: LoadPlan, stdout: TextIO, stderr: TextIO) -> int:
     """
-    Run C{load} on the global reactor; Ctrl-C ends the run as --end says and
-    still prints the figures.
+    Run C{load} on the global reactor; Ctrl-C ends the run as C{--end} says
+    and still prints the figures.
+
+    @raise UserError: as L{runLoad} does.
     """
     from twisted.internet import defer, reactor
     from twisted.internet.error import ReactorNotRunning
@@ -472,7 +558,7 @@ def _react(options: LoadOptions, stdout: TextIO, stderr: TextIO) -> int:
 
     async def body() -> None:
         try:
-            status.append(await runLoad(reactor, options, stdout, stderr))
+            status.append(await runLoad(reactor, options, plan, stdout, stderr))
         except UserError as e:
             errors.append(e)
 
