@@ -1,0 +1,651 @@
+"""
+Tests for L{tcpproxy.config}: every refusal a user can meet, read as the
+user reads it, and the values an accepted file turns into.
+
+A refusal is checked through L{loadConfig} on a real file, because that is
+how a user meets it: the message must start with the file's name and go on
+to name the app, the key and the offending value as they were written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import FrozenInstanceError
+
+from twisted.trial.unittest import SkipTest, TestCase
+
+from tcpproxy.config import (
+    DEFAULT_BIND_ADDRESS,
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_DRAIN_TIMEOUT,
+    HOSTNAME,
+    IPV4,
+    IPV6,
+    AppConfig,
+    ConfigError,
+    ProxyConfig,
+    Target,
+    loadConfig,
+    parseConfig,
+    parseTarget,
+)
+
+SHIPPED_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir, "config.json")
+"""
+The repository's own C{config.json}: the repository root is two folders up
+from this test module (absent when the package is installed elsewhere).
+"""
+
+
+def app(name: str = "web", **keys: object) -> dict:
+    """
+    A valid app entry; C{keys} replace or add keys, a value of C{None}
+    removes that key.
+    """
+    entry: dict = {"Name": name, "Ports": [8080], "Targets": ["127.0.0.1:9090"]}
+    for key, value in keys.items():
+        if value is None:
+            entry.pop(key, None)
+        else:
+            entry[key] = value
+    return entry
+
+
+def document(*apps: dict, **top: object) -> dict:
+    """
+    A valid top-level document holding C{apps} (one default app if none).
+    """
+    result: dict = {"Apps": list(apps) or [app()]}
+    result.update(top)
+    return result
+
+
+class ConfigFileMixin:
+    """
+    Write configuration files and check what L{loadConfig} makes of them.
+    """
+
+    def writeConfig(self, content: object) -> str:
+        """
+        Write C{content} to a new file: bytes and text as they are, anything
+        else as JSON.
+
+        @return: the file's path.
+        """
+        if isinstance(content, str):
+            content = content.encode("utf-8")
+        elif not isinstance(content, bytes):
+            content = json.dumps(content, indent=2).encode("utf-8")
+        path = os.path.abspath(self.mktemp()) + ".json"
+        with open(path, "wb") as f:
+            f.write(content)
+        return path
+
+    def assertRefusedFile(self, path: str, *fragments: str) -> str:
+        """
+        Assert that loading C{path} is refused with one line that starts with
+        the path and contains every one of C{fragments}.
+
+        @return: the message.
+        """
+        error = self.assertRaises(ConfigError, loadConfig, path)
+        message = str(error)
+        self.assertTrue(message.startswith(path + ": "), f"{message!r} does not start with the file name")
+        self.assertNotIn("\n", message)
+        for fragment in fragments:
+            self.assertIn(fragment, message)
+        return message
+
+    def assertRefused(self, content: object, *fragments: str) -> str:
+        """
+        Assert that a file holding C{content} is refused; see
+        L{assertRefusedFile}.
+        """
+        return self.assertRefusedFile(self.writeConfig(content), *fragments)
+
+
+class FileRefusalTests(ConfigFileMixin, TestCase):
+    """
+    A file that cannot be read or decoded is refused, naming the file and
+    what is wrong with it.
+    """
+
+    def test_missingFile(self) -> None:
+        path = os.path.abspath(self.mktemp())
+        self.assertRefusedFile(path, "cannot read the configuration file", "No such file or directory")
+
+    def test_directory(self) -> None:
+        path = os.path.abspath(self.mktemp())
+        os.mkdir(path)
+        self.assertRefusedFile(path, "cannot read the configuration file", "Is a directory")
+
+    def test_unreadable(self) -> None:
+        if os.geteuid() == 0:
+            raise SkipTest("the superuser reads a file whatever its permissions")
+        path = self.writeConfig(document())
+        os.chmod(path, 0)
+        self.assertRefusedFile(path, "cannot read the configuration file", "Permission denied")
+
+    def test_invalidJSON(self) -> None:
+        """
+        A syntax error is located by line and column.
+        """
+        self.assertRefused(
+            '{\n  "Apps": [\n    {"Name": "web" "Ports": [1]}\n  ]\n}',
+            "invalid JSON at line 3 column 20",
+            "Expecting ',' delimiter",
+        )
+
+    def test_emptyFile(self) -> None:
+        self.assertRefused(b"", "invalid JSON at line 1 column 1")
+
+    def test_notUTF8(self) -> None:
+        """
+        A file in another encoding is refused, pointing at the first bad byte.
+        """
+        self.assertRefused(b'{"Apps": [{"Name": "caf\xe9"}]}', "not UTF-8 text", "at byte 23")
+
+    def test_duplicateTopLevelKey(self) -> None:
+        """
+        JSON lets a key appear twice and keeps the last; a configuration
+        refuses it, since one of the two is surely a mistake.
+        """
+        self.assertRefused(
+            '{"Apps": [{"Name": "a", "Ports": [1], "Targets": ["h:1"]}],\n'
+            ' "Apps": [{"Name": "b", "Ports": [2], "Targets": ["h:2"]}]}',
+            'key "Apps" appears twice',
+        )
+
+    def test_duplicateAppKey(self) -> None:
+        """
+        A key twice in one app is refused, and the message says in which app:
+        with several apps, each with its own "Ports", the key alone does not
+        tell the user where to look.
+        """
+        self.assertRefused(
+            '{"Apps": [{"Name": "a", "Ports": [1], "Targets": ["h:1"]},\n'
+            '          {"Name": "web", "Ports": [2], "Ports": [3], "Targets": ["h:2"]}]}',
+            'key "Ports" appears twice',
+            "web",
+        )
+
+
+class DocumentRefusalTests(ConfigFileMixin, TestCase):
+    """
+    Refusals of the top level of the document.
+    """
+
+    def test_topLevelNotObject(self) -> None:
+        self.assertRefused([1, 2], "the top level is [1, 2]", "not an object")
+
+    def test_missingApps(self) -> None:
+        self.assertRefused({}, 'key "Apps"', "missing required key")
+
+    def test_appsNotList(self) -> None:
+        self.assertRefused({"Apps": {"Name": "web"}}, 'key "Apps"', '{"Name": "web"}', "not a list")
+
+    def test_emptyApps(self) -> None:
+        self.assertRefused({"Apps": []}, 'key "Apps"', "is empty")
+
+    def test_unknownTopLevelKeyWithHint(self) -> None:
+        """
+        A misspelt key is refused with the key it probably meant.
+        """
+        self.assertRefused(
+            document(DrainTimout=5),
+            'key "DrainTimout"',
+            "unknown key",
+            'did you mean "DrainTimeout"?',
+        )
+
+    def test_unknownTopLevelKeyWithoutHint(self) -> None:
+        """
+        A key like no known one gets the list of known keys, and no guess.
+        """
+        message = self.assertRefused(
+            document(Colour="blue"), 'key "Colour"', "unknown key", "Apps, BindAddress, DrainTimeout"
+        )
+        self.assertNotIn("did you mean", message)
+
+    def test_bindAddressHostname(self) -> None:
+        self.assertRefused(
+            document(BindAddress="localhost"),
+            'key "BindAddress"',
+            '"localhost"',
+            "not an IPv4 or IPv6 address",
+        )
+
+    def test_bindAddressBracketed(self) -> None:
+        self.assertRefused(document(BindAddress="[::1]"), 'key "BindAddress"', '"[::1]"')
+
+    def test_bindAddressNotString(self) -> None:
+        self.assertRefused(document(BindAddress=127), 'key "BindAddress"', "127 is not")
+
+    def test_drainTimeoutString(self) -> None:
+        self.assertRefused(
+            document(DrainTimeout="10"), 'key "DrainTimeout"', '"10"', "not a number of seconds"
+        )
+
+    def test_drainTimeoutBoolean(self) -> None:
+        self.assertRefused(document(DrainTimeout=True), 'key "DrainTimeout"', "true", "not a number")
+
+    def test_drainTimeoutNegative(self) -> None:
+        self.assertRefused(document(DrainTimeout=-1), 'key "DrainTimeout"', "-1", "0 or more")
+
+    def test_drainTimeoutNaN(self) -> None:
+        """
+        Python's JSON decoder accepts the literal C{NaN}; it is no duration.
+        """
+        self.assertRefused(
+            '{"DrainTimeout": NaN, "Apps": [{"Name": "a", "Ports": [1], "Targets": ["h:1"]}]}',
+            'key "DrainTimeout"',
+            "NaN is not a number of seconds",
+        )
+
+    def test_drainTimeoutInfinity(self) -> None:
+        """
+        Nor is C{Infinity}, or a number too large to be anything else.
+        """
+        for literal in ("Infinity", "1e999"):
+            self.assertRefused(
+                '{"DrainTimeout": '
+                + literal
+                + ', "Apps": [{"Name": "a", "Ports": [1], "Targets": ["h:1"]}]}',
+                'key "DrainTimeout"',
+                "not a number of seconds",
+            )
+
+
+class AppRefusalTests(ConfigFileMixin, TestCase):
+    """
+    Refusals of one app's entry: each names the app, the key and the value.
+    """
+
+    def test_appNotObject(self) -> None:
+        self.assertRefused(document(app(), "web"), 'key "Apps"', "entry 2", '"web"', "not an object")
+
+    def test_missingName(self) -> None:
+        self.assertRefused(
+            document(app("a"), app(Name=None)), 'key "Name"', "missing required key", 'entry 2 of "Apps"'
+        )
+
+    def test_nameNotString(self) -> None:
+        self.assertRefused(document(app(Name=5)), 'key "Name"', "5 in entry 1", "not a non-empty string")
+
+    def test_nameBlank(self) -> None:
+        self.assertRefused(document(app(Name="  ")), 'key "Name"', '"  " in entry 1', "not a non-empty")
+
+    def test_missingPorts(self) -> None:
+        self.assertRefused(document(app(Ports=None)), 'app "web"', 'key "Ports"', "missing required key")
+
+    def test_missingTargets(self) -> None:
+        self.assertRefused(document(app(Targets=None)), 'app "web"', 'key "Targets"', "missing required key")
+
+    def test_unknownAppKeyWithHint(self) -> None:
+        self.assertRefused(
+            document(app(Tragets=["127.0.0.1:1"])),
+            'app "web"',
+            'key "Tragets"',
+            "unknown key",
+            'did you mean "Targets"?',
+        )
+
+    def test_duplicateName(self) -> None:
+        self.assertRefused(
+            document(app("web", Ports=[1]), app("web", Ports=[2])),
+            'app "web"',
+            'key "Name"',
+            '"web" is the name of another app',
+        )
+
+    def test_connectTimeoutString(self) -> None:
+        self.assertRefused(
+            document(app(ConnectTimeout="5")),
+            'app "web"',
+            'key "ConnectTimeout"',
+            '"5" is not a number of seconds',
+        )
+
+    def test_connectTimeoutNegative(self) -> None:
+        self.assertRefused(
+            document(app(ConnectTimeout=-2.5)), 'app "web"', 'key "ConnectTimeout"', "-2.5", "greater than 0"
+        )
+
+    def test_connectTimeoutZero(self) -> None:
+        """
+        A connect timeout of 0 would fail every attempt: it is refused.
+        """
+        self.assertRefused(
+            document(app(ConnectTimeout=0)), 'app "web"', 'key "ConnectTimeout"', "0 must be greater than 0"
+        )
+
+    def test_connectTimeoutInfinity(self) -> None:
+        self.assertRefused(
+            '{"Apps": [{"Name": "web", "Ports": [1], "Targets": ["h:1"], "ConnectTimeout": Infinity}]}',
+            'app "web"',
+            'key "ConnectTimeout"',
+            "Infinity is not a number of seconds",
+        )
+
+
+class PortRefusalTests(ConfigFileMixin, TestCase):
+    """
+    Refusals of an app's C{"Ports"}.
+    """
+
+    def test_notList(self) -> None:
+        self.assertRefused(document(app(Ports=8080)), 'app "web"', 'key "Ports"', "8080 is not a list")
+
+    def test_empty(self) -> None:
+        self.assertRefused(document(app(Ports=[])), 'app "web"', 'key "Ports"', "is empty")
+
+    def test_string(self) -> None:
+        self.assertRefused(
+            document(app(Ports=["8080"])), 'app "web"', 'key "Ports"', '"8080" is not a port number'
+        )
+
+    def test_true(self) -> None:
+        """
+        C{true} is no port, although Python counts it as the integer 1.
+        """
+        self.assertRefused(document(app(Ports=[True])), 'app "web"', 'key "Ports"', "true is not a port")
+
+    def test_false(self) -> None:
+        self.assertRefused(document(app(Ports=[False])), 'app "web"', 'key "Ports"', "false is not a port")
+
+    def test_float(self) -> None:
+        self.assertRefused(document(app(Ports=[8080.0])), 'app "web"', 'key "Ports"', "8080.0 is not a port")
+
+    def test_null(self) -> None:
+        self.assertRefused(document(app(Ports=[None])), 'app "web"', 'key "Ports"', "null is not a port")
+
+    def test_zero(self) -> None:
+        self.assertRefused(
+            document(app(Ports=[0])), 'app "web"', 'key "Ports"', "0 is outside the port range"
+        )
+
+    def test_tooLarge(self) -> None:
+        self.assertRefused(
+            document(app(Ports=[65536])),
+            'app "web"',
+            'key "Ports"',
+            "65536 is outside the port range 1-65535",
+        )
+
+    def test_negative(self) -> None:
+        self.assertRefused(document(app(Ports=[-80])), 'app "web"', 'key "Ports"', "-80 is outside")
+
+    def test_listedTwice(self) -> None:
+        self.assertRefused(
+            document(app(Ports=[8080, 8081, 8080])), 'app "web"', 'key "Ports"', "8080 is listed twice"
+        )
+
+    def test_sharedByTwoApps(self) -> None:
+        """
+        A port can serve one app only; the message names both.
+        """
+        self.assertRefused(
+            document(app("first", Ports=[1, 8080]), app("second", Ports=[8080])),
+            'app "second"',
+            'key "Ports"',
+            '8080 is already a port of app "first"',
+        )
+
+
+class TargetRefusalTests(ConfigFileMixin, TestCase):
+    """
+    Refusals of an app's C{"Targets"}: the message quotes the target as it
+    was written and says what is wrong with it.
+    """
+
+    def assertTargetRefused(self, target: object, *fragments: str) -> str:
+        return self.assertRefused(document(app(Targets=[target])), 'app "web"', 'key "Targets"', *fragments)
+
+    def test_notList(self) -> None:
+        self.assertRefused(
+            document(app(Targets="127.0.0.1:9090")),
+            'app "web"',
+            'key "Targets"',
+            '"127.0.0.1:9090" is not a list',
+        )
+
+    def test_empty(self) -> None:
+        self.assertRefused(document(app(Targets=[])), 'app "web"', 'key "Targets"', "is empty")
+
+    def test_notString(self) -> None:
+        self.assertTargetRefused(9090, '9090 is not a "host:port" string')
+
+    def test_object(self) -> None:
+        self.assertTargetRefused({"host": "h"}, '{"host": "h"} is not a "host:port" string')
+
+    def test_noPort(self) -> None:
+        self.assertTargetRefused("backend", '"backend" has no port')
+
+    def test_emptyPort(self) -> None:
+        self.assertTargetRefused("backend:", "\"backend:\" has '' as its port")
+
+    def test_nonNumericPort(self) -> None:
+        self.assertTargetRefused(
+            "backend:http", "\"backend:http\" has 'http' as its port, which is not a number"
+        )
+
+    def test_nonASCIIDigitPort(self) -> None:
+        """
+        Digits of other scripts are digits to Python, but no port.
+        """
+        self.assertTargetRefused("backend:\u0668\u0660", "as its port, which is not a number")
+
+    def test_portOutOfRange(self) -> None:
+        self.assertTargetRefused("backend:65536", '"backend:65536" has port 65536, outside the range 1-65535')
+
+    def test_portZero(self) -> None:
+        self.assertTargetRefused("backend:0", "has port 0, outside the range")
+
+    def test_noHost(self) -> None:
+        self.assertTargetRefused(":9090", '":9090" has no host')
+
+    def test_badHostname(self) -> None:
+        self.assertTargetRefused("back end:9090", "\"back end:9090\" has 'back end', which is neither")
+
+    def test_hostnameLeadingDash(self) -> None:
+        self.assertTargetRefused("-backend:9090", "'-backend', which is neither")
+
+    def test_ipv6WithoutBrackets(self) -> None:
+        self.assertTargetRefused("::1:9090", '"::1:9090" is an IPv6 address without brackets')
+
+    def test_ipv6NoClosingBracket(self) -> None:
+        self.assertTargetRefused("[::1:9090", "\"[::1:9090\" has no closing ']'")
+
+    def test_ipv6NoPort(self) -> None:
+        self.assertTargetRefused("[::1]", '"[::1]" has no port')
+
+    def test_ipv6NoColon(self) -> None:
+        self.assertTargetRefused("[::1]9090", '"[::1]9090" has no port')
+
+    def test_ipv4InBrackets(self) -> None:
+        self.assertTargetRefused("[127.0.0.1]:9090", "'127.0.0.1' in brackets, which is not an IPv6 address")
+
+    def test_emptyBrackets(self) -> None:
+        self.assertTargetRefused("[]:9090", "'' in brackets")
+
+    def test_listedTwice(self) -> None:
+        self.assertRefused(
+            document(app(Targets=["127.0.0.1:9090", "127.0.0.1:9091", "127.0.0.1:9090"])),
+            'app "web"',
+            'key "Targets"',
+            '"127.0.0.1:9090" is listed twice',
+        )
+
+    def test_listedTwiceWithSpaces(self) -> None:
+        """
+        Surrounding spaces are ignored, so they do not make a second target.
+        """
+        self.assertRefused(
+            document(app(Targets=["127.0.0.1:9090", " 127.0.0.1:9090 "])),
+            'key "Targets"',
+            '" 127.0.0.1:9090 " is listed twice',
+        )
+
+
+class ParseTargetTests(TestCase):
+    """
+    L{parseTarget} tells the kinds of target apart, and C{str()} gives back
+    the form it parses.
+    """
+
+    def assertTarget(self, text: str, host: str, port: int, kind: str) -> None:
+        target = parseTarget(text)
+        self.assertEqual(target, Target(host, port, kind))
+        self.assertEqual(str(target), text)
+        self.assertEqual(parseTarget(str(target)), target)
+
+    def test_ipv4(self) -> None:
+        self.assertTarget("127.0.0.1:6001", "127.0.0.1", 6001, IPV4)
+
+    def test_ipv6(self) -> None:
+        self.assertTarget("[::1]:7001", "::1", 7001, IPV6)
+
+    def test_ipv6Full(self) -> None:
+        self.assertTarget("[2001:db8::10]:443", "2001:db8::10", 443, IPV6)
+
+    def test_hostname(self) -> None:
+        self.assertTarget("backend.example:6002", "backend.example", 6002, HOSTNAME)
+
+    def test_singleLabelHostname(self) -> None:
+        self.assertTarget("localhost:80", "localhost", 80, HOSTNAME)
+
+    def test_portBounds(self) -> None:
+        self.assertTarget("h:1", "h", 1, HOSTNAME)
+        self.assertTarget("h:65535", "h", 65535, HOSTNAME)
+
+    def test_invalidRaisesValueError(self) -> None:
+        """
+        L{parseTarget} itself raises L{ValueError}, for callers other than
+        the configuration (such as C{--demo-down}) to word their own message.
+        """
+        self.assertRaises(ValueError, parseTarget, "no-port")
+
+
+class AcceptedConfigTests(ConfigFileMixin, TestCase):
+    """
+    What an accepted configuration turns into.
+    """
+
+    def test_shippedConfig(self) -> None:
+        """
+        The repository's C{config.json}: three apps on twelve ports.
+        """
+        if not os.path.exists(SHIPPED_CONFIG):
+            raise SkipTest(f"{SHIPPED_CONFIG} is not there: the package is not run from its repository")
+        path = os.path.normpath(SHIPPED_CONFIG)
+        config = loadConfig(path)
+        self.assertEqual(config.source, path)
+        self.assertEqual(config.bindAddress, "127.0.0.1")
+        self.assertEqual(config.drainTimeout, 10.0)
+        self.assertEqual([a.name for a in config.apps], ["five-thousand", "six-thousand", "seven-thousand"])
+        self.assertEqual(len(config.listeners()), 12)
+        self.assertEqual(
+            {a.name: a.ports for a in config.apps},
+            {
+                "five-thousand": (5001, 5200, 5300, 5400),
+                "six-thousand": (6100, 6200, 6300, 6400),
+                "seven-thousand": (7100, 7200, 7300, 7400),
+            },
+        )
+        self.assertEqual(
+            {a.name: [str(t) for t in a.targets] for a in config.apps},
+            {
+                "five-thousand": ["127.0.0.1:6001", "127.0.0.1:6002", "127.0.0.1:6003"],
+                "six-thousand": ["127.0.0.1:7001", "127.0.0.1:7002"],
+                "seven-thousand": ["127.0.0.1:8001", "127.0.0.1:8002", "127.0.0.1:8003"],
+            },
+        )
+
+    def test_everyKey(self) -> None:
+        """
+        Every key, given, is taken; order of ports and targets is kept.
+        """
+        path = self.writeConfig(
+            {
+                "BindAddress": "::1",
+                "DrainTimeout": 2.5,
+                "Apps": [
+                    {
+                        "Name": "mixed",
+                        "Ports": [9002, 9001],
+                        "Targets": ["backend.example:6002", "127.0.0.1:6001", "[::1]:7001"],
+                        "ConnectTimeout": 0.5,
+                    }
+                ],
+            }
+        )
+        config = loadConfig(path)
+        self.assertEqual(
+            config,
+            ProxyConfig(
+                apps=(
+                    AppConfig(
+                        "mixed",
+                        (9002, 9001),
+                        (
+                            Target("backend.example", 6002, HOSTNAME),
+                            Target("127.0.0.1", 6001, IPV4),
+                            Target("::1", 7001, IPV6),
+                        ),
+                        0.5,
+                    ),
+                ),
+                bindAddress="::1",
+                drainTimeout=2.5,
+                source=path,
+            ),
+        )
+        self.assertEqual(
+            [str(t) for t in config.apps[0].targets],
+            ["backend.example:6002", "127.0.0.1:6001", "[::1]:7001"],
+        )
+
+    def test_defaults(self) -> None:
+        config = parseConfig(document())
+        self.assertEqual(config.bindAddress, "0.0.0.0")
+        self.assertEqual(config.bindAddress, DEFAULT_BIND_ADDRESS)
+        self.assertEqual(config.drainTimeout, 10.0)
+        self.assertEqual(config.drainTimeout, DEFAULT_DRAIN_TIMEOUT)
+        self.assertEqual(config.apps[0].connectTimeout, 5.0)
+        self.assertEqual(config.apps[0].connectTimeout, DEFAULT_CONNECT_TIMEOUT)
+        self.assertEqual(config.source, "<config>")
+
+    def test_emptyBindAddressIsDefault(self) -> None:
+        self.assertEqual(parseConfig(document(BindAddress="")).bindAddress, DEFAULT_BIND_ADDRESS)
+
+    def test_drainTimeoutZero(self) -> None:
+        """
+        A drain period of 0 is allowed: stop at once, aborting what is open.
+        """
+        self.assertEqual(parseConfig(document(DrainTimeout=0)).drainTimeout, 0.0)
+
+    def test_targetSpacesStripped(self) -> None:
+        config = parseConfig(document(app(Targets=[" 127.0.0.1:9090 "])))
+        self.assertEqual(config.apps[0].targets, (Target("127.0.0.1", 9090, IPV4),))
+
+    def test_listenersInOrder(self) -> None:
+        config = parseConfig(document(app("a", Ports=[3, 1]), app("b", Ports=[2])))
+        self.assertEqual([(a.name, p) for a, p in config.listeners()], [("a", 3), ("a", 1), ("b", 2)])
+
+    def test_frozen(self) -> None:
+        """
+        A configuration cannot be changed once made: a service holding it
+        can rely on what it read.
+        """
+        config = parseConfig(document())
+        appConfig = config.apps[0]
+        target = appConfig.targets[0]
+        self.assertRaises(FrozenInstanceError, setattr, config, "drainTimeout", 1.0)
+        self.assertRaises(FrozenInstanceError, setattr, config, "apps", ())
+        self.assertRaises(FrozenInstanceError, setattr, appConfig, "name", "other")
+        self.assertRaises(FrozenInstanceError, setattr, appConfig, "ports", (1,))
+        self.assertRaises(FrozenInstanceError, setattr, target, "port", 1)
+        self.assertIsInstance(config.apps, tuple)
+        self.assertIsInstance(appConfig.ports, tuple)
+        self.assertIsInstance(appConfig.targets, tuple)
