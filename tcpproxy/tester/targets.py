@@ -63,7 +63,12 @@ def connectHost(bindAddress: str) -> str:
     return bindAddress
 
 
-def _targetFor(host: str, port: int) -> Target:
+def targetFor(host: str, port: int) -> Target:
+    """
+    The address of C{port} on C{host} (a hostname or an IP literal).
+
+    @raise SelectionError: C{host} is not a valid host.
+    """
     text = f"[{host}]:{port}" if isIPv6Address(host) else f"{host}:{port}"
     try:
         return parseTarget(text)
@@ -106,7 +111,7 @@ def selectPorts(
             raise SelectionError(f"--port {port}: {why}")
     address = host if host is not None else connectHost(config.bindAddress)
     return [
-        ProxyPort(app.name, port, _targetFor(address, port))
+        ProxyPort(app.name, port, targetFor(address, port))
         for app in chosen
         for port in app.ports
         if not ports or port in ports
