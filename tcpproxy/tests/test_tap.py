@@ -12,27 +12,35 @@ import socket
 import sys
 
 from twisted.application.service import IServiceCollection, MultiService
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Protocol
 from twisted.python import usage
 from twisted.trial.unittest import TestCase
+from zope.interface import implementer
 
 from tcpproxy.config import ConfigError, loadConfig
 from tcpproxy.demo import DemoBackendsService
 from tcpproxy.listening import ListenError
 from tcpproxy.service import ProxyService
 from tcpproxy.tap import Options, buildService, makeService
-from tcpproxy.tests.loopback import connectClient, deadPort
 
 
 def freePorts(count: int) -> list[int]:
     """
-    C{count} different loopback ports where nothing listens now.
+    C{count} different loopback ports where nothing listens now: the kernel
+    picks them, all held at once so that they differ, then lets them go.
     """
-    ports: list[int] = []
-    while len(ports) < count:
-        port = deadPort()
-        if port not in ports:
-            ports.append(port)
-    return ports
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def blockPort(testCase: TestCase) -> int:
@@ -59,6 +67,35 @@ def canBind(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+@implementer(IHalfCloseableProtocol)
+class Exchange(Protocol):
+    """
+    Send some bytes, then EOF; C{received} fires with every byte that came
+    back once the other side has closed too.
+    """
+
+    def __init__(self, message: bytes) -> None:
+        self.message = message
+        self.data = b""
+        self.received: Deferred[bytes] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.message)
+        self.transport.loseWriteConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def readConnectionLost(self) -> None:
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason) -> None:
+        self.received.callback(self.data)
 
 
 def parse(*argv: str) -> Options:
@@ -212,13 +249,9 @@ class BuildServiceTests(ConfigFileMixin, TestCase):
         service = buildService(parse("--config", path, "--demo-backends"))
         self.serveUntilTestEnds(service)
 
-        def connected(client):
-            client.transport.write(b"through the proxy")
-            client.transport.loseWriteConnection()
-            return client.readDone
-
-        d = connectClient(proxy)
-        d.addCallback(connected)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", proxy, timeout=5)
+        d = connectProtocol(endpoint, Exchange(b"through the proxy"))
+        d.addCallback(lambda client: client.received)
         d.addCallback(self.assertEqual, b"through the proxy")
         return d
 
