@@ -85,14 +85,26 @@ class Conversation(Protocol):
 
     eof = False
     lost: Failure | None = None
+    diverged = False
 
     def __init__(self) -> None:
         self.received = bytearray()
+        self._expected = b""
         self._waiters: list[tuple[int, Deferred[bytes]]] = []
         self._closed: list[Deferred[None]] = []
 
+    def expect(self, echo: bytes) -> None:
+        """
+        Watch for the reply to stop being C{echo}: a wrong byte ends every
+        wait at once, rather than after the timeout.
+        """
+        self._expected = echo
+
     def dataReceived(self, data: bytes) -> None:
+        start = len(self.received)
         self.received += data
+        if not self.diverged and self._expected[start : start + len(data)] != data:
+            self.diverged = True
         self._wake()
 
     def readConnectionLost(self) -> None:
@@ -115,7 +127,7 @@ class Conversation(Protocol):
     def _wake(self, ended: bool = False) -> None:
         waiting = []
         for count, d in self._waiters:
-            if ended or len(self.received) >= count:
+            if ended or self.diverged or len(self.received) >= count:
                 d.callback(bytes(self.received))
             else:
                 waiting.append((count, d))
@@ -128,7 +140,7 @@ class Conversation(Protocol):
         """
         d: Deferred[bytes] = Deferred()
         self._waiters.append((count, d))
-        if len(self.received) >= count or self.eof or self.lost is not None:
+        if len(self.received) >= count or self.diverged or self.eof or self.lost is not None:
             self._wake(ended=self.eof or self.lost is not None)
         return d
 
@@ -141,10 +153,10 @@ class Conversation(Protocol):
         return d
 
     def howItEnded(self) -> str:
+        if self.eof or (self.lost is not None and self.lost.check(ConnectionDone)):
+            return "the proxy closed the connection"
         if self.lost is None:
             return "the connection is still open"
-        if self.eof or self.lost.check(ConnectionDone):
-            return "the proxy closed the connection"
         return f"the connection was lost ({self.lost.getErrorMessage()})"
 
 
@@ -154,7 +166,8 @@ def describeMismatch(sent: bytes, got: bytes) -> str | None:
     """
     common = min(len(sent), len(got))
     for start in range(0, common, 65536):
-        if sent[start : start + 65536] != got[start : start + 65536]:
+        end = min(start + 65536, common)
+        if sent[start:end] != got[start:end]:
             offset = next(i for i in range(start, common) if sent[i] != got[i])
             return (
                 f"the reply differs from what was sent at byte {offset}: "
@@ -247,6 +260,8 @@ class PortCheck(TestCase):
             )
 
     async def _exchange(self, conversation: Conversation, message: bytes, what: str) -> None:
+        if not self.settings.anyReply:
+            conversation.expect(message)
         conversation.transport.write(message)
         needed = 1 if self.settings.anyReply else len(message)
         got = await self._receive(conversation, needed, what)
@@ -259,7 +274,8 @@ class PortCheck(TestCase):
             return
         wrong = describeMismatch(message, got)
         if wrong is not None:
-            ended = f" before {conversation.howItEnded()}" if len(got) < len(message) else ""
+            cutShort = len(got) < len(message) and message.startswith(got)
+            ended = f" before {conversation.howItEnded()}" if cutShort else ""
             self._complain(f"{what}: {wrong}{ended}")
 
     # -- the checks
@@ -301,11 +317,17 @@ class PortCheck(TestCase):
     async def test_halfClose(self) -> None:
         conversation = await self._connect()
         message = self.settings.message
+        what = "after the tester's EOF"
+        if not self.settings.anyReply:
+            conversation.expect(message)
         conversation.transport.write(message)
         conversation.transport.loseWriteConnection()
+        if not self.settings.anyReply:
+            got = await self._receive(conversation, len(message), what)
+            if conversation.diverged:
+                self._judge(conversation, message, got, what)
         closed = conversation.whenClosed()
         closed.addTimeout(self.settings.timeout, reactor)
-        what = "after the tester's EOF"
         try:
             await closed
         except defer.TimeoutError:
