@@ -28,6 +28,7 @@ from tests.support import (
     describe,
     echoThrough,
     freePorts,
+    pidsMentioning,
     processGone,
     receive,
     receiveAll,
@@ -241,6 +242,7 @@ class RefusalTests(TwoAppsMixin, TestCase):
                 log = f.read()
         self.assertNoTraceback(log)
         self.assertFalse(os.path.exists(pidfile))
+        self.assertEqual(pidsMentioning(self.twistd.directory), [])
         return lines[0]
 
     def test_unknownKey(self) -> None:
