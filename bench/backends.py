@@ -33,7 +33,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from bench.system import childSetup
+from bench.system import checkoutEnvironment, childSetup
 
 ECHO = b"E"
 SINK = b"S"
@@ -284,14 +284,10 @@ class BackendProcess:
             listener.bind((self._host, 0))
             listener.listen(4096)
             self.address = listener.getsockname()
-            # The child must find this package wherever it is run from.
-            root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-            env = dict(os.environ)
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
             self._process = subprocess.Popen(
                 [sys.executable, "-m", "bench.backends", "--fd", str(listener.fileno())],
                 pass_fds=[listener.fileno()],
-                env=env,
+                env=checkoutEnvironment(),
                 stdin=subprocess.DEVNULL,
                 preexec_fn=childSetup(self._cpus),
                 start_new_session=True,
@@ -300,6 +296,10 @@ class BackendProcess:
             listener.close()
         waitUntilEchoing(self.address, timeout, self.alive)
         return self.address
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
 
     def alive(self) -> bool:
         return self._process is not None and self._process.poll() is None

@@ -21,7 +21,7 @@ from zope.interface import Attribute, Interface, implementer
 
 from bench.backends import NotReady, waitUntilEchoing
 from bench.load import Address
-from bench.system import childSetup, residentKiB
+from bench.system import checkoutEnvironment, checkoutRoot, childSetup, residentKiB
 
 LOOPBACK = "127.0.0.1"
 START_TIMEOUT = 30.0
@@ -140,6 +140,12 @@ class _ProxyProcess:
     def command(self, port: int, backend: Address) -> list[str]:
         raise NotImplementedError()
 
+    def environment(self) -> dict[str, str] | None:
+        """
+        The child's environment (C{None}: this process's).
+        """
+        return None
+
     def start(self, backend: Address) -> None:
         os.makedirs(self._workdir, exist_ok=True)
         # Another program may take the port between freePort() and the
@@ -156,6 +162,7 @@ class _ProxyProcess:
                     stderr=subprocess.STDOUT,
                     preexec_fn=childSetup(self._cpus),
                     start_new_session=True,
+                    env=self.environment(),
                 )
             self.address = (LOOPBACK, port)
             try:
@@ -210,7 +217,15 @@ class TcpProxy(_ProxyProcess):
     """
 
     name = "tcpproxy"
-    description = "twistd -n tcpproxy --config (one app, one port, one target)"
+
+    @property
+    def description(self) -> str:
+        return f"twistd -n tcpproxy --config (one app, one port, one target), from {checkoutRoot()}"
+
+    def environment(self) -> dict[str, str]:
+        # Measure this checkout's sources, as trial tests them, not
+        # whatever version was last pip-installed.
+        return checkoutEnvironment()
 
     def command(self, port: int, backend: Address) -> list[str]:
         config = {

@@ -25,6 +25,14 @@ How many times faster than every proxy I{direct} must be on a throughput
 for the load generator and backends to be trusted not to limit the proxy.
 """
 
+OTHERS_ON_PROXY_CPU = "othersOnProxyCpu"
+OTHERS_ON_LOAD_CPU = "othersOnLoadCpu"
+DISTURBED = 0.10
+"""
+The share of a CPU other processes may take during a measurement before
+the report warns that the figure is disturbed.
+"""
+
 
 @dataclass
 class Measurement:
@@ -99,8 +107,30 @@ def summarizeScenario(scenario: Scenario, proxies: Sequence[str], runs: dict[str
                 ]
                 for key in scenario.ratioMetrics
             }
-    entry["warnings"] = _ceilingWarnings(scenario, entry["results"])
+    entry["warnings"] = _ceilingWarnings(scenario, entry["results"]) + _disturbanceWarnings(
+        scenario, entry["results"]
+    )
     return entry
+
+
+def _disturbanceWarnings(scenario: Scenario, results: dict) -> list[str]:
+    # Pinning keeps our processes apart, not other people's off our CPUs.
+    disturbed = []
+    for name, result in results.items():
+        for rep, figures in enumerate(result["runs"], 1):
+            shares = [
+                (where, _number((figures or {}).get(key)))
+                for where, key in (("proxy CPU", OTHERS_ON_PROXY_CPU), ("load CPU", OTHERS_ON_LOAD_CPU))
+            ]
+            busy = [f"{where} {share:.0%}" for where, share in shares if share and share > DISTURBED]
+            if busy:
+                disturbed.append(f"{name} #{rep} ({', '.join(busy)})")
+    if not disturbed:
+        return []
+    return [
+        f"{scenario.name}: other processes took over {DISTURBED:.0%} of our CPUs during "
+        f"{'; '.join(disturbed)}: those figures are disturbed"
+    ]
 
 
 def _ceilingWarnings(scenario: Scenario, results: dict) -> list[str]:

@@ -22,7 +22,7 @@ from bench.load import LoadError
 from bench.proxies import Direct, HAProxy, PortForward, ProxyStartError, TcpProxy
 from bench.report import Measurement
 from bench.scenarios import Budget, Scenario
-from bench.system import CpuPlan, allowedCpus, describeMachine
+from bench.system import CpuPlan, CpuWatch, allowedCpus, describeMachine
 
 PROXY_NAMES = ("direct", "tcpproxy", "haproxy", "portforward")
 """
@@ -188,15 +188,27 @@ class BenchmarkRun:
         return self._attempt(scenario, proxy)
 
     def _attempt(self, scenario: Scenario, proxy) -> Measurement:
+        watches = self._watch(proxy) if scenario.timed else {}
         try:
             figures = scenario.measure(proxy, self.budget)
         except (LoadError, OSError, ProcessLookupError) as e:
             return Measurement(error=_explain(e, proxy))
+        for key, watch in watches.items():
+            figures[key] = watch.othersShare()
         if not proxy.alive():
             return Measurement(figures, f"{proxy.name} exited during the measurement")
         if not self._backend.alive():
             return Measurement(figures, "the backend process exited during the measurement")
         return Measurement(figures)
+
+    def _watch(self, proxy) -> dict[str, CpuWatch]:
+        # Other people's processes on our CPUs, during this measurement.
+        if self.plan.proxy is None:
+            return {}
+        watches = {report.OTHERS_ON_LOAD_CPU: CpuWatch(self.plan.load, [os.getpid(), self._backend.pid])}
+        if proxy.pid is not None:
+            watches[report.OTHERS_ON_PROXY_CPU] = CpuWatch(self.plan.proxy, [proxy.pid])
+        return watches
 
     def _stopAll(self) -> None:
         for _, proxy in self._instances:

@@ -81,6 +81,8 @@ class Scenario:
     @cvar ratioMetrics: the keys of the figures given as ratios per repetition.
     @cvar ceiling: whether I{direct} must be far above every proxy on the
         main figure (for throughputs; not for memory, which direct lacks).
+    @cvar timed: its figures depend on the CPU time the processes get (so
+        other processes on our CPUs disturb them).
     @cvar needsProcess: only meaningful for a proxy with a process.
     @cvar freshProcess: wants a proxy process started for each measurement.
     @cvar skipped: why the scenario is not run at all, or C{None}.
@@ -91,6 +93,7 @@ class Scenario:
     metrics: tuple[Metric, ...]
     ratioMetrics: tuple[str, ...]
     ceiling = True
+    timed = True
     needsProcess = False
     freshProcess = False
     skipped: str | None = None
@@ -167,6 +170,7 @@ class IdleMemory(Scenario):
     metrics = (KIB_PER_CONN, RSS_BEFORE, RSS_HELD)
     ratioMetrics = (KIB_PER_CONN.key,)
     ceiling = False
+    timed = False
     needsProcess = True
     freshProcess = True
 
@@ -204,6 +208,7 @@ class Backpressure(Scenario):
     metrics = (GROWTH, PUSHED)
     ratioMetrics = (GROWTH.key,)
     ceiling = False
+    timed = False
     needsProcess = True
     freshProcess = True
 

@@ -100,6 +100,24 @@ def childSetup(cpus: frozenset[int] | None) -> Callable[[], None]:
     return setup
 
 
+def checkoutRoot() -> str:
+    """
+    The directory holding the C{bench} package: the repository checkout.
+    """
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def checkoutEnvironment() -> dict[str, str]:
+    """
+    This process's environment with the checkout first on C{PYTHONPATH}, so
+    that a child imports this checkout's C{bench} and C{tcpproxy} (and
+    C{twistd} finds its plugin) even when started in another directory.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [checkoutRoot(), env.get("PYTHONPATH")]))
+    return env
+
+
 def residentKiB(pid: int) -> int:
     """
     The resident set size of process C{pid}, in KiB (C{VmRSS}).
@@ -128,6 +146,64 @@ def allowedCpus(pid: int) -> str:
     except FileNotFoundError:
         pass
     return "?"
+
+
+def _cpuTicks(cpus: frozenset[int]) -> tuple[int, int]:
+    # (busy, total) clock ticks of these CPUs since boot, from /proc/stat.
+    busy = total = 0
+    with open("/proc/stat") as f:
+        for line in f:
+            name, _, rest = line.partition(" ")
+            if not name.startswith("cpu") or name == "cpu" or int(name[3:]) not in cpus:
+                continue
+            fields = [int(x) for x in rest.split()]
+            idle = fields[3] + fields[4]
+            busy += sum(fields[:8]) - idle
+            total += sum(fields[:8])
+    return busy, total
+
+
+def _processTicks(pid: int) -> int:
+    # utime + stime of a process, in clock ticks; 0 if it is gone.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])
+
+
+_MIN_TICKS = 50
+# Fewer clock ticks than this (half a second of one CPU at 100 Hz) are too
+# coarse to tell anything.
+
+
+class CpuWatch:
+    """
+    How much of some CPUs went to processes other than ours over a stretch
+    of time: on a shared machine, the measure of how disturbed a figure is.
+
+    Pinning keeps our processes apart, but not other people's off our CPUs.
+    """
+
+    def __init__(self, cpus: frozenset[int], pids: list[int]) -> None:
+        self._cpus = cpus
+        self._pids = pids
+        self._cpuBefore = _cpuTicks(cpus)
+        self._ours = sum(_processTicks(pid) for pid in pids)
+
+    def othersShare(self) -> float | None:
+        """
+        The share (0 to 1) of these CPUs' time since construction that was
+        busy with anything but our processes, or C{None} if too short to say.
+        """
+        busy, total = _cpuTicks(self._cpus)
+        busy -= self._cpuBefore[0]
+        total -= self._cpuBefore[1]
+        ours = sum(_processTicks(pid) for pid in self._pids) - self._ours
+        if total < _MIN_TICKS:
+            return None
+        return min(1.0, max(0.0, (busy - ours) / total))
 
 
 def describeMachine() -> dict[str, str]:
