@@ -13,6 +13,7 @@ import re
 import sys
 
 from twisted.internet import reactor
+from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.utils import getProcessOutputAndValue
@@ -55,62 +56,83 @@ async def runTester(*args: str) -> tuple[str, str, int]:
 
 
 class CheckRunTests(TestCase):
-    timeout = 60
+    """
+    Three runs of C{check} against one proxy: alpha is healthy, dead's
+    targets are all down, greeter's target answers but is not an echo, and
+    nothing listens on gone's port.  The three child processes run at once,
+    for the first test that needs them; the others read their output.
+    """
 
-    def setUp(self) -> None:
-        # alpha is healthy; dead's targets are all down; greeter's target
-        # answers, but is not an echo.
-        self.proxy = InProcessProxy(
+    timeout = 60
+    runs: dict | None = None
+
+    async def setUp(self) -> None:
+        if CheckRunTests.runs is None:
+            CheckRunTests.runs = await self.runAll()
+        self.__dict__.update(CheckRunTests.runs)
+
+    async def runAll(self) -> dict:
+        proxy = InProcessProxy(
             reactor, [("alpha", 2, 2), ("dead", 1, 1), ("greeter", 1, 1)], downApps=["dead", "greeter"]
         )
-        greeterTarget = self.proxy.config.apps[2].targets[0]
+        greeterTarget = proxy.config.apps[2].targets[0]
         greeter = reactor.listenTCP(greeterTarget.port, Factory.forProtocol(Greeter), interface="127.0.0.1")
-        self.addCleanup(greeter.stopListening)
-        self.proxy.start()
-        self.addCleanup(self.proxy.stop)
-        self.gone = freePorts(1)[0]
-        self.config = self.mktemp()
-        self.proxy.writeConfig(
-            self.config, [{"Name": "gone", "Ports": [self.gone], "Targets": ["127.0.0.1:1"]}]
-        )
+        proxy.start()
+        try:
+            gone = freePorts(1)[0]
+            config = self.mktemp()
+            proxy.writeConfig(config, [{"Name": "gone", "Ports": [gone], "Targets": ["127.0.0.1:1"]}])
+            check = ("check", "--config", config)
+            healthy, anyReply, broken = await gatherResults(
+                [
+                    ensureDeferred(runTester(*check, "--app", "alpha")),
+                    ensureDeferred(
+                        runTester(*check, "--app", "greeter", "--any-reply", "--large-size", "100000")
+                    ),
+                    ensureDeferred(runTester(*check, "--app", "dead", "--app", "greeter", "--app", "gone")),
+                ]
+            )
+        finally:
+            await proxy.stop()
+            await greeter.stopListening()
+        return {
+            "gone": gone,
+            "dead": proxy.ports(["dead"])[0].port,
+            "greeter": proxy.ports(["greeter"])[0].port,
+            "healthy": healthy,
+            "anyReply": anyReply,
+            "broken": broken,
+        }
 
-    async def test_healthy(self) -> None:
+    def test_healthy(self) -> None:
         """
         On a healthy proxy every check passes and the exit status is 0; the
         output is trial's, with a line per check under its app and port.
         """
-        out, err, status = await runTester("check", "--config", self.config, "--app", "alpha")
+        out, err, status = self.healthy
         self.assertEqual(status, 0, out + err)
         self.assertIn("PASSED (successes=10)", out)
         self.assertIn("alpha\n  port ", out)
         self.assertEqual(len(re.findall(r"echoes 4 MiB exactly \.\.\. +\[OK\]", out)), 2)
 
-    async def test_anyReply(self) -> None:
+    def test_anyReply(self) -> None:
         """
         With C{--any-reply} a target that answers without echoing passes.
         """
-        out, err, status = await runTester(
-            "check", "--config", self.config, "--app", "greeter", "--any-reply", "--large-size", "100000"
-        )
+        out, err, status = self.anyReply
         self.assertEqual(status, 0, out + err)
         self.assertIn("PASSED (successes=5)", out)
         self.assertIn("replies to 47 bytes ...", out)
 
-    async def test_broken(self) -> None:
+    def test_broken(self) -> None:
         """
         Ports that do not answer, do not echo, or whose targets are down fail,
         each failure naming the app and port; the exit status is 1.
         """
-        out, err, status = await runTester(
-            "check", "--config", self.config, "--app", "dead", "--app", "greeter", "--app", "gone"
-        )
+        out, err, status = self.broken
         self.assertEqual(status, 1, out + err)
         self.assertIn("FAILED (failures=13, successes=2)", out)
-        gone, dead, greeter = (
-            self.gone,
-            self.proxy.ports(["dead"])[0].port,
-            self.proxy.ports(["greeter"])[0].port,
-        )
+        gone, dead, greeter = self.gone, self.dead, self.greeter
         where = f"app 'gone' port {gone} (127.0.0.1:{gone})"
         self.assertIn(f"{where}: cannot connect to 127.0.0.1:{gone}: connection refused", out)
         self.assertIn(f"gone.port {gone}.echoes then closes after a half-close", out)
