@@ -1,0 +1,334 @@
+"""
+The relay on real loopback sockets: what the test doubles cannot show
+(half-close, backpressure, failover against a refusing port, concurrency).
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet import reactor
+from twisted.internet.defer import DeferredList, inlineCallbacks
+from twisted.internet.protocol import Factory, Protocol
+from twisted.trial.unittest import TestCase
+
+from tcpproxy.relay import END_DONE, END_NO_TARGET
+from tcpproxy.tests.loopback import (
+    Collector,
+    CollectorFactory,
+    bufferedBytes,
+    captureEvents,
+    connectClient,
+    deadPort,
+    echoBackend,
+    listen,
+    startProxy,
+)
+
+MiB = 1024 * 1024
+
+
+def connectionEvents(events: list[dict]) -> list[dict]:
+    return [e for e in events if "bytesIn" in e]
+
+
+class ByteExactTests(TestCase):
+    timeout = 30
+
+    @inlineCallbacks
+    def test_multiMiBEchoIsByteExact(self):
+        """
+        Four MiB of random bytes come back from an echo target unchanged,
+        and the access log counts them both ways.
+        """
+        events = captureEvents(self)
+        payload = os.urandom(4 * MiB)
+        factory, port = startProxy(self, [f"127.0.0.1:{echoBackend(self)}"])
+        client = yield connectClient(port)
+        client.transport.write(payload)
+        client.transport.loseWriteConnection()
+        received = yield client.readDone
+        yield client.lost
+        yield factory.whenIdle()
+        self.assertEqual(len(received), len(payload))
+        self.assertTrue(received == payload, "relayed bytes differ from those sent")
+        [event] = connectionEvents(events)
+        self.assertEqual((event["bytesIn"], event["bytesOut"], event["end"]), (4 * MiB, 4 * MiB, END_DONE))
+
+    @inlineCallbacks
+    def test_manyConcurrentClients(self):
+        """
+        Two hundred clients at once, spread over two echo targets, each get
+        exactly their own bytes back.
+        """
+        targets = [f"127.0.0.1:{echoBackend(self)}", f"127.0.0.1:{echoBackend(self)}"]
+        factory, port = startProxy(self, targets)
+        payloads = [os.urandom(20_000) + b"%d" % i for i in range(200)]
+        clients = yield DeferredList([connectClient(port) for _ in payloads], fireOnOneErrback=True)
+        clients = [c for ok, c in clients]
+        for client, payload in zip(clients, payloads, strict=True):
+            client.transport.write(payload)
+            client.transport.loseWriteConnection()
+        results = yield DeferredList([c.readDone for c in clients], fireOnOneErrback=True)
+        self.assertEqual([r for ok, r in results], payloads)
+        yield DeferredList([c.lost for c in clients])
+        yield factory.whenIdle()
+
+
+class HalfCloseTests(TestCase):
+    timeout = 30
+
+    @inlineCallbacks
+    def test_clientHalfCloseReachesTarget(self):
+        """
+        A client's EOF reaches the target as EOF, while the target's reply
+        still flows back; then both ends see the connection close.
+        """
+        events = captureEvents(self)
+        backend = CollectorFactory()
+        factory, port = startProxy(self, [f"127.0.0.1:{listen(self, backend)}"])
+        client = yield connectClient(port)
+        client.transport.write(b"request")
+        client.transport.loseWriteConnection()
+        target = yield backend.accepted.get()
+        self.assertEqual((yield target.readDone), b"request")
+        self.assertFalse(client.readDone.called, "client lost its read side with the target's EOF")
+        target.transport.write(b"reply after EOF")
+        target.transport.loseWriteConnection()
+        self.assertEqual((yield client.readDone), b"reply after EOF")
+        self.assertTrue(client.eof)
+        yield DeferredList([client.lost, target.lost])
+        yield factory.whenIdle()
+        [event] = connectionEvents(events)
+        self.assertEqual((event["bytesIn"], event["bytesOut"], event["end"]), (7, 15, END_DONE))
+
+    @inlineCallbacks
+    def test_targetHalfCloseReachesClient(self):
+        """
+        A target's EOF reaches the client as EOF, while the client can still
+        send to the target.
+        """
+        backend = CollectorFactory()
+        factory, port = startProxy(self, [f"127.0.0.1:{listen(self, backend)}"])
+        client = yield connectClient(port)
+        target = yield backend.accepted.get()
+        target.transport.write(b"banner")
+        target.transport.loseWriteConnection()
+        self.assertEqual((yield client.readDone), b"banner")
+        self.assertTrue(client.eof)
+        client.transport.write(b"late words")
+        client.transport.loseWriteConnection()
+        self.assertEqual((yield target.readDone), b"late words")
+        yield DeferredList([client.lost, target.lost])
+        yield factory.whenIdle()
+
+    @inlineCallbacks
+    def test_eofBeforeTargetAnswers(self):
+        """
+        Bytes and EOF a client sends before its target is connected are
+        delivered, in order, once it is.
+        """
+        backend = CollectorFactory()
+        factory, port = startProxy(self, [f"127.0.0.1:{listen(self, backend)}"])
+        client = Collector()
+        # Write from connectionMade, before the proxy has dialled anything.
+        client.connectionMade = lambda: (
+            client.transport.write(b"early"),
+            client.transport.loseWriteConnection(),
+        )
+        yield connectClient(port, client)
+        target = yield backend.accepted.get()
+        self.assertEqual((yield target.readDone), b"early")
+        target.transport.loseConnection()
+        yield client.lost
+        yield factory.whenIdle()
+
+
+class _SlowReader(Collector):
+    """
+    Reads one chunk, then pauses its transport for a moment: a reader far
+    slower than loopback.  On each read it samples the proxy's buffers.
+    """
+
+    def __init__(self, factory, samples: list[int]) -> None:
+        Collector.__init__(self)
+        self.factory = factory
+        self.samples = samples
+
+    def dataReceived(self, data: bytes) -> None:
+        Collector.dataReceived(self, data)
+        self.samples.append(bufferedBytes(self.factory))
+        self.transport.pauseProducing()
+        reactor.callLater(0.002, self._resume)
+
+    def _resume(self) -> None:
+        if self.transport.connected:
+            self.transport.resumeProducing()
+
+
+class _Pusher(Protocol):
+    """
+    Writes C{total} bytes as fast as the transport lets it (it pauses us when
+    our own buffer fills), sampling the proxy's buffers on every write.
+    """
+
+    def __init__(self, total: int, factory, samples: list[int]) -> None:
+        self.remaining = total
+        self.factory = factory
+        self.samples = samples
+        self.paused = False
+        self.chunk = os.urandom(64 * 1024)
+
+    def connectionMade(self) -> None:
+        self.transport.registerProducer(self, True)
+        self.resumeProducing()
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        while not self.paused and self.remaining > 0:
+            chunk = self.chunk[: self.remaining]
+            self.remaining -= len(chunk)
+            self.transport.write(chunk)
+            self.samples.append(bufferedBytes(self.factory))
+        if self.remaining == 0:
+            self.transport.unregisterProducer()
+            self.transport.loseWriteConnection()
+
+    def stopProducing(self) -> None:
+        self.remaining = 0
+
+
+class BackpressureTests(TestCase):
+    """
+    A fast writer towards a slow reader must not grow the proxy's buffers,
+    in either direction: each side pauses the other when its buffer fills.
+    """
+
+    timeout = 60
+    total = 16 * MiB
+    bound = 512 * 1024
+
+    @inlineCallbacks
+    def test_slowTarget(self):
+        samples: list[int] = []
+        backend = CollectorFactory()
+        factory, port = None, None
+
+        def slowProtocol(addr):
+            protocol = _SlowReader(factory, samples)
+            backend.protocols.append(protocol)
+            protocol.whenConnected.addCallback(backend.accepted.put)
+            return protocol
+
+        backend.buildProtocol = slowProtocol
+        factory, port = startProxy(self, [f"127.0.0.1:{listen(self, backend)}"])
+        yield connectClient(port, _Pusher(self.total, factory, samples))
+        target = yield backend.accepted.get()
+        received = yield target.readDone
+        self.assertEqual(len(received), self.total)
+        target.transport.loseConnection()
+        yield factory.whenIdle()
+        self.assertLess(max(samples), self.bound, f"proxy buffered up to {max(samples)} bytes")
+        self.assertGreater(len(samples), 100)
+
+    @inlineCallbacks
+    def test_slowClient(self):
+        samples: list[int] = []
+        factory = None
+
+        class Backend(CollectorFactory):
+            def buildProtocol(self, addr):
+                return _Pusher(BackpressureTests.total, factory, samples)
+
+        factory, port = startProxy(self, [f"127.0.0.1:{listen(self, Backend())}"])
+        client = yield connectClient(port, _SlowReader(factory, samples))
+        received = yield client.readDone
+        self.assertEqual(len(received), self.total)
+        client.transport.loseConnection()
+        yield factory.whenIdle()
+        self.assertLess(max(samples), self.bound, f"proxy buffered up to {max(samples)} bytes")
+        self.assertGreater(len(samples), 100)
+
+
+class FailoverTests(TestCase):
+    timeout = 30
+
+    @inlineCallbacks
+    def test_deadTargetIsSkipped(self):
+        """
+        With the first target refusing, every client is still served, by the
+        next target; the access log records the failed attempt.
+        """
+        events = captureEvents(self)
+        dead = deadPort()
+        factory, port = startProxy(self, [f"127.0.0.1:{dead}", f"127.0.0.1:{echoBackend(self)}"])
+        for _ in range(4):
+            client = yield connectClient(port)
+            client.transport.write(b"ping")
+            client.transport.loseWriteConnection()
+            self.assertEqual((yield client.readDone), b"ping")
+            yield client.lost
+        yield factory.whenIdle()
+        failures = [e["failures"] for e in connectionEvents(events)]
+        self.assertEqual(failures.count([f"127.0.0.1:{dead}: connection refused"]), 2)
+        self.assertEqual(failures.count([]), 2)
+
+    @inlineCallbacks
+    def test_allTargetsDead(self):
+        """
+        When every target refuses, the client is closed and one warning
+        names every target with its reason.
+        """
+        events = captureEvents(self)
+        deadA, deadB = deadPort(), deadPort()
+        factory, port = startProxy(self, [f"127.0.0.1:{deadA}", f"127.0.0.1:{deadB}"])
+        client = yield connectClient(port)
+        self.assertEqual((yield client.readDone), b"")
+        client.transport.loseConnection()
+        yield client.lost
+        yield factory.whenIdle()
+        [event] = connectionEvents(events)
+        self.assertEqual(event["end"], END_NO_TARGET)
+        self.assertEqual(event["log_level"].name, "warn")
+        self.assertEqual(
+            sorted(event["failures"]),
+            sorted([f"127.0.0.1:{deadA}: connection refused", f"127.0.0.1:{deadB}: connection refused"]),
+        )
+
+    @inlineCallbacks
+    def test_roundRobinSharedAcrossPorts(self):
+        """
+        One rotation per app: consecutive clients go to consecutive targets
+        whichever of the app's ports they connect to.
+        """
+        targets = [f"127.0.0.1:{listen(self, _Greeter.factory(name))}" for name in (b"A", b"B", b"C")]
+        factory, portOne = startProxy(self, targets)
+        portTwo = listen(self, factory)
+        answers = []
+        for port in (portOne, portTwo, portTwo, portOne, portTwo):
+            client = yield connectClient(port)
+            answers.append((yield client.readDone))
+            client.transport.loseConnection()
+            yield client.lost
+        yield factory.whenIdle()
+        self.assertEqual(answers, [b"A", b"B", b"C", b"A", b"B"])
+
+
+class _Greeter(Protocol):
+    """
+    A target that says its name and closes.
+    """
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.factory.name)
+        self.transport.loseConnection()
+
+    @classmethod
+    def factory(cls, name: bytes):
+        factory = Factory.forProtocol(cls)
+        factory.name = name
+        factory.noisy = False
+        return factory
