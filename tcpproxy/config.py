@@ -131,7 +131,18 @@ class _Where:
         return ConfigError(": ".join(parts) + ": " + message)
 
 
+class _JSONObject(dict):
+    """
+    A decoded JSON object that remembers keys written twice in it, so the
+    refusal can say in which app they were.
+    """
+
+    duplicates: tuple[str, ...] = ()
+
+
 def _checkKeys(where: _Where, obj: dict, allowed: tuple[str, ...], required: tuple[str, ...]) -> None:
+    for key in getattr(obj, "duplicates", ()):
+        raise where.error(key, "written twice in the same object; keep one")
     for key in obj:
         if key not in allowed:
             close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
@@ -185,6 +196,8 @@ def parseTarget(text: str) -> Target:
             raise ValueError("has no host before the ':'")
         if isIPAddress(host):
             kind = IPV4
+        elif all(label.isdigit() for label in host.split(".")):
+            raise ValueError(f"has {host!r}, which is not a valid IPv4 address")
         elif set(host) <= _HOSTNAME_CHARS and not host.startswith(("-", ".")) and ".." not in host:
             kind = HOSTNAME
         else:
@@ -208,6 +221,9 @@ def _nonEmptyList(where: _Where, key: str, value: object, what: str) -> list:
 def _parseApp(where: _Where, index: int, obj: object) -> AppConfig:
     if not isinstance(obj, dict):
         raise where.error("Apps", f"entry {index + 1} is {_show(obj)}, not an object")
+    if "Name" not in obj:
+        # Catch a misspelt "Name" as the typo it is, not as a missing key.
+        _checkKeys(where, obj, _APP_KEYS, ())
     name = obj.get("Name")
     if "Name" not in obj:
         raise where.error("Name", f'missing required key in entry {index + 1} of "Apps"')
@@ -282,12 +298,11 @@ def parseConfig(document: object, source: str = "<config>") -> ProxyConfig:
     return ProxyConfig(tuple(apps), bindAddress or DEFAULT_BIND_ADDRESS, drainTimeout, source)
 
 
-def _noDuplicateKeys(pairs: list[tuple[str, object]]) -> dict:
-    result: dict = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"key {json.dumps(key)} appears twice in one object")
-        result[key] = value
+def _noteDuplicateKeys(pairs: list[tuple[str, object]]) -> _JSONObject:
+    result = _JSONObject(pairs)
+    if len(result) < len(pairs):
+        seen: set[str] = set()
+        result.duplicates = tuple(k for k, _ in pairs if k in seen or seen.add(k))
     return result
 
 
@@ -303,7 +318,7 @@ def loadConfig(path: str) -> ProxyConfig:
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the configuration file: {e.strerror or e}") from None
     try:
-        document = json.loads(raw.decode("utf-8"), object_pairs_hook=_noDuplicateKeys)
+        document = json.loads(raw.decode("utf-8"), object_pairs_hook=_noteDuplicateKeys)
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text: {e.reason} at byte {e.start}") from None
     except json.JSONDecodeError as e:

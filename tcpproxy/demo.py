@@ -89,6 +89,14 @@ class DemoBackendsService(Service):
         if not (self._sockets or self._ports):
             self._sockets = bindAll([("demo backend", t.host, t.port) for t in self.targets])
 
+    def unbind(self) -> None:
+        """
+        Close the sockets bound by L{bind} and not yet listening.
+        """
+        sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            sock.close()
+
     def startService(self) -> None:
         self.bind()
         Service.startService(self)

@@ -5,10 +5,10 @@ orderly stop that drains open connections before aborting what is left.
 
 from __future__ import annotations
 
+import json
 import socket
 
 from twisted.application.service import Service
-from twisted.internet import defer
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
@@ -58,10 +58,14 @@ class ProxyService(Service):
         if self._sockets or self.listeningPorts:
             return
         listeners = self.config.listeners()
-        sockets = bindAll([(f"app {app.name!r}", self.config.bindAddress, port) for app, port in listeners])
+        address = self.config.bindAddress
+        sockets = bindAll([(f"app {json.dumps(app.name)}", address, port) for app, port in listeners])
         self._sockets = {port: sock for (app, port), sock in zip(listeners, sockets, strict=True)}
 
-    def _closeSockets(self) -> None:
+    def unbind(self) -> None:
+        """
+        Close the sockets bound by L{bind} and not yet listening.
+        """
         for sock in self._sockets.values():
             sock.close()
         self._sockets.clear()
@@ -78,8 +82,9 @@ class ProxyService(Service):
             self.listeningPorts[port] = adoptTCP(self._reactor, self._sockets.pop(port), factory)
         for app in self.config.apps:
             self.log.info(
-                "app {app!r}: listening on {address} port(s) {portList}, relaying to {targetList}",
+                "app {quoted}: listening on {address} port(s) {portList}, relaying to {targetList}",
                 app=app.name,
+                quoted=json.dumps(app.name),
                 address=self.config.bindAddress,
                 ports=list(app.ports),
                 targets=[str(t) for t in app.targets],
@@ -95,13 +100,17 @@ class ProxyService(Service):
         Stop accepting now; give open connections the drain period to end.
         """
         Service.stopService(self)
-        self._closeSockets()
+        self.unbind()
         ports, self.listeningPorts = list(self.listeningPorts.values()), {}
         stopped = gatherResults([maybeDeferred(port.stopListening) for port in ports])
         stopped.addCallback(lambda _: self._drain())
         return stopped
 
     def _drain(self) -> Deferred[None]:
+        """
+        Wait for every open connection to end; abort those still open when
+        the drain period is over.
+        """
         timeout = self.config.drainTimeout
         count = self.openConnections()
         if count:
@@ -110,20 +119,22 @@ class ProxyService(Service):
                 count=count,
                 timeout=timeout,
             )
+        deadline = self._reactor.callLater(timeout, self._abortRemaining)
         idle = self._allIdle()
-        idle.addTimeout(timeout, self._reactor)
-        idle.addErrback(self._abortRemaining)
-        return idle
+
+        def disarm(result: None) -> None:
+            if deadline.active():
+                deadline.cancel()
+
+        return idle.addCallback(disarm)
 
     def _allIdle(self) -> Deferred[None]:
         return gatherResults([f.whenIdle() for f in self.factories.values()]).addCallback(lambda _: None)
 
-    def _abortRemaining(self, reason) -> Deferred[None]:
-        reason.trap(defer.TimeoutError)
+    def _abortRemaining(self) -> None:
         self.log.warn(
             "drain period over: aborting {count} connection(s) still open",
             count=self.openConnections(),
         )
         for factory in self.factories.values():
             factory.abortAll()
-        return self._allIdle()

@@ -79,7 +79,11 @@ def buildService(options: Options, reactor=None) -> IService:
         raise ConfigError(f"--demo-down: {', '.join(unknown)} is not a target of {config.source}")
     demo = DemoBackendsService(config, reactor, down)
     demo.bind()
-    proxy.bind()
+    try:
+        proxy.bind()
+    except ListenError:
+        demo.unbind()
+        raise
     both = MultiService()
     demo.setServiceParent(both)
     proxy.setServiceParent(both)
