@@ -143,10 +143,10 @@ class ForegroundTests(TwoAppsMixin, TestCase):
         self.assertIn("100000 bytes in", line)
         self.assertIn("100000 bytes out", line)
         out = self.twistd.stdout()
-        (alpha,) = linesWith(out, "'alpha'", "listening on 127.0.0.1")
+        (alpha,) = linesWith(out, '"alpha"', "listening on 127.0.0.1")
         self.assertIn(f"{self.alphaPorts[0]}, {self.alphaPorts[1]}", alpha)
         self.assertIn(f"127.0.0.1:{self.alphaTarget}", alpha)
-        (beta,) = linesWith(out, "'beta'", "listening on 127.0.0.1")
+        (beta,) = linesWith(out, '"beta"', "listening on 127.0.0.1")
         self.assertIn(str(self.betaPort), beta)
         self.assertIn(f"127.0.0.1:{self.betaTarget}", beta)
 
@@ -263,7 +263,7 @@ class RefusalTests(TwoAppsMixin, TestCase):
         taken = blockPort(self)
         self.alphaPorts[1] = taken
         self.assertRefused(
-            self.twistd.writeConfig(self.document()), "'alpha'", f"127.0.0.1:{taken}", "in use"
+            self.twistd.writeConfig(self.document()), '"alpha"', f"127.0.0.1:{taken}", "in use"
         )
         for port in (self.alphaPorts[0], self.betaPort):
             self.assertFalse(accepts(port))
@@ -272,7 +272,7 @@ class RefusalTests(TwoAppsMixin, TestCase):
         taken = blockPort(self)
         self.betaPort = taken
         config = self.twistd.writeConfig(self.document())
-        self.assertRefused(config, "'beta'", f"127.0.0.1:{taken}", "in use", daemon=False)
+        self.assertRefused(config, '"beta"', f"127.0.0.1:{taken}", "in use", daemon=False)
 
     def test_badDemoDown(self) -> None:
         """

@@ -154,7 +154,7 @@ class FileRefusalTests(ConfigFileMixin, TestCase):
         self.assertRefused(
             '{"Apps": [{"Name": "a", "Ports": [1], "Targets": ["h:1"]}],\n'
             ' "Apps": [{"Name": "b", "Ports": [2], "Targets": ["h:2"]}]}',
-            'key "Apps" appears twice',
+            'key "Apps": written twice',
         )
 
     def test_duplicateAppKey(self) -> None:
@@ -166,7 +166,7 @@ class FileRefusalTests(ConfigFileMixin, TestCase):
         self.assertRefused(
             '{"Apps": [{"Name": "a", "Ports": [1], "Targets": ["h:1"]},\n'
             '          {"Name": "web", "Ports": [2], "Ports": [3], "Targets": ["h:2"]}]}',
-            'key "Ports" appears twice',
+            'key "Ports": written twice',
             "web",
         )
 

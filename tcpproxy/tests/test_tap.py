@@ -299,7 +299,7 @@ class BuildServiceTests(ConfigFileMixin, TestCase):
         path = self.loopbackConfig([free, taken], [target])
         error = self.assertRaises(ListenError, buildService, parse("--config", path))
         message = str(error)
-        self.assertIn("'web'", message)
+        self.assertIn('"web"', message)
         self.assertIn(f"127.0.0.1:{taken}", message)
         self.assertIn("Address already in use", message)
         self.assertTrue(canBind(free))
@@ -384,7 +384,7 @@ class MakeServiceTests(ConfigFileMixin, TestCase):
         path = self.loopbackConfig([taken], [target])
         line = self.assertExits(parse("--config", path))
         self.assertEqual(
-            line, f"tcpproxy: error: app 'web': cannot listen on 127.0.0.1:{taken}: Address already in use"
+            line, f"tcpproxy: error: app \"web\": cannot listen on 127.0.0.1:{taken}: Address already in use"
         )
 
     def test_service(self) -> None:
