@@ -49,7 +49,9 @@ def describeFailure(reason: Failure, timeout: float) -> str:
     """
     if reason.check(error.ConnectionRefusedError):
         return "connection refused"
-    if reason.check(defer.TimeoutError, error.TimeoutError):
+    # Our deadline cancels the attempt: endpoints report that as
+    # ConnectingCancelledError rather than as a timeout.
+    if reason.check(defer.TimeoutError, error.TimeoutError, error.ConnectingCancelledError):
         return f"no answer within {timeout:g}s"
     if reason.check(error.DNSLookupError):
         return "hostname did not resolve"

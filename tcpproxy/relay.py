@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime
+from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -52,6 +52,15 @@ END_TARGET_LOST = "target reset"
 END_CLIENT_LEFT = "client left while dialling"
 END_NO_TARGET = "no target"
 END_ABORTED = "aborted"
+
+
+def _noDelay(transport) -> None:
+    """
+    Turn Nagle's algorithm off: the relay writes whole chunks as they come,
+    and must not hold back a small reply waiting for an ACK.
+    """
+    if ITCPTransport.providedBy(transport):
+        transport.setTcpNoDelay(True)
 
 
 def _describePeer(transport) -> str:
@@ -77,6 +86,7 @@ class _RelaySide(Protocol):
     """
 
     peer: _RelaySide | None = None
+    feeding = False
     readDone = False
     writeDone = False
     closed = False
@@ -86,13 +96,22 @@ class _RelaySide(Protocol):
         self.received += len(data)
         self.peer.transport.write(data)
 
+    def stopFeeding(self) -> None:
+        """
+        This transport will produce nothing more for the peer's: take it
+        off as the peer transport's producer.  Left registered, the peer
+        would resume it after EOF (and read EOF again), or never finish
+        closing while it is paused.
+        """
+        if self.feeding:
+            self.feeding = False
+            self.peer.transport.unregisterProducer()
+
     def readConnectionLost(self) -> None:
         self.readDone = True
         peer = self.peer
         if peer is not None and not peer.closed:
-            # This transport produces nothing more for the peer; left
-            # registered, the peer would resume it and read EOF again.
-            peer.transport.unregisterProducer()
+            self.stopFeeding()
             peer.transport.loseWriteConnection()
 
     def writeConnectionLost(self) -> None:
@@ -101,11 +120,12 @@ class _RelaySide(Protocol):
 
     def connectionLost(self, reason: Failure) -> None:
         self.closed = True
-        self.transport.unregisterProducer()
         peer = self.peer
         if peer is not None and not peer.closed:
+            # Our transport dropped its producer as it closed.
+            peer.feeding = False
+            self.stopFeeding()
             # Let the peer flush what this side already sent it, then close.
-            peer.transport.unregisterProducer()
             peer.transport.loseConnection()
 
     def pairWith(self, peer: _RelaySide) -> None:
@@ -116,6 +136,7 @@ class _RelaySide(Protocol):
         peer.peer = self
         self.transport.registerProducer(peer.transport, True)
         peer.transport.registerProducer(self.transport, True)
+        self.feeding = peer.feeding = True
 
 
 class ProxyClientProtocol(_RelaySide):
@@ -162,7 +183,7 @@ class ProxyServerProtocol(_RelaySide):
         self.clientAddress = _describePeer(self.transport)
         self.port = self.transport.getHost().port
         factory.relays.add(self)
-        self.transport.setTcpNoDelay(True)
+        _noDelay(self.transport)
         self._dialling = factory.dialer.dial(factory.clientFactory, factory.balancer.order())
         self._dialling.addCallbacks(self._targetConnected, self._noTarget)
 
@@ -182,12 +203,12 @@ class ProxyServerProtocol(_RelaySide):
         self._failures = dialled.failures
         client = self.client = dialled.protocol
         client.relay = self
-        client.transport.setTcpNoDelay(True)
+        _noDelay(client.transport)
         pending, self._pending = self._pending, None
         self.pairWith(client)
         if self.readDone:
             # The client sent EOF while the target was dialled.
-            client.transport.unregisterProducer()
+            self.stopFeeding()
             client.transport.write(b"".join(pending))
             client.transport.loseWriteConnection()
             return
@@ -231,10 +252,10 @@ class ProxyServerProtocol(_RelaySide):
         """
         client = self.client
         if client is not None and self.writeDone and client.writeDone:
+            # Both have read EOF, so neither feeds the other any more.
             self.end = self.end or END_DONE
-            for side in (self, client):
-                side.transport.unregisterProducer()
-                side.transport.loseConnection()
+            self.transport.loseConnection()
+            client.transport.loseConnection()
 
     def sideLost(self, side: _RelaySide, reason: Failure) -> None:
         """

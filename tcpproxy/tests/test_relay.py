@@ -1,0 +1,184 @@
+"""
+Unit tests of the relay's dial and pairing logic, with a fake dialer and
+L{StringTransport}s (backpressure and half-close on real sockets are in
+L{tcpproxy.tests.test_relay_loopback}).
+"""
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.testing import Clock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from tcpproxy.balancer import RoundRobin
+from tcpproxy.config import AppConfig, parseTarget
+from tcpproxy.dialer import Dialled, IDialer, NoTargetAvailable
+from tcpproxy.relay import (
+    END_CLIENT_LEFT,
+    END_CLIENT_LOST,
+    END_NO_TARGET,
+    PREDIAL_BUFFER,
+    ProxyClientProtocol,
+    ProxyServerFactory,
+)
+from tcpproxy.tests.loopback import captureEvents
+
+A, B = parseTarget("127.0.0.1:7001"), parseTarget("127.0.0.1:7002")
+
+
+@implementer(IDialer)
+class FakeDialer:
+    """
+    Records each dial; the test fires the Deferreds.
+    """
+
+    def __init__(self):
+        self.calls = []
+
+    def dial(self, protocolFactory, targets):
+        d = Deferred(lambda d: self.cancelled.append(d))
+        self.calls.append((list(targets), d))
+        return d
+
+    cancelled: list
+
+
+class RelayTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(100)
+        self.dialer = FakeDialer()
+        self.dialer.cancelled = []
+        app = AppConfig("web", (5001,), (A, B))
+        self.factory = ProxyServerFactory(app, RoundRobin(app.targets), self.dialer, self.clock)
+        self.events = captureEvents(self)
+
+    def connectClient(self):
+        server = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = StringTransport(
+            hostAddress=IPv4Address("TCP", "127.0.0.1", 5001),
+            peerAddress=IPv4Address("TCP", "127.0.0.1", 40000),
+        )
+        server.makeConnection(transport)
+        return server, transport
+
+    def targetAnswers(self, index=0, target=A, failures=()):
+        client = ProxyClientProtocol()
+        transport = StringTransport()
+        client.makeConnection(transport)
+        self.dialer.calls[index][1].callback(Dialled(target, client, list(failures)))
+        return client, transport
+
+    def test_dialsInBalancerOrder(self):
+        """
+        Each client dials the app's targets in the balancer's order.
+        """
+        self.connectClient()
+        self.connectClient()
+        self.assertEqual([targets for targets, _ in self.dialer.calls], [[A, B], [B, A]])
+
+    def test_clientHeldUntilTargetConnected(self):
+        """
+        What a client sends before its target answers is kept (and the
+        client paused once it reaches the pre-dial buffer), then written to
+        the target first, in order; the client is then resumed.
+        """
+        server, clientTransport = self.connectClient()
+        server.dataReceived(b"a" * (PREDIAL_BUFFER // 2))
+        self.assertEqual(clientTransport.producerState, "producing")
+        server.dataReceived(b"b" * (PREDIAL_BUFFER // 2))
+        self.assertEqual(clientTransport.producerState, "paused")
+        target, targetTransport = self.targetAnswers()
+        self.assertEqual(targetTransport.value(), b"a" * (PREDIAL_BUFFER // 2) + b"b" * (PREDIAL_BUFFER // 2))
+        self.assertEqual(clientTransport.producerState, "producing")
+        server.dataReceived(b"after")
+        self.assertTrue(targetTransport.value().endswith(b"after"))
+        target.dataReceived(b"reply")
+        self.assertEqual(clientTransport.value(), b"reply")
+
+    def test_transportsAreEachOthersProducers(self):
+        server, clientTransport = self.connectClient()
+        target, targetTransport = self.targetAnswers()
+        self.assertIs(targetTransport.producer, clientTransport)
+        self.assertIs(clientTransport.producer, targetTransport)
+        self.assertTrue(targetTransport.streaming and clientTransport.streaming)
+
+    def test_clientLeavesWhileDialling(self):
+        """
+        A client that disconnects while its target is dialled cancels the
+        dial, and the connection is logged as such.
+        """
+        server, clientTransport = self.connectClient()
+        self.clock.advance(2)
+        server.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(len(self.dialer.cancelled), 1)
+        self.assertEqual(self.factory.relays, set())
+        [event] = self.events
+        self.assertEqual((event["end"], event["target"], event["duration"]), (END_CLIENT_LEFT, None, 2))
+        self.assertEqual(event["client"], "127.0.0.1:40000")
+
+    def test_noTarget(self):
+        """
+        When no target answers, the client is closed, and the access log
+        warns with every target's reason.
+        """
+        server, clientTransport = self.connectClient()
+        failures = [(A, "connection refused"), (B, "no answer within 5s")]
+        self.dialer.calls[0][1].errback(NoTargetAvailable(failures))
+        self.assertTrue(clientTransport.disconnecting)
+        server.connectionLost(Failure(ConnectionDone()))
+        [event] = self.events
+        self.assertEqual(event["end"], END_NO_TARGET)
+        self.assertEqual(event["log_level"].name, "warn")
+        self.assertEqual(
+            event["failures"], ["127.0.0.1:7001: connection refused", "127.0.0.1:7002: no answer within 5s"]
+        )
+
+    def test_clientResetClosesTarget(self):
+        """
+        A client that resets makes the proxy close the target side (after
+        what was already sent to it is flushed); producers are unregistered
+        first, so the close cannot hang on a paused producer.
+        """
+        server, clientTransport = self.connectClient()
+        target, targetTransport = self.targetAnswers(failures=[(B, "connection refused")])
+        server.dataReceived(b"12345")
+        target.dataReceived(b"abc")
+        server.connectionLost(Failure(ConnectionLost()))
+        self.assertTrue(targetTransport.disconnecting)
+        self.assertIsNone(targetTransport.producer)
+        target.connectionLost(Failure(ConnectionDone()))
+        [event] = self.events
+        self.assertEqual(
+            {k: event[k] for k in ("end", "target", "bytesIn", "bytesOut", "port", "app", "failures")},
+            {
+                "end": END_CLIENT_LOST,
+                "target": "127.0.0.1:7001",
+                "bytesIn": 5,
+                "bytesOut": 3,
+                "port": 5001,
+                "app": "web",
+                "failures": ["127.0.0.1:7002: connection refused"],
+            },
+        )
+        self.assertEqual(self.factory.relays, set())
+
+    def test_whenIdle(self):
+        """
+        L{ProxyServerFactory.whenIdle} fires once the last relay has ended.
+        """
+        self.successResultOf(self.factory.whenIdle())
+        server, _ = self.connectClient()
+        idle = self.factory.whenIdle()
+        self.assertNoResult(idle)
+        server.connectionLost(Failure(ConnectionDone()))
+        self.successResultOf(idle)
+
+    def test_abortAll(self):
+        server, clientTransport = self.connectClient()
+        target, targetTransport = self.targetAnswers()
+        self.factory.abortAll()
+        self.assertTrue(clientTransport.disconnecting)
+        self.assertTrue(targetTransport.disconnecting)
