@@ -261,7 +261,8 @@ class LoadRun:
     def _sample(self) -> None:
         now = self._reactor.seconds() - self._t0
         openNow = sum(1 for c in self._connections if c.state == OPEN)
-        sample = self._recorder.rollOver(now, now - self._lastSample, openNow, self._pacer.targetRate(now))
+        target = self._pacer.targetRate(self._lastSample, now)
+        sample = self._recorder.rollOver(now, now - self._lastSample, openNow, target)
         self._lastSample = now
         if self._onSample is not None:
             self._onSample(sample)

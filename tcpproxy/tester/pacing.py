@@ -63,10 +63,10 @@ class IPacer(Interface):
         Send nothing more.
         """
 
-    def targetRate(t: float) -> float | None:
+    def targetRate(start: float, end: float) -> float | None:
         """
-        The total rate aimed at, C{t} seconds into the run, or C{None} when
-        the proxy sets the pace.
+        The total rate aimed at, on average from C{start} to C{end} seconds
+        into the run, or C{None} when the proxy sets the pace.
         """
 
     def describe() -> str:
@@ -114,7 +114,7 @@ class ClosedLoop:
     def stop(self) -> None:
         self._stopped = True
 
-    def targetRate(self, t: float) -> float | None:
+    def targetRate(self, start: float, end: float) -> float | None:
         return None
 
     def describe(self) -> str:
@@ -174,8 +174,10 @@ class OpenLoop:
     def _factor(self) -> int:
         return sum(1 for c in self._ready if c.canSend) if self.perConnection else 1
 
-    def targetRate(self, t: float) -> float | None:
-        return self.shape.rate(t) * (self._factor() if self.perConnection else 1)
+    def targetRate(self, start: float, end: float) -> float | None:
+        if end <= start:
+            return self.shape.rate(end) * self._factor()
+        return (self.shape.cumulative(end) - self.shape.cumulative(start)) / (end - start) * self._factor()
 
     def _takers(self) -> bool:
         return any(c.canSend for c in self._ready)

@@ -34,14 +34,33 @@ def _figure():
 
 
 def _latencyAxis(axis, x, rows) -> None:
+    from matplotlib.ticker import FuncFormatter
+
+    values = []
     for key, label in LATENCIES:
         points = [(xv, row[key]) for xv, row in zip(x, rows, strict=True) if row[key] is not None]
         if points:
             axis.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=label)
+            values.extend(p[1] for p in points)
     axis.set_ylabel("latency (µs)")
     axis.set_yscale("log")
+    # Plain numbers, not powers of ten; over a narrow range (where a decade
+    # has at most one tick) the 2s and 5s are labelled too.
+    narrow = bool(values) and max(values) < 100 * min(values)
+    axis.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    axis.yaxis.set_minor_formatter(
+        FuncFormatter(lambda v, _: f"{v:,.0f}" if narrow and f"{v:.0e}"[0] in "25" else "")
+    )
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(loc="upper left")
+
+
+def _fromZero(axis) -> None:
+    """
+    Start the y axis at 0, with room above the highest point.
+    """
+    highest = max((max(line.get_ydata(), default=0) for line in axis.get_lines()), default=0)
+    axis.set_ylim(0, highest * 1.1 or 1)
 
 
 def _save(figure, path: str) -> None:
@@ -57,14 +76,18 @@ def plotRun(result: RunResult, path: str) -> None:
     loop) above, p50/p99/p99.9 latency below, against seconds into the run.
     """
     figure, throughput, latency = _figure()
+    # A last interval much shorter than the rest is the tail of the drain:
+    # its rate says little, and drawn it looks like a collapse.
     samples = result.samples
+    if len(samples) > 1 and samples[-1].total.seconds < 0.5 * samples[0].total.seconds:
+        samples = samples[:-1]
     x = [s.t for s in samples]
     throughput.plot(x, [s.total.reqPerSec for s in samples], marker=".", label="replies/s")
     if any(s.targetRate is not None for s in samples):
         target = [(s.t, s.targetRate) for s in samples if s.targetRate is not None]
         throughput.plot([p[0] for p in target], [p[1] for p in target], linestyle="--", label="target rate")
     throughput.set_ylabel("replies per second")
-    throughput.set_ylim(bottom=0)
+    _fromZero(throughput)
     throughput.grid(True, alpha=0.3)
     throughput.legend(loc="upper left")
     throughput.set_title(
@@ -85,12 +108,17 @@ def plotSweep(results: list[RunResult], path: str) -> None:
     x = [r.connectionsPerPort for r in results]
     throughput.plot(x, [r.total.reqPerSec for r in results], marker="o", label="replies/s")
     throughput.set_ylabel("replies per second")
-    throughput.set_ylim(bottom=0)
+    _fromZero(throughput)
     throughput.grid(True, alpha=0.3)
     throughput.legend(loc="upper left")
     throughput.set_title(f"tcpproxy-tester load sweep: {results[0].pacing}", fontsize="medium")
     _latencyAxis(latency, x, [r.total.latency for r in results])
     if len(x) > 1 and max(x) / min(x) >= 10:
         latency.set_xscale("log")
+    from matplotlib.ticker import NullFormatter, NullLocator
+
+    latency.xaxis.set_minor_locator(NullLocator())
+    latency.xaxis.set_minor_formatter(NullFormatter())
+    latency.set_xticks(x, [str(count) for count in x])
     latency.set_xlabel("connections per port")
     _save(figure, path)

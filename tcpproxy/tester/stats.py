@@ -172,7 +172,7 @@ class Sample:
     C{t} seconds into the run.
 
     @ivar connections: connections open at the end of it.
-    @ivar targetRate: the total rate the pacer aimed at then (open loop), or
+    @ivar targetRate: the total rate the pacer aimed at over it (open loop), or
         C{None} (closed loop).
     """
 

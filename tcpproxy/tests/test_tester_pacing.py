@@ -109,7 +109,7 @@ class OpenLoopTests(SynchronousTestCase):
         self.start(pacer, connections)
         advance(self.clock, 1.0)
         self.assertEqual([c.messages() for c in connections], [50, 50])
-        self.assertEqual(pacer.targetRate(0.5), 100)
+        self.assertEqual(pacer.targetRate(0.0, 0.5), 100)
 
     def test_totalRateIsShared(self) -> None:
         """
@@ -121,7 +121,7 @@ class OpenLoopTests(SynchronousTestCase):
         self.start(pacer, connections)
         advance(self.clock, 1.0)
         self.assertEqual([c.messages() for c in connections], [25, 25, 25, 25])
-        self.assertEqual(pacer.targetRate(0.5), 100)
+        self.assertEqual(pacer.targetRate(0.0, 0.5), 100)
 
     def test_shapeIsFollowed(self) -> None:
         """
@@ -129,7 +129,10 @@ class OpenLoopTests(SynchronousTestCase):
         """
         connection = FakeConnection()
         shape = Step(minRate=100, maxRate=300, step=100, every=1.0)
-        self.start(OpenLoop(self.clock, shape), [connection])
+        pacer = OpenLoop(self.clock, shape)
+        self.start(pacer, [connection])
+        # The target reported for an interval is its average rate.
+        self.assertEqual(pacer.targetRate(0.0, 2.0), 150)
         advance(self.clock, 1.0)
         self.assertEqual(connection.messages(), 100)
         advance(self.clock, 1.0)
@@ -208,4 +211,4 @@ class ClosedLoopTests(SynchronousTestCase):
         pacer.stop()
         pacer.replied(connection)
         self.assertEqual(connection.messages(), 2)
-        self.assertIsNone(pacer.targetRate(1.0))
+        self.assertIsNone(pacer.targetRate(0.0, 1.0))
