@@ -204,6 +204,7 @@ class LoadRun:
 
     def _fail(self) -> None:
         self._phase = "failed"
+        self._pacer.stop()
         self._stopTimers()
         lines = [f"  {where}: {why}" for where, why in self._failures.items()]
         failure = Failure(Unreachable("could not connect to any port:\n" + "\n".join(lines)))

@@ -109,6 +109,18 @@ class ReachTests(TestCase):
         self.assertIn(f"app 'alpha' port {dead[0]} (127.0.0.1:{dead[0]}): connection refused", text)
         self.assertIn(f"app 'beta' port {dead[1]} (127.0.0.1:{dead[1]}): connection refused", text)
 
+    async def test_unreachableWhileRamping(self) -> None:
+        """
+        With a connect rate and an open loop, a run where no port answers
+        fails too, and stops its pacer (trial would find its timer left over).
+        """
+        dead = freePorts(1)[0]
+        settings = LoadSettings(connections=3, connectRate=200, duration=5)
+        pacer = OpenLoop(reactor, Constant(100), perConnection=True)
+        run = LoadRun(reactor, [loopbackPort("alpha", dead)], settings, pacer, fromSize(10))
+        error = await self.assertFailure(run.run(), Unreachable)
+        self.assertIn(f"app 'alpha' port {dead} (127.0.0.1:{dead}): connection refused", str(error))
+
     async def test_someUnreachable(self) -> None:
         """
         A port that does not answer among others that do is counted as
