@@ -18,6 +18,13 @@ from tcpproxy.tester.report import formatSweep, formatTable, reportDocument, wri
 from tcpproxy.tester.targets import ProxyPort, targetFor
 from tcpproxy.tester.testing import InProcessProxy, freePorts
 
+try:
+    import matplotlib  # noqa: F401
+except ImportError:
+    NO_MATPLOTLIB: str | None = "matplotlib is not installed (pip install 'tcpproxy[plot]')"
+else:
+    NO_MATPLOTLIB = None
+
 LATENCY_KEYS = {"min", "p50", "p90", "p99", "p999", "max", "mean"}
 FIGURE_KEYS = {
     "messages",
@@ -133,3 +140,5 @@ class ReportTests(TestCase):
         path = self.mktemp() + ".png"
         plotRun(self.results[0], path)
         self.assertPNG(path)
+
+    test_plot.skip = NO_MATPLOTLIB

@@ -20,6 +20,13 @@ from tcpproxy.tester.stats import Recorder
 from tcpproxy.tester.targets import SelectionError, selectPorts
 from tcpproxy.tester.testing import InProcessProxy, freePorts
 
+try:
+    import matplotlib  # noqa: F401
+except ImportError:
+    NO_MATPLOTLIB: str | None = "matplotlib is not installed (pip install 'tcpproxy[plot]')"
+else:
+    NO_MATPLOTLIB = None
+
 CONFIG = {
     "BindAddress": "0.0.0.0",
     "Apps": [
@@ -195,6 +202,8 @@ class LoadCommandTests(TestCase):
         with open(plot, "rb") as f:
             self.assertEqual(f.read(4), b"\x89PNG")
         self.assertEqual(err, "")
+
+    test_sweep.skip = NO_MATPLOTLIB
 
     async def test_maxErrors(self) -> None:
         """
