@@ -12,12 +12,17 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from twisted.python import usage
 
 from tcpproxy.config import ConfigError, ProxyConfig, loadConfig
 from tcpproxy.tester.shapes import SHAPES
+
+if TYPE_CHECKING:
+    from tcpproxy.tester.payloads import Payloads
+    from tcpproxy.tester.shapes import IShape
+    from tcpproxy.tester.targets import ProxyPort
 
 PROG = "tcpproxy-tester"
 
@@ -370,9 +375,9 @@ class LoadPlan:
     """
 
     config: ProxyConfig
-    ports: list
-    payloads: object
-    shape: object
+    ports: list[ProxyPort]
+    payloads: Payloads
+    shape: IShape | None
 
 
 def planLoad(options: LoadOptions) -> LoadPlan:
