@@ -502,10 +502,12 @@ async def runLoad(reactor, options: LoadOptions, plan: LoadPlan, stdout: TextIO,
             raise UserError(str(e)) from None
         stdout.write(f"plot written to {options['plot']}\n")
     stdout.flush()
-    bad = sum(r.total.errors + r.total.dropped for r in results)
-    if bad > options["max-errors"]:
+    errors = sum(r.total.errors for r in results)
+    dropped = sum(r.total.dropped for r in results)
+    if errors + dropped > options["max-errors"]:
         stderr.write(
-            f"{PROG}: {bad} errors and dropped messages, more than --max-errors {options['max-errors']}\n"
+            f"{PROG}: {errors} error(s) and {dropped} dropped message(s), "
+            f"more than --max-errors {options['max-errors']} allows\n"
         )
         return EXIT_FAILED
     return EXIT_OK

@@ -213,7 +213,9 @@ class LoadCommandTests(TestCase):
         status, out, err = await self.loadCommand("--messages", "3", "--connections", "2", "--quiet")
         self.assertEqual(status, 1)
         self.assertIn(f"  app 'gone' port {self.dead}: 2 x cannot connect: connection refused", out)
-        self.assertEqual(err, "tcpproxy-tester: 2 errors and dropped messages, more than --max-errors 0\n")
+        self.assertEqual(
+            err, "tcpproxy-tester: 2 error(s) and 0 dropped message(s), more than --max-errors 0 allows\n"
+        )
         status, out, err = await self.loadCommand(
             "--messages", "3", "--connections", "2", "--quiet", "--max-errors", "2"
         )
