@@ -324,6 +324,19 @@ class ProxyServerFactory(Factory):
         self.clientFactory = Factory.forProtocol(ProxyClientProtocol)
         self.clientFactory.noisy = False
 
+    def reconfigure(self, app: AppConfig, balancer: IBalancer, dialer: IDialer) -> None:
+        """
+        Serve new clients with C{app}'s settings (a configuration reload).
+
+        Only a new connection reads these attributes, when it is made; a
+        relay already open keeps the target it has (and one being dialled
+        keeps the list and dialer it started with).  C{relays} is untouched:
+        the connections are still this app's to drain.
+        """
+        self.app = app
+        self.balancer = balancer
+        self.dialer = dialer
+
     def relayFinished(self) -> None:
         """
         A relay has ended: wake whoever waits for the app to be idle.
