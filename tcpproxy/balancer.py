@@ -27,6 +27,12 @@ class IBalancer(Interface):
         target twice.
         """
 
+    def withTargets(targets: Sequence[Target]) -> IBalancer:
+        """
+        A balancer for a new list of targets (a configuration reload) that
+        carries over this one's state for the targets in both lists.
+        """
+
 
 @implementer(IBalancer)
 class RoundRobin:
@@ -49,3 +55,20 @@ class RoundRobin:
         self._next = (start + 1) % len(self._targets)
         targets = self._targets
         return [*targets[start:], *targets[:start]]
+
+    def withTargets(self, targets: Sequence[Target]) -> RoundRobin:
+        """
+        Go on with the rotation over a new list: the next client goes to the
+        target that would have been next, or, if that one is gone, to the
+        first one after it (in the old order) that stays.  With no target in
+        common the rotation starts again at the top of the new list.
+        """
+        following = RoundRobin(targets)
+        old = self._targets
+        kept = following._targets
+        for step in range(len(old)):
+            target = old[(self._next + step) % len(old)]
+            if target in kept:
+                following._next = kept.index(target)
+                break
+        return following
