@@ -61,7 +61,7 @@ def formatTable(result: RunResult) -> str:
     if result.errorKinds:
         lines.append("errors:")
         for app, port, kind, count in result.errorKinds:
-            lines.append(f"  app {app!r} port {port}: {count} x {kind}")
+            lines.append(f"  app {json.dumps(app)} port {port}: {count} x {kind}")
     return "\n".join(lines)
 
 

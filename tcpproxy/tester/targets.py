@@ -43,7 +43,7 @@ class ProxyPort:
     target: Target
 
     def __str__(self) -> str:
-        return f"app {self.app!r} port {self.port} ({self.target})"
+        return f"app {json.dumps(self.app)} port {self.port} ({self.target})"
 
     def endpoint(self, reactor) -> IStreamClientEndpoint:
         """

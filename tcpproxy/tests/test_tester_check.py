@@ -133,17 +133,17 @@ class CheckRunTests(TestCase):
         self.assertEqual(status, 1, out + err)
         self.assertIn("FAILED (failures=13, successes=2)", out)
         gone, dead, greeter = self.gone, self.dead, self.greeter
-        where = f"app 'gone' port {gone} (127.0.0.1:{gone})"
+        where = f'app "gone" port {gone} (127.0.0.1:{gone})'
         self.assertIn(f"{where}: cannot connect to 127.0.0.1:{gone}: connection refused", out)
         self.assertIn(f"gone.port {gone}.echoes then closes after a half-close", out)
         self.assertIn(
-            f"app 'dead' port {dead} (127.0.0.1:{dead}): 47 bytes: only 0 of the 47 bytes sent came back "
+            f'app "dead" port {dead} (127.0.0.1:{dead}): 47 bytes: only 0 of the 47 bytes sent came back '
             "before the proxy closed the connection",
             out,
         )
         self.assertIn(
-            f"app 'greeter' port {greeter} (127.0.0.1:{greeter}): 47 bytes: the reply differs from what was "
-            "sent at byte 0: sent b'tcpproxy-tes', got b'OK\\n'",
+            f'app "greeter" port {greeter} (127.0.0.1:{greeter}): 47 bytes: the reply differs from what '
+            "was sent at byte 0: sent b'tcpproxy-tes', got b'OK\\n'",
             out,
         )
         self.assertNotIn("Traceback", out + err)

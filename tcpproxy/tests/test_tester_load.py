@@ -106,8 +106,8 @@ class ReachTests(TestCase):
         run = LoadRun(reactor, ports, LoadSettings(messages=1), ClosedLoop(reactor), fromSize(10))
         error = await self.assertFailure(run.run(), Unreachable)
         text = str(error)
-        self.assertIn(f"app 'alpha' port {dead[0]} (127.0.0.1:{dead[0]}): connection refused", text)
-        self.assertIn(f"app 'beta' port {dead[1]} (127.0.0.1:{dead[1]}): connection refused", text)
+        self.assertIn(f'app "alpha" port {dead[0]} (127.0.0.1:{dead[0]}): connection refused', text)
+        self.assertIn(f'app "beta" port {dead[1]} (127.0.0.1:{dead[1]}): connection refused', text)
 
     async def test_unreachableWhileRamping(self) -> None:
         """
@@ -119,7 +119,7 @@ class ReachTests(TestCase):
         pacer = OpenLoop(reactor, Constant(100), perConnection=True)
         run = LoadRun(reactor, [loopbackPort("alpha", dead)], settings, pacer, fromSize(10))
         error = await self.assertFailure(run.run(), Unreachable)
-        self.assertIn(f"app 'alpha' port {dead} (127.0.0.1:{dead}): connection refused", str(error))
+        self.assertIn(f'app "alpha" port {dead} (127.0.0.1:{dead}): connection refused', str(error))
 
     async def test_someUnreachable(self) -> None:
         """

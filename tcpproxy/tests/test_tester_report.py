@@ -88,7 +88,7 @@ class ReportTests(TestCase):
         self.assertEqual(lines[2].split()[:5], ["beta", "1", "20", "1", "0"])
         self.assertEqual(lines[3].split()[:5], ["total", "2", "40", "1", "0"])
         self.assertIn("latency in microseconds", table)
-        self.assertIn(f"  app 'beta' port {self.dead}: 1 x cannot connect: connection refused", lines)
+        self.assertIn(f'  app "beta" port {self.dead}: 1 x cannot connect: connection refused', lines)
 
     def test_sweepTable(self) -> None:
         lines = formatSweep(self.results).splitlines()

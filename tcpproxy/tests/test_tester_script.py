@@ -212,7 +212,7 @@ class LoadCommandTests(TestCase):
         """
         status, out, err = await self.loadCommand("--messages", "3", "--connections", "2", "--quiet")
         self.assertEqual(status, 1)
-        self.assertIn(f"  app 'gone' port {self.dead}: 2 x cannot connect: connection refused", out)
+        self.assertIn(f'  app "gone" port {self.dead}: 2 x cannot connect: connection refused', out)
         self.assertEqual(
             err, "tcpproxy-tester: 2 error(s) and 0 dropped message(s), more than --max-errors 0 allows\n"
         )
@@ -243,7 +243,7 @@ class LoadCommandTests(TestCase):
         self.assertEqual(
             str(error),
             "could not connect to any port:\n"
-            f"  app 'gone' port {self.dead} (127.0.0.1:{self.dead}): connection refused\n"
+            f'  app "gone" port {self.dead} (127.0.0.1:{self.dead}): connection refused\n'
             f"Is the proxy running?  (twistd -n tcpproxy --config {self.config})",
         )
 
