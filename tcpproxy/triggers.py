@@ -1,0 +1,130 @@
+"""
+What starts a configuration reload: C{SIGHUP}, and (with C{--watch}) a
+change of the configuration file.
+
+A trigger knows nothing of configurations: it is started with a callable
+(L{tcpproxy.service.ProxyService.reload}) and calls it, in the reactor
+thread, whenever its event happens; it is stopped with the service.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from zope.interface import Interface, implementer
+
+
+class IReloadTrigger(Interface):
+    """
+    Something that asks for a reload now and then.
+    """
+
+    def start(reload: Callable[[], object]) -> None:
+        """
+        From now on, call C{reload()} (in the reactor thread) on each event.
+        """
+
+    def stop() -> None:
+        """
+        Call C{reload} no more, and undo what L{start} set up.
+        """
+
+
+@implementer(IReloadTrigger)
+class ReloadOnSignal:
+    """
+    Reload when the process receives a signal (C{SIGHUP}, by convention).
+
+    C{twistd} installs no C{SIGHUP} handler of its own (without one the
+    signal would end the process), so this one is installed at start and the
+    one it replaced is put back at stop.  The handler only passes the event
+    to the reactor with C{callFromThread}, the one reactor call that is safe
+    from a signal handler: the handler may run between any two bytecodes of
+    the reactor's own work.
+    """
+
+    def __init__(self, reactor: IReactorFromThreads, signum: int = signal.SIGHUP) -> None:
+        self._reactor = reactor
+        self._signum = signum
+        self._reload: Callable[[], object] | None = None
+        self._previous = None
+
+    def start(self, reload: Callable[[], object]) -> None:
+        self._reload = reload
+        self._previous = signal.signal(self._signum, self._received)
+
+    def _received(self, signum: int, frame: object) -> None:
+        self._reactor.callFromThread(self._reload)
+
+    def stop(self) -> None:
+        if self._reload is None:
+            return
+        # Put the old handler back only if ours is still in place: whoever
+        # replaced ours meanwhile keeps theirs.
+        if signal.getsignal(self._signum) == self._received:
+            previous = self._previous
+            signal.signal(self._signum, signal.SIG_DFL if previous is None else previous)
+        self._reload = self._previous = None
+
+
+def fileSignature(path: str) -> tuple:
+    """
+    What identifies one version of the file at C{path}: a file replaced (an
+    editor's rename), rewritten or touched gets a different signature; a
+    missing or unreadable file has one too, so its return is noticed.
+    """
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return ("unreadable", e.errno)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+@implementer(IReloadTrigger)
+class ReloadOnChange:
+    """
+    Reload when the configuration file changes (C{--watch}).
+
+    The file is polled -- C{stat} every C{interval} seconds -- rather than
+    watched with inotify: no dependency, the same on every platform, and a
+    check a second costs nothing.  Each version of the file is reloaded
+    once: an invalid one is reported once (by the reload) and waited on
+    until it changes again.
+
+    @ivar interval: seconds between two checks.
+    """
+
+    log = Logger()
+
+    def __init__(self, path: str, clock: IReactorTime, interval: float = 1.0) -> None:
+        self.path = path
+        self.interval = interval
+        self._clock = clock
+        self._seen: tuple | None = None
+        self._reload: Callable[[], object] | None = None
+        self._call: LoopingCall | None = None
+
+    def start(self, reload: Callable[[], object]) -> None:
+        self._reload = reload
+        self._seen = fileSignature(self.path)
+        self._call = LoopingCall(self._check)
+        self._call.clock = self._clock
+        self._call.start(self.interval, now=False).addErrback(
+            lambda f: self.log.failure("watching {path} stopped", f, path=self.path)
+        )
+
+    def _check(self) -> None:
+        seen = fileSignature(self.path)
+        if seen != self._seen:
+            self._seen = seen
+            self._reload()
+
+    def stop(self) -> None:
+        if self._call is not None and self._call.running:
+            self._call.stop()
+        self._call = self._reload = None
