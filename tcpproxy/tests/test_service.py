@@ -54,15 +54,16 @@ class ProxyServiceTests(SynchronousTestCase):
 
     def test_oneListenerPerPort(self):
         """
-        Every port of every app is adopted by the reactor with its app's
-        factory; one factory serves all ports of an app.
+        Every port of every app is adopted by the reactor, each with a
+        factory of its own that hands clients to its app's factory; one app
+        factory serves all ports of an app.
         """
         self.service.privilegedStartService()
         self.service.startService()
         self.addCleanup(self.service.stopService)
         adopted = self.reactor.adoptedPorts
         self.assertEqual(len(adopted), 3)
-        factories = [factory for _, _, factory in adopted]
+        factories = [factory.appFactory for _, _, factory in adopted]
         self.assertIs(factories[0], factories[1])
         self.assertEqual([f.app.name for f in factories], ["one", "one", "two"])
         self.assertEqual(sorted(self.service.listeningPorts), sorted(self.ports))
