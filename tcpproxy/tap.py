@@ -9,6 +9,8 @@ any pidfile is written or the process goes into the background.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
 from twisted.application.service import IService, MultiService
@@ -18,19 +20,22 @@ from tcpproxy.config import ConfigError, loadConfig, parseTarget
 from tcpproxy.demo import DemoBackendsService
 from tcpproxy.listening import ListenError
 from tcpproxy.service import ProxyService
+from tcpproxy.triggers import ReloadOnChange, ReloadOnSignal
 
 
 class Options(usage.Options):
-    synopsis = "[--config FILE] [--demo-backends [--demo-down HOST:PORT ...]]"
+    synopsis = "[--config FILE] [--watch] [--demo-backends [--demo-down HOST:PORT ...]]"
     longdesc = (
         "Listen on every port of every app in the configuration and relay each "
         "connection to one of the app's targets, round-robin, failing over to "
-        "the next target when one cannot be reached."
+        "the next target when one cannot be reached.  SIGHUP reloads the "
+        "configuration file without dropping a connection."
     )
     optParameters = [
         ["config", "c", "config.json", "The JSON configuration file."],
     ]
     optFlags = [
+        ["watch", None, "Also reload the configuration whenever its file changes (checked every second)."],
         [
             "demo-backends",
             None,
@@ -68,7 +73,12 @@ def buildService(options: Options, reactor=None) -> IService:
     if reactor is None:
         from twisted.internet import reactor
     config = loadConfig(options["config"])
-    proxy = ProxyService(config, reactor)
+    # Absolute, so a reload still finds the file whatever the working directory.
+    path = os.path.abspath(options["config"])
+    triggers = [ReloadOnSignal(reactor, signal.SIGHUP)]
+    if options["watch"]:
+        triggers.append(ReloadOnChange(path, reactor))
+    proxy = ProxyService(config, reactor, path, triggers)
     if not options["demo-backends"]:
         proxy.bind()
         return proxy
