@@ -8,6 +8,7 @@ left.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from tcpproxy.triggers import IReloadTrigger
 
 APPLIED = "applied"
 APPLIED_WITH_ERRORS = "applied with errors"
+NOT_APPLIED = "not applied"
 UNCHANGED = "no change"
 REFUSED = "refused"
 
@@ -61,13 +63,19 @@ class _PortFactory(Factory):
     def buildProtocol(self, addr: IAddress) -> Protocol | None:
         return self.appFactory.buildProtocol(addr)
 
+    def logPrefix(self) -> str:
+        # What the port's "... starting on PORT" line names, as before.
+        return self.appFactory.logPrefix()
+
 
 @dataclass(frozen=True)
 class ReloadResult:
     """
     How one reload went.
 
-    @ivar status: L{APPLIED}, L{APPLIED_WITH_ERRORS}, L{UNCHANGED} or L{REFUSED}.
+    @ivar status: L{APPLIED}; L{APPLIED_WITH_ERRORS} (some of it could
+        not be done); L{NOT_APPLIED} (nothing could be done); L{UNCHANGED}
+        (the file asks for nothing new); L{REFUSED} (the file is invalid).
     @ivar plan: what changed, as applied (a port that could not be bound is
         not in it); C{None} if the reload was refused.
     @ivar errors: one line per thing that could not be done.
@@ -286,7 +294,7 @@ class ProxyService(Service):
         self.config = running
         applied = planReload(old, running)
         if errors:
-            status = APPLIED_WITH_ERRORS
+            status = APPLIED_WITH_ERRORS if applied else NOT_APPLIED
         else:
             status = APPLIED if applied else UNCHANGED
         result = ReloadResult(status, applied, tuple(errors))
@@ -324,7 +332,9 @@ class ProxyService(Service):
             sockets = bindAll([(_owner(name), new, port) for name, port in kept])
         except ListenError as e:
             hint = ""
-            if old in _WILDCARDS or new in _WILDCARDS:
+            # bindAll raised from the OSError, which is kept as the context.
+            inUse = getattr(e.__context__, "errno", None) == errno.EADDRINUSE
+            if inUse and (old in _WILDCARDS or new in _WILDCARDS):
                 hint = (
                     f" ({old} and {new} overlap, and the kernel allows no second listener on a port"
                     " beside this proxy's own: restart tcpproxy to make this change)"
