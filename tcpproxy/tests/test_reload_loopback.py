@@ -12,6 +12,7 @@ import socket
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, inlineCallbacks
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
@@ -20,6 +21,7 @@ from tcpproxy.config import loadConfig
 from tcpproxy.demo import echoFactory
 from tcpproxy.service import APPLIED, NOT_APPLIED, REFUSED, ProxyService
 from tcpproxy.tests.loopback import (
+    Collector,
     CollectorFactory,
     captureEvents,
     connectClient,
@@ -58,10 +60,6 @@ def echoOnce(port: int, payload: bytes, address: str = "127.0.0.1"):
     Send C{payload} through the proxy port to an echo target, then EOF;
     return what came back, once the connection is closed.
     """
-    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-
-    from tcpproxy.tests.loopback import Collector
-
     client = yield connectProtocol(TCP4ClientEndpoint(reactor, address, port, timeout=5), Collector())
     client.transport.write(payload)
     client.transport.loseWriteConnection()
