@@ -20,7 +20,7 @@ from tcpproxy.config import ConfigError, loadConfig, parseTarget
 from tcpproxy.demo import DemoBackendsService
 from tcpproxy.listening import ListenError
 from tcpproxy.service import ProxyService
-from tcpproxy.triggers import ReloadOnChange, ReloadOnSignal
+from tcpproxy.triggers import ReloadOnChange, ReloadOnSignal, fileSignature
 
 
 class Options(usage.Options):
@@ -72,12 +72,14 @@ def buildService(options: Options, reactor=None) -> IService:
     """
     if reactor is None:
         from twisted.internet import reactor
-    config = loadConfig(options["config"])
     # Absolute, so a reload still finds the file whatever the working directory.
     path = os.path.abspath(options["config"])
+    # Taken before reading: an edit made from now on is reloaded by --watch.
+    seen = fileSignature(path)
+    config = loadConfig(options["config"])
     triggers = [ReloadOnSignal(reactor, signal.SIGHUP)]
     if options["watch"]:
-        triggers.append(ReloadOnChange(path, reactor))
+        triggers.append(ReloadOnChange(path, reactor, seen=seen))
     proxy = ProxyService(config, reactor, path, triggers)
     if not options["demo-backends"]:
         proxy.bind()

@@ -101,17 +101,27 @@ class ReloadOnChange:
 
     log = Logger()
 
-    def __init__(self, path: str, clock: IReactorTime, interval: float = 1.0) -> None:
+    def __init__(
+        self, path: str, clock: IReactorTime, interval: float = 1.0, seen: tuple | None = None
+    ) -> None:
+        """
+        @param seen: the L{fileSignature} of the version that runs, taken
+            before it was read; by default the file is taken as it is at
+            L{start}.  Pass it when the service starts well after the file
+            was read (C{twistd} forks, writes its pidfile, starts logging in
+            between): an edit made meanwhile is then reloaded, not missed.
+        """
         self.path = path
         self.interval = interval
         self._clock = clock
-        self._seen: tuple | None = None
+        self._seen = seen
         self._reload: Callable[[], object] | None = None
         self._call: LoopingCall | None = None
 
     def start(self, reload: Callable[[], object]) -> None:
         self._reload = reload
-        self._seen = fileSignature(self.path)
+        if self._seen is None:
+            self._seen = fileSignature(self.path)
         self._call = LoopingCall(self._check)
         self._call.clock = self._clock
         self._call.start(self.interval, now=False).addErrback(

@@ -129,6 +129,7 @@ class ReloadLoopbackTests(ReloadMixin, TestCase):
 
         newcomer = yield connectClient(port)
         fresh = yield second.accepted.get()
+        addresses = [f"127.0.0.1:{c.transport.getHost().port}" for c in (client, newcomer)]
         client.transport.write(after)
         client.transport.loseWriteConnection()
         received = yield old.readDone
@@ -141,8 +142,11 @@ class ReloadLoopbackTests(ReloadMixin, TestCase):
         fresh.transport.loseConnection()
         yield DeferredList([client.lost, old.lost, newcomer.lost, fresh.lost])
         yield self.idle()
-        ends = {e["client"]: e["target"] for e in self.events if "bytesIn" in e}
-        self.assertEqual(sorted(ends.values()), [f"127.0.0.1:{targetA}", f"127.0.0.1:{targetB}"])
+        targets = {e["client"]: e["target"] for e in self.events if "bytesIn" in e}
+        self.assertEqual(
+            targets,
+            {addresses[0]: f"127.0.0.1:{targetA}", addresses[1]: f"127.0.0.1:{targetB}"},
+        )
 
     @inlineCallbacks
     def test_removedPort(self):

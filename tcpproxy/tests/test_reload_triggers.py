@@ -128,6 +128,20 @@ class ReloadOnChangeTests(SynchronousTestCase):
         self.assertEqual(len(self.reloads), 2)
         self.assertEqual(self.reloads[0][0], "unreadable")
 
+    def test_changedBeforeStart(self):
+        """
+        Given the signature of the version that runs, an edit made before
+        the trigger starts is reloaded at the first check.
+        """
+        seen = fileSignature(self.path)
+        self.write('{"Apps": []}')
+        reloads = []
+        trigger = ReloadOnChange(self.path, self.clock, seen=seen)
+        trigger.start(lambda: reloads.append(True))
+        self.addCleanup(trigger.stop)
+        self.clock.advance(1.0)
+        self.assertEqual(reloads, [True])
+
     def test_stop(self):
         self.trigger.stop()
         self.write('{"Apps": []}')
