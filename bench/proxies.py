@@ -230,7 +230,15 @@ class TcpProxy(_ProxyProcess):
     def command(self, port: int, backend: Address) -> list[str]:
         config = {
             "BindAddress": LOOPBACK,
-            "Apps": [{"Name": "bench", "Ports": [port], "Targets": [f"{backend[0]}:{backend[1]}"]}],
+            "Apps": [
+                {
+                    "Name": "bench",
+                    "Ports": [port],
+                    "Targets": [f"{backend[0]}:{backend[1]}"],
+                    # As the HAProxy under test, which logs nothing either.
+                    "AccessLog": False,
+                }
+            ],
         }
         path = os.path.join(self._workdir, "config.json")
         with open(path, "w") as f:

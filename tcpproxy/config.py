@@ -15,7 +15,8 @@ The accepted shape is the classic one, extended only by optional keys::
                "Ports": [5001, 5200],
                "Targets": ["127.0.0.1:6001", "backend.example:6002",
                            "[::1]:6003"],
-               "ConnectTimeout": 5}]}   # optional, seconds per attempt
+               "ConnectTimeout": 5,     # optional, seconds per attempt
+               "AccessLog": true}]}     # optional, a log line per connection
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ IPV6 = "ipv6"
 HOSTNAME = "hostname"
 
 _TOP_KEYS = ("Apps", "BindAddress", "DrainTimeout")
-_APP_KEYS = ("Name", "Ports", "Targets", "ConnectTimeout")
+_APP_KEYS = ("Name", "Ports", "Targets", "ConnectTimeout", "AccessLog")
 _HOSTNAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._")
 
 
@@ -80,6 +81,7 @@ class AppConfig:
     ports: tuple[int, ...]
     targets: tuple[Target, ...]
     connectTimeout: float = DEFAULT_CONNECT_TIMEOUT
+    accessLog: bool = True
 
 
 @dataclass(frozen=True)
@@ -254,7 +256,10 @@ def _parseApp(where: _Where, index: int, obj: object) -> AppConfig:
     connectTimeout = DEFAULT_CONNECT_TIMEOUT
     if "ConnectTimeout" in obj:
         connectTimeout = _duration(where, "ConnectTimeout", obj["ConnectTimeout"], positive=True)
-    return AppConfig(name, tuple(ports), tuple(targets), connectTimeout)
+    accessLog = obj.get("AccessLog", True)
+    if not isinstance(accessLog, bool):
+        raise where.error("AccessLog", f"{_show(accessLog)} is not true or false")
+    return AppConfig(name, tuple(ports), tuple(targets), connectTimeout, accessLog)
 
 
 def parseConfig(document: object, source: str = "<config>") -> ProxyConfig:

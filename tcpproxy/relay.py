@@ -27,6 +27,7 @@ app, port, target, failed attempts, bytes each way, duration and how it ended.
 
 from __future__ import annotations
 
+from twisted.internet import tcp
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime, ITCPTransport
@@ -63,6 +64,14 @@ def _noDelay(transport) -> None:
         transport.setTcpNoDelay(True)
 
 
+def _isPlainTCP(transport) -> bool:
+    """
+    Whether C{transport} is a plain (not TLS) TCP socket transport of
+    Twisted's own, whose buffer L{_RelaySide.writeToPeer} may look into.
+    """
+    return type(transport) in (tcp.Server, tcp.Client) and not transport.TLS
+
+
 def _describePeer(transport) -> str:
     address = transport.getPeer()
     host = getattr(address, "host", None)
@@ -83,9 +92,11 @@ class _RelaySide(Protocol):
         remote end has seen EOF.
     @ivar closed: C{connectionLost} was called.
     @ivar received: bytes read from this side's remote end.
+    @ivar writeThrough: the peer is a plain TCP socket: see L{writeToPeer}.
     """
 
     peer: _RelaySide | None = None
+    writeThrough = False
     feeding = False
     readDone = False
     writeDone = False
@@ -94,7 +105,37 @@ class _RelaySide(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.received += len(data)
-        self.peer.transport.write(data)
+        self.writeToPeer(data)
+
+    def writeToPeer(self, data: bytes) -> None:
+        """
+        Write to the peer's transport, sending at once when it can.
+
+        C{transport.write} only buffers and asks the reactor to watch the
+        socket for writability: two C{epoll_ctl} calls and a loop turn for
+        every chunk relayed, most of a small request's cost.  When the peer
+        is a plain TCP socket with nothing buffered, sending right away
+        cannot reorder bytes; whatever the kernel does not take (or an
+        error) goes through C{transport.write} as usual, so backpressure
+        (pausing the producer when the buffer fills) and error handling stay
+        Twisted's own.
+        """
+        transport = self.peer.transport
+        if (
+            self.writeThrough
+            and transport.connected
+            and not transport._tempDataLen
+            and transport.offset == len(transport.dataBuffer)
+        ):
+            try:
+                sent = transport.socket.send(data)
+            except OSError:
+                # Would block, or an error the transport's doWrite will meet.
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+        transport.write(data)
 
     def stopFeeding(self) -> None:
         """
@@ -137,6 +178,8 @@ class _RelaySide(Protocol):
         self.transport.registerProducer(peer.transport, True)
         peer.transport.registerProducer(self.transport, True)
         self.feeding = peer.feeding = True
+        self.writeThrough = _isPlainTCP(peer.transport)
+        peer.writeThrough = _isPlainTCP(self.transport)
 
 
 class ProxyClientProtocol(_RelaySide):
@@ -203,7 +246,12 @@ class ProxyServerProtocol(_RelaySide):
         self._failures = dialled.failures
         client = self.client = dialled.protocol
         client.relay = self
-        _noDelay(client.transport)
+        transport = client.transport
+        if type(transport) is tcp.Client and transport.protocol is not client:
+            # The endpoint's wrapping protocol only forwards calls from here
+            # on; a call less per chunk is worth it on the relay's hot path.
+            transport.protocol = client
+        _noDelay(transport)
         pending, self._pending = self._pending, None
         self.pairWith(client)
         if self.readDone:
@@ -282,6 +330,9 @@ class ProxyServerProtocol(_RelaySide):
         factory = self.factory
         factory.relays.discard(self)
         end = self.end or END_DONE
+        if not factory.app.accessLog and end != END_NO_TARGET:
+            factory.relayFinished()
+            return
         failures = [f"{target}: {why}" for target, why in self._failures]
         # A connection nobody could serve is worth a warning; the text then
         # lists every target's reason.

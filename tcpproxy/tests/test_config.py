@@ -320,6 +320,11 @@ class AppRefusalTests(ConfigFileMixin, TestCase):
             document(app(ConnectTimeout=0)), 'app "web"', 'key "ConnectTimeout"', "0 must be greater than 0"
         )
 
+    def test_accessLogNotBoolean(self) -> None:
+        self.assertRefused(
+            document(app(AccessLog="no")), 'app "web"', 'key "AccessLog"', '"no" is not true or false'
+        )
+
     def test_connectTimeoutInfinity(self) -> None:
         self.assertRefused(
             '{"Apps": [{"Name": "web", "Ports": [1], "Targets": ["h:1"], "ConnectTimeout": Infinity}]}',
@@ -531,6 +536,13 @@ class AcceptedConfigTests(ConfigFileMixin, TestCase):
     """
     What an accepted configuration turns into.
     """
+
+    def test_accessLog(self) -> None:
+        """
+        C{AccessLog} is on unless an app turns it off.
+        """
+        config = parseConfig(document(app("a", Ports=[1]), app("b", Ports=[2], AccessLog=False)))
+        self.assertEqual([a.accessLog for a in config.apps], [True, False])
 
     def test_shippedConfig(self) -> None:
         """

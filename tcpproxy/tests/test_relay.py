@@ -165,6 +165,24 @@ class RelayTests(SynchronousTestCase):
         )
         self.assertEqual(self.factory.relays, set())
 
+    def test_accessLogOff(self):
+        """
+        With C{AccessLog} off an app logs no line per connection, but still
+        warns of a client no target could serve.
+        """
+        app = AppConfig("quiet", (5001,), (A, B), accessLog=False)
+        self.factory = ProxyServerFactory(app, RoundRobin(app.targets), self.dialer, self.clock)
+        server, _ = self.connectClient()
+        self.targetAnswers()
+        server.connectionLost(Failure(ConnectionLost()))
+        server.client.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.events, [])
+        self.assertEqual(self.factory.relays, set())
+        server, _ = self.connectClient()
+        self.dialer.calls[1][1].errback(NoTargetAvailable([(A, "connection refused")]))
+        server.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual([e["end"] for e in self.events], [END_NO_TARGET])
+
     def test_whenIdle(self):
         """
         L{ProxyServerFactory.whenIdle} fires once the last relay has ended.

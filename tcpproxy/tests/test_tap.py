@@ -362,7 +362,7 @@ class MakeServiceTests(ConfigFileMixin, TestCase):
         self.assertEqual(
             line,
             f'tcpproxy: error: {path}: app "web": key "Tragets": unknown key (did you mean "Targets"?); '
-            "known keys are Name, Ports, Targets, ConnectTimeout",
+            "known keys are Name, Ports, Targets, ConnectTimeout, AccessLog",
         )
 
     def test_missingConfig(self) -> None:
@@ -384,7 +384,7 @@ class MakeServiceTests(ConfigFileMixin, TestCase):
         path = self.loopbackConfig([taken], [target])
         line = self.assertExits(parse("--config", path))
         self.assertEqual(
-            line, f"tcpproxy: error: app \"web\": cannot listen on 127.0.0.1:{taken}: Address already in use"
+            line, f'tcpproxy: error: app "web": cannot listen on 127.0.0.1:{taken}: Address already in use'
         )
 
     def test_service(self) -> None:
