@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import tcpproxy
+from tcpproxy.tests.loopback import blockPort, freePorts  # noqa: F401 (used by the system tests)
 
 T = TypeVar("T")
 
@@ -77,32 +78,6 @@ def waitUntil(predicate: Callable[[], T], what: str, timeout: float = TIMEOUT) -
         if time.monotonic() >= deadline:
             raise AssertionError(f"gave up after {timeout:g}s waiting for {what}")
         time.sleep(0.02)
-
-
-def freePorts(count: int) -> list[int]:
-    """
-    C{count} different loopback ports where nothing listens now: the kernel
-    picks them, all held at once so that they differ, then lets them go.
-    """
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-def blockPort(testCase) -> int:
-    """
-    Listen on a free loopback port until the test ends; return the port.
-    """
-    sock = socket.socket()
-    testCase.addCleanup(sock.close)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(1)
-    return sock.getsockname()[1]
 
 
 def connect(port: int) -> socket.socket:

@@ -9,7 +9,6 @@ that tests elsewhere can use it too.
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Iterable
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -19,23 +18,7 @@ from tcpproxy.config import ProxyConfig, parseConfig
 from tcpproxy.demo import DemoBackendsService
 from tcpproxy.service import ProxyService
 from tcpproxy.tester.targets import ProxyPort, targetFor
-
-
-def freePorts(count: int) -> list[int]:
-    """
-    C{count} distinct loopback ports where nothing listens (they were free a
-    moment ago: a connect to one is refused until someone binds it).
-    """
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket()
-            sockets.append(sock)
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+from tcpproxy.tests.loopback import freePorts
 
 
 class InProcessProxy:

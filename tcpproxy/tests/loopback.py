@@ -23,14 +23,39 @@ from tcpproxy.listening import BACKLOG
 from tcpproxy.relay import ProxyServerFactory
 
 
+def freePorts(count: int) -> list[int]:
+    """
+    C{count} different loopback ports where nothing listens now: the kernel
+    picks them, all held at once so that they differ, then lets them go.
+    """
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def deadPort() -> int:
     """
     A loopback port where nothing listens (it was free a moment ago), so a
     connect to it is refused.
     """
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return freePorts(1)[0]
+
+
+def blockPort(testCase) -> int:
+    """
+    Listen on a free loopback port until the test ends, so that the proxy
+    cannot have it; return the port.
+    """
+    sock = socket.socket()
+    testCase.addCleanup(sock.close)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1)
+    return sock.getsockname()[1]
 
 
 def listen(testCase, factory) -> int:

@@ -26,33 +26,7 @@ from tcpproxy.demo import DemoBackendsService
 from tcpproxy.listening import ListenError
 from tcpproxy.service import ProxyService
 from tcpproxy.tap import Options, buildService, makeService
-
-
-def freePorts(count: int) -> list[int]:
-    """
-    C{count} different loopback ports where nothing listens now: the kernel
-    picks them, all held at once so that they differ, then lets them go.
-    """
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-def blockPort(testCase: TestCase) -> int:
-    """
-    Listen on a free loopback port until the test ends, so that the proxy
-    cannot have it; return the port.
-    """
-    sock = socket.socket()
-    testCase.addCleanup(sock.close)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(1)
-    return sock.getsockname()[1]
+from tcpproxy.tests.loopback import blockPort, freePorts
 
 
 def canBind(port: int) -> bool:
