@@ -211,7 +211,8 @@ class ProxyService(Service):
             removed ports are closed.
         """
         if not self.running:
-            return succeed(ReloadResult(REFUSED, errors=("the proxy is not running",)))
+            self.log.info("reload ignored: the proxy is stopping", path=self.configPath, result=REFUSED)
+            return succeed(ReloadResult(REFUSED, errors=("the proxy is stopping",)))
         try:
             new = loadConfig(self.configPath)
         except ConfigError as e:
@@ -384,16 +385,25 @@ class ProxyService(Service):
     def stopService(self) -> Deferred[None]:
         """
         Stop accepting now; give open connections the drain period to end.
+
+        The reload triggers stop only once the drain is over: until then a
+        C{SIGHUP} (a configuration tool reloading as it always does) is
+        still ours, and only logged, instead of ending the process with the
+        default action and dropping the connections being drained.
         """
         Service.stopService(self)
-        for trigger in self._triggers:
-            trigger.stop()
         self.unbind()
         ports, self.listeningPorts = list(self.listeningPorts.values()), {}
         self._portFactories.clear()
         stopped = gatherResults([maybeDeferred(port.stopListening) for port in ports])
         stopped.addCallback(lambda _: self._drain())
+        stopped.addBoth(self._stopTriggers)
         return stopped
+
+    def _stopTriggers(self, result: object) -> object:
+        for trigger in self._triggers:
+            trigger.stop()
+        return result
 
     def _drain(self) -> Deferred[None]:
         """

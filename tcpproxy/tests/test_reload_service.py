@@ -223,3 +223,42 @@ class ReloadTests(SynchronousTestCase):
         self.write(self.apps(("one", self.p[3:4], [9])))
         self.assertEqual(self.reload().status, REFUSED)
         self.assertEqual(self.service.listeningPorts, {})
+        [event] = self.events
+        self.assertEqual(event["log_format"], "reload ignored: the proxy is stopping")
+
+
+class FakeTrigger:
+    reload = None
+
+    def start(self, reload):
+        self.reload = reload
+
+    def stop(self):
+        self.reload = None
+
+
+class TriggerTests(SynchronousTestCase):
+    def test_triggersLastUntilDrained(self):
+        """
+        The triggers start with the service and stop only once the drain is
+        over: a reload asked for while draining is ignored, not fatal.
+        """
+        reactor = MemoryReactorClock()
+        path = self.mktemp()
+        with open(path, "w") as f:
+            json.dump({"BindAddress": "127.0.0.1", "Apps": [app("one", [deadPort()])]}, f)
+        trigger = FakeTrigger()
+        service = ProxyService(loadConfig(path), reactor, path, [trigger])
+        self.assertIsNone(trigger.reload)
+        service.startService()
+        self.assertEqual(trigger.reload, service.reload)
+        relay = FakeRelay(service.factories["one"])
+        stopped = service.stopService()
+        self.assertEqual(self.successResultOf(trigger.reload()).status, REFUSED)
+        relay.end()
+        self.successResultOf(stopped)
+        self.assertIsNone(trigger.reload)
+
+
+def app(name, ports):
+    return {"Name": name, "Ports": ports, "Targets": ["127.0.0.1:9"]}
