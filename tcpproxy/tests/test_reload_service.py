@@ -161,6 +161,19 @@ class ReloadTests(SynchronousTestCase):
         self.assertEqual(factory.dialer.timeout, 0.5)
         self.assertIs(factory.balancer, balancer)
 
+    def test_accessLogChanged(self):
+        """
+        A setting the relay reads from its app (here C{AccessLog}) follows
+        the reload with no code of the reload's own.
+        """
+        factory = self.service.factories["one"]
+        document = self.apps(("one", self.p[:2], [9, 10]), ("two", self.p[2:3], [11]))
+        document["Apps"][0]["AccessLog"] = False
+        self.write(document)
+        self.reload()
+        self.assertFalse(factory.app.accessLog)
+        self.assertEqual(self.summary()["appsChanged"], {"one": ["AccessLog"]})
+
     def test_appRemovedDrainsAtStop(self):
         """
         A removed app's open connections go on, and stopping the proxy
