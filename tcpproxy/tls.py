@@ -36,6 +36,7 @@ from OpenSSL import SSL, crypto
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IHandshakeListener,
+    IOpenSSLClientConnectionCreator,
     IProtocolFactory,
     IReactorTime,
     IStreamClientEndpoint,
@@ -410,6 +411,7 @@ class TLSClientEndpoint:
         return result
 
 
+@implementer(IOpenSSLClientConnectionCreator)
 class _UnverifiedClientCreator:
     """
     Client TLS without verification of the target (C{"Verify": false}); it
