@@ -198,8 +198,8 @@ class ProxyService(Service):
                 address=self.config.bindAddress,
                 ports=list(app.ports),
                 targets=[str(t) for t in app.targets],
-                portList=", ".join(map(str, app.ports)),
-                targetList=", ".join(map(str, app.targets)),
+                portList=", ".join(map(str, app.ports)) + (" (TLS)" if app.tls else ""),
+                targetList=", ".join(map(str, app.targets)) + (" (TLS)" if app.targetTLS else ""),
             )
         for trigger in self._triggers:
             trigger.start(self.reload)

@@ -33,7 +33,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtensionOID, NameOID
 from OpenSSL import SSL, crypto
+from service_identity import VerificationError
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IHandshakeListener,
     IOpenSSLClientConnectionCreator,
@@ -603,10 +605,16 @@ def describeTLSFailure(reason: Failure) -> str:
     error = reason.value
     if isinstance(error, SSL.Error):
         return describeError(error)
-    text = reason.getErrorMessage()
-    if "VerificationError" in type(error).__name__ or "verif" in text.lower():
-        return f"certificate verification failed: {text}"
-    return f"connection closed before the handshake completed ({text})"
+    if reason.check(ConnectionDone):
+        return "closed the connection before completing a TLS handshake"
+    if reason.check(VerificationError):
+        names = []
+        for mismatch in error.errors:
+            wanted = getattr(mismatch, "mismatched_id", None)
+            name = getattr(wanted, "hostname", None) or getattr(wanted, "ip", None)
+            names.append(name.decode("ascii", "replace") if isinstance(name, bytes) else str(name))
+        return f"the certificate is not for {', '.join(names) or 'the expected name'}"
+    return f"connection lost during the TLS handshake ({reason.getErrorMessage()})"
 
 
 def describeAddress(address) -> str:

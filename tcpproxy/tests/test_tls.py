@@ -506,7 +506,9 @@ class OriginationTests(TLSServiceMixin, TestCase):
         [event] = relayEvents(self.events)
         self.assertEqual(event["target"], f"127.0.0.1:{right}")
         [failure] = event["failures"]
-        self.assertTrue(failure.startswith(f"127.0.0.1:{wrong}: TLS handshake failed"), failure)
+        self.assertEqual(
+            failure, f"127.0.0.1:{wrong}: TLS handshake failed: the certificate is not for {ALPHA}"
+        )
 
     @inlineCallbacks
     def test_mutualTLS(self):
