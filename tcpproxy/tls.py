@@ -30,10 +30,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtensionOID, NameOID
 from OpenSSL import SSL, crypto
 from service_identity import VerificationError
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
@@ -52,6 +54,7 @@ from twisted.internet.ssl import (
     TLSVersion,
     optionsForClientTLS,
     platformTrust,
+    trustRootFromCertificates,
 )
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
@@ -124,7 +127,7 @@ def _loadKey(refuse: _Refuse, path: str):
         return serialization.load_pem_private_key(data, password=None)
     except TypeError:
         raise refuse(path, "is an encrypted private key; give the key without a passphrase") from None
-    except (ValueError, crypto.Error, Exception) as e:  # noqa: BLE001 - any parse failure is the user's file
+    except (ValueError, UnsupportedAlgorithm) as e:
         reason = str(e).split("\n")[0] or type(e).__name__
         raise refuse(path, f"is not a PEM private key ({reason})") from None
 
@@ -228,7 +231,7 @@ def serverOptions(pairs: list[_KeyPair], minVersion: str) -> CertificateOptions:
     return pairs[0].options(contextForServerName=contextForServerName, **common)
 
 
-# Client side
+# The handshake gate, on both sides
 
 
 @implementer(IHandshakeListener)
@@ -356,6 +359,9 @@ class _ClientGateFactory(_GateFactory):
             self.result.errback(TLSHandshakeFailed(why))
 
 
+# Client side
+
+
 class TLSHandshakeFailed(Exception):
     """
     The TLS handshake with a target failed (its certificate did not verify,
@@ -434,8 +440,6 @@ class _UnverifiedClientCreator:
 
 
 def _isIPAddress(text: str) -> bool:
-    from twisted.internet.abstract import isIPAddress, isIPv6Address
-
     return isIPAddress(text) or isIPv6Address(text)
 
 
@@ -544,8 +548,6 @@ def _clientSide(source: str, app: str, settings: TargetTLSConfig, now) -> Callab
 
 
 def _trustRootOf(authorities: list[x509.Certificate]):
-    from twisted.internet.ssl import trustRootFromCertificates
-
     return trustRootFromCertificates(
         [Certificate.loadPEM(c.public_bytes(serialization.Encoding.PEM)) for c in authorities]
     )

@@ -28,7 +28,7 @@ from zope.interface import implementer
 from tcpproxy.config import ConfigError, loadConfig
 from tcpproxy.demo import echoFactory
 from tcpproxy.relay import END_DONE, END_NO_TARGET, END_TARGET_LOST
-from tcpproxy.service import APPLIED, ProxyService
+from tcpproxy.service import APPLIED, REFUSED, ProxyService
 from tcpproxy.tests.certs import ALPHA, BETA, GAMMA, pki, writePKI
 from tcpproxy.tests.loopback import (
     Collector,
@@ -529,6 +529,26 @@ class OriginationTests(TLSServiceMixin, TestCase):
         # has checked it: the refusal then comes as the target's reset.
         self.assertIn(ends.pop("origin"), (END_NO_TARGET, END_TARGET_LOST))
         self.assertEqual(ends, {"mutual": END_DONE})
+
+    @inlineCallbacks
+    def test_reloadChangesTargetTLS(self):
+        """
+        A reload that changes C{"TargetTLS"} (here the CA) applies to the
+        next connection; a refused TLS file refuses the whole reload.
+        """
+        app, port = self.originating([tlsBackend(self)], CA="other-ca.pem")
+        self.serve([app])
+        self.assertEqual((yield self.echoPlain(port)), b"")
+        app["TargetTLS"]["CA"] = "ca.pem"
+        self.config([app])
+        self.assertEqual((yield self.service.reload()).status, APPLIED)
+        self.assertEqual((yield self.echoPlain(port)), b"to a TLS target")
+        app["TargetTLS"]["CA"] = "missing.pem"
+        self.config([app])
+        result = yield self.service.reload()
+        self.assertEqual(result.status, REFUSED)
+        self.assertIn("missing.pem: cannot read the file", result.errors[0])
+        self.assertEqual((yield self.echoPlain(port)), b"to a TLS target")
 
     @inlineCallbacks
     def test_bothSidesByteExact(self):
