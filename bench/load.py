@@ -20,6 +20,7 @@ import errno
 import math
 import select
 import socket
+import ssl
 import time
 from collections.abc import Callable, Sequence
 
@@ -141,6 +142,55 @@ def bulk(address: Address, connections: int, echo: bool, warmup: float, duration
     finally:
         poller.close()
         closeAll(socks)
+
+
+def tlsBulk(address: Address, serverName: str, warmup: float, duration: float) -> dict[str, float]:
+    """
+    Push bytes over one TLS connection (Python's C{ssl}, certificate not
+    checked) to a sink as fast as they are taken.
+
+    The client's encryption costs CPU on the load generator's side as well:
+    the figure is the TLS path's, client included, as for every proxy.
+
+    @return: C{{"MB/s": ...}}, plaintext bytes (10**6) a second sent over
+        the window (the socket buffers are full by then, as in L{bulk}).
+    @raise LoadError: the connection or the handshake failed.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        raw = socket.create_connection(address, timeout=CONNECT_TIMEOUT)
+    except OSError as e:
+        raise LoadError(f"connecting to {address[0]}:{address[1]} failed: {_describe(e)}") from None
+    try:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = context.wrap_socket(raw, server_hostname=serverName)
+    except (OSError, ssl.SSLError) as e:
+        raw.close()
+        raise LoadError(f"TLS handshake with {address[0]}:{address[1]} failed: {e}") from None
+    try:
+        chunk = memoryview(bytes(_SEND_CHUNK))
+        sent = 0
+        sock.sendall(SINK)
+        markAt = time.perf_counter() + warmup
+        mark: tuple[float, int] | None = None
+        while True:
+            sent += sock.send(chunk)
+            now = time.perf_counter()
+            if mark is None:
+                if now >= markAt:
+                    mark = (now, sent)
+            elif now >= mark[0] + duration:
+                break
+        moved = sent - mark[1]
+        if moved <= 0:
+            raise LoadError(f"no data moved in {duration:g}s: the path stalled")
+        return {"MB/s": moved / (now - mark[0]) / 1e6}
+    except (OSError, ssl.SSLError) as e:
+        raise LoadError(f"the TLS connection broke during the transfer: {e}") from None
+    finally:
+        sock.close()
 
 
 def percentile(ordered: Sequence[float], fraction: float) -> float:

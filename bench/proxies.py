@@ -3,8 +3,10 @@ The proxies under test: how each is started, found ready, measured and
 stopped.
 
 Every proxy runs as a process of its own, pinned to the proxy's CPU, with one
-listening port on 127.0.0.1 relaying to the one backend port.  I{Direct} is
-the absence of a proxy: the load generator talks to the backend itself.
+listening port on 127.0.0.1 relaying to the one backend port (and, for the
+proxies that terminate TLS, a second port that does, with a self-signed
+certificate made for the run).  I{Direct} is the absence of a proxy: the load
+generator talks to the backend itself.
 """
 
 from __future__ import annotations
@@ -113,16 +115,64 @@ def freePort() -> int:
         return sock.getsockname()[1]
 
 
+def writeSelfSigned(folder: str) -> tuple[str, str]:
+    """
+    Write a self-signed certificate and its key (PEM) into C{folder}, for
+    the TLS scenario; return their paths.
+    """
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, TLS_NAME)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=7))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(TLS_NAME)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    certPath, keyPath = os.path.join(folder, "tls.pem"), os.path.join(folder, "tls.key")
+    with open(certPath, "wb") as f:
+        f.write(certificate.public_bytes(serialization.Encoding.PEM))
+    with open(keyPath, "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+    return certPath, keyPath
+
+
+TLS_NAME = "bench.tcpproxy.test"
+"""
+The name on the TLS scenario's certificate (sent as SNI, not verified).
+"""
+
+
 class _ProxyProcess:
     """
     What the real proxies share: a command line in a work directory, output
     to a log file, pinned to the proxy's CPU, started and stopped.
 
     Subclasses say how to build the command (L{command}).
+
+    @ivar tlsAddress: where the proxy terminates TLS (for the same backend),
+        or C{None} if it does not.
     """
 
     hasProcess = True
     address: Address | None = None
+    tlsAddress: Address | None = None
 
     def __init__(self, workdir: str, cpus: frozenset[int] | None) -> None:
         self._workdir = os.path.join(workdir, self.name)
@@ -220,7 +270,8 @@ class TcpProxy(_ProxyProcess):
 
     @property
     def description(self) -> str:
-        return f"twistd -n tcpproxy --config (one app, one port, one target), from {checkoutRoot()}"
+        shape = "one app, one port, one target; TLS on a second port"
+        return f"twistd -n tcpproxy --config ({shape}), from {checkoutRoot()}"
 
     def environment(self) -> dict[str, str]:
         # Measure this checkout's sources, as trial tests them, not
@@ -228,6 +279,9 @@ class TcpProxy(_ProxyProcess):
         return checkoutEnvironment()
 
     def command(self, port: int, backend: Address) -> list[str]:
+        certPath, keyPath = writeSelfSigned(self._workdir)
+        tlsPort = freePort()
+        self.tlsAddress = (LOOPBACK, tlsPort)
         config = {
             "BindAddress": LOOPBACK,
             "Apps": [
@@ -237,7 +291,14 @@ class TcpProxy(_ProxyProcess):
                     "Targets": [f"{backend[0]}:{backend[1]}"],
                     # As the HAProxy under test, which logs nothing either.
                     "AccessLog": False,
-                }
+                },
+                {
+                    "Name": "bench-tls",
+                    "Ports": [tlsPort],
+                    "Targets": [f"{backend[0]}:{backend[1]}"],
+                    "AccessLog": False,
+                    "TLS": {"Certificates": [{"Cert": certPath, "Key": keyPath}]},
+                },
             ],
         }
         path = os.path.join(self._workdir, "config.json")
@@ -306,6 +367,15 @@ class HAProxy(_ProxyProcess):
         return None
 
     def command(self, port: int, backend: Address) -> list[str]:
+        certPath, keyPath = writeSelfSigned(self._workdir)
+        # HAProxy takes the certificate and its key in one file.
+        combined = os.path.join(self._workdir, "tls-combined.pem")
+        with open(combined, "wb") as out:
+            for path in (certPath, keyPath):
+                with open(path, "rb") as f:
+                    out.write(f.read())
+        tlsPort = freePort()
+        self.tlsAddress = (LOOPBACK, tlsPort)
         config = f"""\
 global
     maxconn 6000
@@ -320,6 +390,11 @@ defaults
 
 listen bench
     bind {LOOPBACK}:{port}
+    balance roundrobin
+    server backend {backend[0]}:{backend[1]}
+
+listen bench-tls
+    bind {LOOPBACK}:{tlsPort} ssl crt {combined} ssl-min-ver TLSv1.2
     balance roundrobin
     server backend {backend[0]}:{backend[1]}
 """

@@ -146,6 +146,8 @@ class BenchmarkRun:
         names = [n for n, (status, _) in self._status.items() if status == "ok"]
         if scenario.needsProcess:
             names = [n for n in names if n != "direct"]
+        if scenario.needsTLS:
+            names = [n for n in names if getattr(self._running.get(n), "tlsAddress", None)]
         measured: dict[str, list[Measurement]] = {name: [] for name in names}
         for rep in range(1, self.repeat + 1):
             shown = []

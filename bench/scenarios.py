@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 from bench import load
+from bench.proxies import TLS_NAME
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,8 @@ class Scenario:
     @cvar timed: its figures depend on the CPU time the processes get (so
         other processes on our CPUs disturb them).
     @cvar needsProcess: only meaningful for a proxy with a process.
+    @cvar needsTLS: only meaningful for a proxy that terminates TLS (one
+        with a C{tlsAddress}).
     @cvar freshProcess: wants a proxy process started for each measurement.
     @cvar skipped: why the scenario is not run at all, or C{None}.
     """
@@ -95,6 +98,7 @@ class Scenario:
     ceiling = True
     timed = True
     needsProcess = False
+    needsTLS = False
     freshProcess = False
     skipped: str | None = None
 
@@ -227,19 +231,22 @@ class Backpressure(Scenario):
 
 class TlsTermination(Scenario):
     """
-    TLS termination throughput: a place kept for when tcpproxy terminates
-    TLS (issue 7).  Until then it is reported as skipped.
-
-    When TLS exists: give the proxies a certificate (tcpproxy's own TLS
-    listener, HAProxy C{bind ... ssl crt}), have the load generator speak
-    TLS (the C{ssl} module) and measure bulk MB/s as L{Bulk} does.
+    TLS termination throughput: one connection, bulk, one-way to a sink
+    (as C{bulk-sink-1}, so the two compare in the same run), through the
+    proxy's TLS port; the load generator speaks TLS with Python's C{ssl}.
+    Only proxies that terminate TLS are measured (not I{direct}, whose
+    backend speaks none, nor portforward).
     """
 
     name = "tls"
-    title = "TLS termination throughput"
+    title = "TLS termination throughput, one connection, one-way to a sink"
     metrics = (MB_S,)
     ratioMetrics = (MB_S.key,)
-    skipped = "TLS termination does not exist in tcpproxy yet: skipped (placeholder, see bench/scenarios.py)"
+    ceiling = False
+    needsTLS = True
+
+    def measure(self, proxy, budget: Budget) -> dict:
+        return load.tlsBulk(proxy.tlsAddress, TLS_NAME, budget.warmup, budget.window)
 
 
 SCENARIOS: tuple[Scenario, ...] = (

@@ -16,7 +16,9 @@ The accepted shape is the classic one, extended only by optional keys::
                "Targets": ["127.0.0.1:6001", "backend.example:6002",
                            "[::1]:6003"],
                "ConnectTimeout": 5,     # optional, seconds per attempt
-               "AccessLog": true}]}     # optional, a log line per connection
+               "AccessLog": true,       # optional, a log line per connection
+               "TLS": {...},            # optional, see TLSConfig
+               "TargetTLS": {...}}]}    # optional, see TargetTLSConfig
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import os
 from dataclasses import dataclass
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -37,7 +40,13 @@ IPV6 = "ipv6"
 HOSTNAME = "hostname"
 
 _TOP_KEYS = ("Apps", "BindAddress", "DrainTimeout")
-_APP_KEYS = ("Name", "Ports", "Targets", "ConnectTimeout", "AccessLog")
+_APP_KEYS = ("Name", "Ports", "Targets", "ConnectTimeout", "AccessLog", "TLS", "TargetTLS")
+_TLS_KEYS = ("Certificates", "MinVersion", "HandshakeTimeout")
+_CERTIFICATE_KEYS = ("Cert", "Key")
+_TARGET_TLS_KEYS = ("CA", "ServerName", "Cert", "Key", "Verify")
+TLS_VERSIONS = ("1.2", "1.3")
+DEFAULT_MIN_TLS_VERSION = "1.2"
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 _HOSTNAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._")
 
 
@@ -72,6 +81,45 @@ class Target:
 
 
 @dataclass(frozen=True)
+class TLSConfig:
+    """
+    TLS terminated on the proxy for an app's clients (its C{"TLS"} key).
+
+    Only paths are kept here (resolved against the configuration file's
+    folder); L{tcpproxy.tls.loadAppTLS} reads and checks the files.
+
+    @ivar certificates: C{(cert, key)} paths; the first is served to a
+        client whose SNI name no certificate covers.
+    @ivar minVersion: the lowest TLS version accepted, C{"1.2"} or C{"1.3"}.
+    @ivar handshakeTimeout: seconds a client has to complete its handshake.
+    """
+
+    certificates: tuple[tuple[str, str], ...]
+    minVersion: str = DEFAULT_MIN_TLS_VERSION
+    handshakeTimeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+
+
+@dataclass(frozen=True)
+class TargetTLSConfig:
+    """
+    TLS spoken by the proxy to an app's targets (its C{"TargetTLS"} key).
+
+    @ivar ca: the CA certificates to verify targets with (path), or C{None}
+        for the system's trust store.
+    @ivar serverName: the name to send as SNI and verify, instead of each
+        target's host.
+    @ivar cert: a client certificate to present (path), with L{key}.
+    @ivar verify: C{False} to skip verification (logged as a warning).
+    """
+
+    ca: str | None = None
+    serverName: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    verify: bool = True
+
+
+@dataclass(frozen=True)
 class AppConfig:
     """
     One app: the ports it listens on and the targets it relays to.
@@ -82,6 +130,8 @@ class AppConfig:
     targets: tuple[Target, ...]
     connectTimeout: float = DEFAULT_CONNECT_TIMEOUT
     accessLog: bool = True
+    tls: TLSConfig | None = None
+    targetTLS: TargetTLSConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -259,7 +309,86 @@ def _parseApp(where: _Where, index: int, obj: object) -> AppConfig:
     accessLog = obj.get("AccessLog", True)
     if not isinstance(accessLog, bool):
         raise where.error("AccessLog", f"{_show(accessLog)} is not true or false")
-    return AppConfig(name, tuple(ports), tuple(targets), connectTimeout, accessLog)
+    tls = _parseTLS(where, obj["TLS"]) if "TLS" in obj else None
+    targetTLS = _parseTargetTLS(where, obj["TargetTLS"]) if "TargetTLS" in obj else None
+    return AppConfig(name, tuple(ports), tuple(targets), connectTimeout, accessLog, tls, targetTLS)
+
+
+class _Within(_Where):
+    """
+    The location of a key inside an app's object key, such as
+    C{"TLS"} then C{"MinVersion"}: reported as C{key "TLS.MinVersion"}.
+    """
+
+    def __init__(self, where: _Where, outer: str) -> None:
+        _Where.__init__(self, where.source, where.app)
+        self.outer = outer
+
+    def error(self, key: str | None, message: str) -> ConfigError:
+        return _Where.error(self, self.outer if key is None else f"{self.outer}.{key}", message)
+
+
+def _path(where: _Where, key: str, value: object) -> str:
+    """
+    A file path, relative to the configuration file's folder.
+    """
+    if not isinstance(value, str) or not value.strip():
+        raise where.error(key, f"{_show(value)} is not a file path")
+    base = os.path.dirname(os.path.abspath(where.source)) if where.source != "<config>" else os.getcwd()
+    return os.path.join(base, os.path.expanduser(value))
+
+
+def _object(where: _Where, key: str, value: object, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise where.error(key, f"{_show(value)} is not an object of {what}")
+    return value
+
+
+def _parseTLS(where: _Where, value: object) -> TLSConfig:
+    obj = _object(where, "TLS", value, "TLS settings")
+    within = _Within(where, "TLS")
+    _checkKeys(within, obj, _TLS_KEYS, ("Certificates",))
+    certificates = []
+    for index, entry in enumerate(_nonEmptyList(within, "Certificates", obj["Certificates"], "certificates")):
+        entryWhere = _Within(where, f"TLS.Certificates[{index + 1}]")
+        entry = _object(entryWhere, None, entry, '"Cert" and "Key"')
+        _checkKeys(entryWhere, entry, _CERTIFICATE_KEYS, _CERTIFICATE_KEYS)
+        certificates.append(
+            (_path(entryWhere, "Cert", entry["Cert"]), _path(entryWhere, "Key", entry["Key"]))
+        )
+    minVersion = obj.get("MinVersion", DEFAULT_MIN_TLS_VERSION)
+    if minVersion not in TLS_VERSIONS or not isinstance(minVersion, str):
+        raise within.error(
+            "MinVersion", f'{_show(minVersion)} is not a TLS version this proxy accepts; use "1.2" or "1.3"'
+        )
+    handshakeTimeout = DEFAULT_HANDSHAKE_TIMEOUT
+    if "HandshakeTimeout" in obj:
+        handshakeTimeout = _duration(within, "HandshakeTimeout", obj["HandshakeTimeout"], positive=True)
+    return TLSConfig(tuple(certificates), minVersion, handshakeTimeout)
+
+
+def _parseTargetTLS(where: _Where, value: object) -> TargetTLSConfig:
+    obj = _object(where, "TargetTLS", value, "TLS settings")
+    within = _Within(where, "TargetTLS")
+    _checkKeys(within, obj, _TARGET_TLS_KEYS, ())
+    ca = _path(within, "CA", obj["CA"]) if "CA" in obj else None
+    serverName = obj.get("ServerName")
+    if serverName is not None:
+        try:
+            parseTarget(f"{serverName}:1" if isinstance(serverName, str) and ":" not in serverName else "")
+        except ValueError:
+            raise within.error("ServerName", f"{_show(serverName)} is not a hostname") from None
+    if ("Cert" in obj) != ("Key" in obj):
+        missing = "Key" if "Cert" in obj else "Cert"
+        raise within.error(
+            missing, 'missing: "Cert" and "Key" go together (a client certificate and its key)'
+        )
+    cert = _path(within, "Cert", obj["Cert"]) if "Cert" in obj else None
+    key = _path(within, "Key", obj["Key"]) if "Key" in obj else None
+    verify = obj.get("Verify", True)
+    if not isinstance(verify, bool):
+        raise within.error("Verify", f"{_show(verify)} is not true or false")
+    return TargetTLSConfig(ca, serverName, cert, key, verify)
 
 
 def parseConfig(document: object, source: str = "<config>") -> ProxyConfig:

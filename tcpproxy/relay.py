@@ -21,8 +21,17 @@ the speeds.  On top of that:
     (and the dial cancelled) without anything it sent being lost or held
     without bound.
 
+  - TLS (L{tcpproxy.tls}) has no half-close.  An EOF on a plain side whose
+    peer is TLS sends C{close_notify} to the peer (which stops writing to
+    it, and keeps reading until the peer answers); an EOF or
+    C{close_notify} on a TLS side arrives as C{connectionLost}, and closes
+    the other side once what is in flight to it has been written.  A TLS
+    transport being closed is aborted if its peer stops answering (see
+    L{tcpproxy.tls.closeTLS}).
+
 One log event per connection, when both sides are gone, carries the client,
-app, port, target, failed attempts, bytes each way, duration and how it ended.
+app, port, target, failed attempts, bytes each way, duration and how it ended
+(and, for TLS terminated here, the TLS version, cipher and SNI name).
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ from zope.interface import implementer
 from tcpproxy.balancer import IBalancer
 from tcpproxy.config import AppConfig
 from tcpproxy.dialer import Dialled, IDialer, NoTargetAvailable
+from tcpproxy.tls import cancelCloseTimer, closeTLS, isTLS, unflushed
 
 PREDIAL_BUFFER = 64 * 1024
 """
@@ -153,7 +163,37 @@ class _RelaySide(Protocol):
         peer = self.peer
         if peer is not None and not peer.closed:
             self.stopFeeding()
+            self.shutPeerWrite()
+
+    def shutPeerWrite(self) -> None:
+        """
+        Pass this side's EOF on to the peer: shut its transport for writing
+        once flushed, or, TLS having no half-close (C{loseWriteConnection}
+        is broken on it, Twisted #5341), send it C{close_notify}; the TLS
+        side goes on reading (and relaying) until its peer answers.
+        """
+        peer = self.peer
+        if not isTLS(peer.transport):
             peer.transport.loseWriteConnection()
+            return
+
+        def activity() -> object:
+            return (peer.received, unflushed(peer.transport), unflushed(self.transport))
+
+        # Still this side's producer if it feeds it: not resumed by force.
+        closeTLS(peer.transport, self.relay.factory.clock, activity, resume=False)
+
+    def closePeer(self) -> None:
+        """
+        This side is gone: close the peer once it has flushed what it holds.
+        A TLS peer is resumed first (it may have been paused for this side,
+        and a paused TLS transport never completes its close, Twisted #8901).
+        """
+        transport = self.peer.transport
+        if isTLS(transport):
+            closeTLS(transport, self.relay.factory.clock)
+        else:
+            transport.loseConnection()
 
     def writeConnectionLost(self) -> None:
         self.writeDone = True
@@ -161,13 +201,14 @@ class _RelaySide(Protocol):
 
     def connectionLost(self, reason: Failure) -> None:
         self.closed = True
+        cancelCloseTimer(self.transport)
         peer = self.peer
         if peer is not None and not peer.closed:
             # Our transport dropped its producer as it closed.
             peer.feeding = False
             self.stopFeeding()
             # Let the peer flush what this side already sent it, then close.
-            peer.transport.loseConnection()
+            self.closePeer()
 
     def pairWith(self, peer: _RelaySide) -> None:
         """
@@ -209,6 +250,11 @@ class ProxyServerProtocol(_RelaySide):
     client: ProxyClientProtocol | None = None
     target = None
     end: str | None = None
+    tlsFields: dict[str, str | None] = {}
+    """
+    For a client whose TLS was terminated here: C{tlsVersion}, C{cipher}
+    and C{sni}, set before C{connectionMade} (L{tcpproxy.tls}).
+    """
 
     def __init__(self) -> None:
         self._pending: list[bytes] | None = []
@@ -258,7 +304,7 @@ class ProxyServerProtocol(_RelaySide):
             # The client sent EOF while the target was dialled.
             self.stopFeeding()
             client.transport.write(b"".join(pending))
-            client.transport.loseWriteConnection()
+            self.shutPeerWrite()
             return
         self.transport.resumeProducing()
         if pending:
@@ -337,8 +383,9 @@ class ProxyServerProtocol(_RelaySide):
         # A connection nobody could serve is worth a warning; the text then
         # lists every target's reason.
         emit = self.log.warn if end == END_NO_TARGET else self.log.info
+        tls = " ({tlsVersion} {cipher}, SNI {sni})" if self.tlsFields else ""
         emit(
-            "{client} -> {app}:{port} -> {target}: {end} after {duration:.3f}s, "
+            "{client} -> {app}:{port}" + tls + " -> {target}: {end} after {duration:.3f}s, "
             "{bytesIn} bytes in, {bytesOut} bytes out" + ("; failed: {failed}" if failures else ""),
             client=self.clientAddress,
             app=factory.app.name,
@@ -350,6 +397,7 @@ class ProxyServerProtocol(_RelaySide):
             bytesOut=0 if self.client is None else self.client.received,
             duration=factory.clock.seconds() - self.started,
             end=end,
+            **self.tlsFields,
         )
         factory.relayFinished()
 
@@ -364,6 +412,11 @@ class ProxyServerFactory(Factory):
 
     noisy = False
     protocol = ProxyServerProtocol
+    tlsFront: Factory | None = None
+    """
+    What the app's ports hand new clients to when the app terminates TLS:
+    this factory behind TLS (set by the service).
+    """
 
     def __init__(self, app: AppConfig, balancer: IBalancer, dialer: IDialer, clock: IReactorTime) -> None:
         self.app = app

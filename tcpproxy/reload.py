@@ -21,7 +21,13 @@ from dataclasses import dataclass
 
 from tcpproxy.config import AppConfig, ProxyConfig
 
-_KEYS = {"ports": "Ports", "targets": "Targets", "connectTimeout": "ConnectTimeout"}
+_KEYS = {
+    "ports": "Ports",
+    "targets": "Targets",
+    "connectTimeout": "ConnectTimeout",
+    "tls": "TLS",
+    "targetTLS": "TargetTLS",
+}
 """
 The configuration key of each L{AppConfig} field, for messages.  A field
 not listed here is named after itself with a capital first letter, which is

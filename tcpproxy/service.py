@@ -21,10 +21,11 @@ from twisted.logger import Logger
 
 from tcpproxy.balancer import RoundRobin
 from tcpproxy.config import AppConfig, ConfigError, ProxyConfig, loadConfig
-from tcpproxy.dialer import FailoverDialer
+from tcpproxy.dialer import FailoverDialer, endpointForTarget
 from tcpproxy.listening import ListenError, adoptTCP, bindAll
 from tcpproxy.relay import ProxyServerFactory
 from tcpproxy.reload import ReloadPlan, planReload, quoted, withoutPorts
+from tcpproxy.tls import AppTLS, loadAppTLS
 from tcpproxy.triggers import IReloadTrigger
 
 APPLIED = "applied"
@@ -61,7 +62,9 @@ class _PortFactory(Factory):
         self.appFactory = appFactory
 
     def buildProtocol(self, addr: IAddress) -> Protocol | None:
-        return self.appFactory.buildProtocol(addr)
+        # The app's factory behind TLS termination if the app has it.
+        front = getattr(self.appFactory, "tlsFront", None) or self.appFactory
+        return front.buildProtocol(addr)
 
     def logPrefix(self) -> str:
         # What the port's "... starting on PORT" line names, as before.
@@ -132,13 +135,30 @@ class ProxyService(Service):
         self._portFactories: dict[int, _PortFactory] = {}
         self.listeningPorts: dict[int, IListeningPort] = {}
 
-    def _newFactory(self, app: AppConfig) -> ProxyServerFactory:
-        return ProxyServerFactory(
-            app,
-            RoundRobin(app.targets),
-            FailoverDialer(self._reactor, app.connectTimeout),
+    def _newFactory(self, app: AppConfig, tls: AppTLS | None = None) -> ProxyServerFactory:
+        """
+        @param tls: C{app}'s TLS, already loaded; loaded here if not given.
+        @raise ConfigError: a TLS file of C{app} is refused.
+        """
+        if tls is None:
+            tls = loadAppTLS(app, self.config.source)
+        factory = ProxyServerFactory(app, RoundRobin(app.targets), self._newDialer(app, tls), self._reactor)
+        self._setTLS(factory, tls)
+        return factory
+
+    def _newDialer(self, app: AppConfig, tls: AppTLS) -> FailoverDialer:
+        return FailoverDialer(
             self._reactor,
+            app.connectTimeout,
+            endpointFactory=tls.endpointFactory(endpointForTarget, self._reactor),
         )
+
+    def _setTLS(self, factory: ProxyServerFactory, tls: AppTLS) -> None:
+        """
+        What a port of the app's hands new clients to: the app's factory,
+        behind TLS termination if the app has it (see L{_PortFactory}).
+        """
+        factory.tlsFront = tls.serverFactory(factory, self._reactor) if tls.server is not None else None
 
     def bind(self) -> None:
         """
@@ -178,8 +198,8 @@ class ProxyService(Service):
                 address=self.config.bindAddress,
                 ports=list(app.ports),
                 targets=[str(t) for t in app.targets],
-                portList=", ".join(map(str, app.ports)),
-                targetList=", ".join(map(str, app.targets)),
+                portList=", ".join(map(str, app.ports)) + (" (TLS)" if app.tls else ""),
+                targetList=", ".join(map(str, app.targets)) + (" (TLS)" if app.targetTLS else ""),
             )
         for trigger in self._triggers:
             trigger.start(self.reload)
@@ -225,6 +245,14 @@ class ProxyService(Service):
             return succeed(ReloadResult(REFUSED, errors=(str(e),)))
         try:
             return self.apply(new)
+        except ConfigError as e:
+            self.log.error(
+                "reload refused, nothing changed: {error}",
+                path=self.configPath,
+                result=REFUSED,
+                error=str(e),
+            )
+            return succeed(ReloadResult(REFUSED, errors=(str(e),)))
         except Exception:
             self.log.failure("reload of {path} failed unexpectedly", path=self.configPath)
             return succeed(ReloadResult(REFUSED, errors=("unexpected error (see the log)",)))
@@ -252,6 +280,13 @@ class ProxyService(Service):
         old = self.config
         plan = planReload(old, new)
         errors: list[str] = []
+        # The TLS files of new and changed apps are read first: one refused
+        # refuses the whole reload, before anything is changed.
+        tls = {
+            app.name: loadAppTLS(app, new.source)
+            for app in new.apps
+            if app.name not in self.factories or self.factories[app.name].app != app
+        }
 
         # Everything that can fail comes first, so a failure can still be
         # left out of what is applied.
@@ -272,9 +307,11 @@ class ProxyService(Service):
         for app in running.apps:
             factory = self.factories.get(app.name)
             if factory is None:
-                self.factories[app.name] = self._newFactory(app)
+                self.factories[app.name] = self._newFactory(app, tls[app.name])
             elif factory.app != app:
-                factory.reconfigure(app, self._balancerFor(factory, app), self._dialerFor(factory, app))
+                dialer = self._dialerFor(factory, app, tls[app.name])
+                factory.reconfigure(app, self._balancerFor(factory, app), dialer)
+                self._setTLS(factory, tls[app.name])
         for app in plan.removedApps:
             self._retire(self.factories.pop(app.name))
 
@@ -349,10 +386,14 @@ class ProxyService(Service):
             return factory.balancer
         return factory.balancer.withTargets(app.targets)
 
-    def _dialerFor(self, factory: ProxyServerFactory, app: AppConfig):
-        if factory.app.connectTimeout == app.connectTimeout:
+    def _dialerFor(self, factory: ProxyServerFactory, app: AppConfig, tls: AppTLS):
+        """
+        @param tls: the app's TLS, as loaded for this reload.
+        """
+        same = (factory.app.connectTimeout, factory.app.targetTLS) == (app.connectTimeout, app.targetTLS)
+        if same and tls.client is None:
             return factory.dialer
-        return FailoverDialer(self._reactor, app.connectTimeout)
+        return self._newDialer(app, tls)
 
     def _retire(self, factory: ProxyServerFactory) -> None:
         """

@@ -21,6 +21,7 @@ from tcpproxy.demo import echoFactory
 from tcpproxy.dialer import FailoverDialer
 from tcpproxy.listening import BACKLOG
 from tcpproxy.relay import ProxyServerFactory
+from tcpproxy.tls import isTLS, unflushed
 
 
 def freePorts(count: int) -> list[int]:
@@ -185,5 +186,10 @@ def bufferedBytes(factory: ProxyServerFactory) -> int:
         for side in (relay, relay.client):
             if side is not None and side.transport is not None:
                 t = side.transport
-                total += len(t.dataBuffer) - t.offset + t._tempDataLen
+                total += unflushed(t)
+                if isTLS(t):
+                    # Not yet encrypted: held before the handshake, or
+                    # gathered for one write per reactor turn.
+                    total += sum(map(len, t._appSendBuffer or ()))
+                    total += sum(map(len, getattr(t._aggregator, "_buffer", ())))
     return total

@@ -661,3 +661,124 @@ class AcceptedConfigTests(ConfigFileMixin, TestCase):
         self.assertIsInstance(config.apps, tuple)
         self.assertIsInstance(appConfig.ports, tuple)
         self.assertIsInstance(appConfig.targets, tuple)
+
+
+class TLSConfigTests(ConfigFileMixin, TestCase):
+    """
+    The C{"TLS"} and C{"TargetTLS"} keys of an app: their shape is checked
+    here (the files they name are read by L{tcpproxy.tls}), and paths are
+    relative to the configuration file's folder.
+    """
+
+    def tlsApp(self, **tls: object) -> dict:
+        settings: dict = {"Certificates": [{"Cert": "a.pem", "Key": "a.key"}]}
+        settings.update(tls)
+        return app(TLS={k: v for k, v in settings.items() if v is not None})
+
+    def test_accepted(self) -> None:
+        path = self.writeConfig(
+            document(
+                app(
+                    TLS={
+                        "Certificates": [
+                            {"Cert": "a.pem", "Key": "a.key"},
+                            {"Cert": "/abs/b.pem", "Key": "b.key"},
+                        ],
+                        "MinVersion": "1.3",
+                        "HandshakeTimeout": 2.5,
+                    },
+                    TargetTLS={
+                        "CA": "ca.pem",
+                        "ServerName": "backend.internal",
+                        "Cert": "c.pem",
+                        "Key": "c.key",
+                    },
+                )
+            )
+        )
+        folder = os.path.dirname(path)
+        loaded = loadConfig(path).apps[0]
+        self.assertEqual(
+            loaded.tls.certificates,
+            (
+                (os.path.join(folder, "a.pem"), os.path.join(folder, "a.key")),
+                ("/abs/b.pem", os.path.join(folder, "b.key")),
+            ),
+        )
+        self.assertEqual((loaded.tls.minVersion, loaded.tls.handshakeTimeout), ("1.3", 2.5))
+        target = loaded.targetTLS
+        self.assertEqual(target.ca, os.path.join(folder, "ca.pem"))
+        self.assertEqual((target.serverName, target.verify), ("backend.internal", True))
+        self.assertEqual(
+            (target.cert, target.key), (os.path.join(folder, "c.pem"), os.path.join(folder, "c.key"))
+        )
+
+    def test_defaults(self) -> None:
+        loaded = parseConfig(document(self.tlsApp(), app("plain", Ports=[1])))
+        self.assertEqual((loaded.apps[0].tls.minVersion, loaded.apps[0].tls.handshakeTimeout), ("1.2", 10.0))
+        self.assertIsNone(loaded.apps[0].targetTLS)
+        self.assertIsNone(loaded.apps[1].tls)
+        self.assertEqual(parseConfig(document(app(TargetTLS={}))).apps[0].targetTLS.ca, None)
+
+    def test_badMinVersion(self) -> None:
+        for value in ["1.1", "1.0", 1.2, "TLSv1.2"]:
+            self.assertRefused(
+                document(self.tlsApp(MinVersion=value)),
+                'app "web"',
+                'key "TLS.MinVersion"',
+                json.dumps(value),
+                '"1.2" or "1.3"',
+            )
+
+    def test_unknownKey(self) -> None:
+        self.assertRefused(
+            document(self.tlsApp(MinVerison="1.2")),
+            'key "TLS.MinVerison"',
+            'did you mean "MinVersion"?',
+        )
+        self.assertRefused(
+            document(app(TargetTLS={"Verfiy": False})), 'key "TargetTLS.Verfiy"', 'did you mean "Verify"?'
+        )
+        self.assertRefused(
+            document(self.tlsApp(Certificates=[{"Cert": "a", "Kye": "b"}])),
+            'key "TLS.Certificates[1].Kye"',
+            'did you mean "Key"?',
+        )
+
+    def test_certificatesMissingOrEmpty(self) -> None:
+        self.assertRefused(document(app(TLS={})), 'key "TLS.Certificates"', "missing required key")
+        self.assertRefused(document(self.tlsApp(Certificates=[])), 'key "TLS.Certificates"', "is empty")
+        self.assertRefused(
+            document(self.tlsApp(Certificates=[{"Cert": "a.pem"}])),
+            'key "TLS.Certificates[1].Key"',
+            "missing",
+        )
+        self.assertRefused(
+            document(self.tlsApp(Certificates=["a.pem"])), 'key "TLS.Certificates[1]"', "is not an object"
+        )
+        self.assertRefused(
+            document(self.tlsApp(Certificates=[{"Cert": "", "Key": "k"}])), "is not a file path"
+        )
+
+    def test_notAnObject(self) -> None:
+        self.assertRefused(document(app(TLS=True)), 'key "TLS"', "true is not an object")
+        self.assertRefused(document(app(TargetTLS="ca.pem")), 'key "TargetTLS"', "is not an object")
+
+    def test_handshakeTimeout(self) -> None:
+        self.assertRefused(
+            document(self.tlsApp(HandshakeTimeout=0)), 'key "TLS.HandshakeTimeout"', "greater than 0"
+        )
+        self.assertRefused(document(self.tlsApp(HandshakeTimeout="10")), "is not a number of seconds")
+
+    def test_targetTLSShape(self) -> None:
+        self.assertRefused(
+            document(app(TargetTLS={"Cert": "c.pem"})), 'key "TargetTLS.Key"', '"Cert" and "Key" go together'
+        )
+        self.assertRefused(
+            document(app(TargetTLS={"Verify": "no"})), 'key "TargetTLS.Verify"', "true or false"
+        )
+        self.assertRefused(
+            document(app(TargetTLS={"ServerName": "not a name"})),
+            'key "TargetTLS.ServerName"',
+            "not a hostname",
+        )

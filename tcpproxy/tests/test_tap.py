@@ -336,7 +336,7 @@ class MakeServiceTests(ConfigFileMixin, TestCase):
         self.assertEqual(
             line,
             f'tcpproxy: error: {path}: app "web": key "Tragets": unknown key (did you mean "Targets"?); '
-            "known keys are Name, Ports, Targets, ConnectTimeout, AccessLog",
+            "known keys are Name, Ports, Targets, ConnectTimeout, AccessLog, TLS, TargetTLS",
         )
 
     def test_missingConfig(self) -> None:

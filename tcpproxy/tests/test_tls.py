@@ -1,0 +1,709 @@
+"""
+TLS on real loopback sockets: termination with SNI, origination with
+verification, the relay's guarantees through TLS, clients that never
+complete a handshake, and every refusal of a TLS file at start.
+
+Certificates are made at test time (L{tcpproxy.tests.certs}).  Clients are
+Twisted's own TLS, except where a test needs an old protocol version, for
+which Python's C{ssl} module runs in a thread with a bounded timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import ssl
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.ssl import Certificate, CertificateOptions, PrivateCertificate, optionsForClientTLS
+from twisted.internet.threads import deferToThread
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.trial.unittest import TestCase
+from zope.interface import implementer
+
+from tcpproxy.config import ConfigError, loadConfig
+from tcpproxy.demo import echoFactory
+from tcpproxy.relay import END_DONE, END_NO_TARGET, END_TARGET_LOST
+from tcpproxy.service import APPLIED, REFUSED, ProxyService
+from tcpproxy.tests.certs import ALPHA, BETA, GAMMA, pki, writePKI
+from tcpproxy.tests.loopback import (
+    Collector,
+    CollectorFactory,
+    captureEvents,
+    connectClient,
+    deadPort,
+    listen,
+)
+from tcpproxy.tests.test_relay_loopback import _Pusher, _SlowReader
+from tcpproxy.tls import _UnverifiedClientCreator, certificateNames, closeTLS, loadAppTLS
+
+MiB = 1024 * 1024
+
+
+@implementer(IHandshakeListener)
+class TLSCollector(Collector):
+    """
+    A L{Collector} over TLS: C{handshake} fires once the handshake is
+    complete, or fails with the reason the connection was lost before.
+    C{until(n)} fires once C{n} bytes have arrived.
+    """
+
+    def __init__(self) -> None:
+        Collector.__init__(self)
+        self.handshake: Deferred = Deferred()
+        self._until: list[tuple[int, Deferred]] = []
+
+    def handshakeCompleted(self) -> None:
+        self.handshake.callback(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        Collector.dataReceived(self, data)
+        for n, d in list(self._until):
+            if len(self.data) >= n:
+                self._until.remove((n, d))
+                d.callback(bytes(self.data))
+
+    def until(self, n: int) -> Deferred:
+        d: Deferred = Deferred()
+        self._until.append((n, d))
+        self.dataReceived(b"")
+        return d
+
+    def connectionLost(self, reason) -> None:
+        if not self.handshake.called:
+            self.handshake.errback(reason)
+        for _, d in self._until:
+            d.errback(reason)
+        self._until = []
+        Collector.connectionLost(self, reason)
+
+    def peerNames(self) -> list[str]:
+        return certificateNames(self.transport.getPeerCertificate().to_cryptography())
+
+
+def trusting(name: str, ca: str = "ca.pem"):
+    """
+    A client TLS creator that verifies C{name} against our test CA.
+    """
+    return optionsForClientTLS(name, trustRoot=Certificate.loadPEM(pki()[ca]))
+
+
+def unverified(sni: str | None = None):
+    """
+    A client TLS creator that checks nothing and sends C{sni} (if any).
+    """
+    return _UnverifiedClientCreator(CertificateOptions(verify=False), sni)
+
+
+def connectTLS(port: int, creator, protocol=None) -> Deferred:
+    endpoint = wrapClientTLS(creator, TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5))
+    return connectProtocol(endpoint, protocol if protocol is not None else TLSCollector())
+
+
+def keyPair(stem: str, chain: str | None = None) -> PrivateCertificate:
+    files = pki()
+    return PrivateCertificate.loadPEM(files[chain or f"{stem}.pem"] + files[f"{stem}.key"])
+
+
+def tlsBackend(testCase, stem: str = "alpha", requireClient: bool = False, factory=None) -> int:
+    """
+    A TLS echo backend (or C{factory} behind TLS) serving C{stem}'s
+    certificate; with C{requireClient}, it demands a client certificate
+    issued by the test CA.
+    """
+    pair = keyPair(stem)
+    extra = {}
+    if requireClient:
+        extra = {
+            "verify": True,
+            "requireCertificate": True,
+            "caCerts": [Certificate.loadPEM(pki()["ca.pem"]).original],
+        }
+    options = CertificateOptions(privateKey=pair.privateKey.original, certificate=pair.original, **extra)
+    tlsFactory = TLSMemoryBIOFactory(options, False, factory or echoFactory())
+    # Not the buffering transport: an echo written just before the peer's
+    # close_notify is read must still go out.
+    tlsFactory.protocol = TLSMemoryBIOProtocol
+    return listen(testCase, tlsFactory)
+
+
+def relayEvents(events: list[dict]) -> list[dict]:
+    return [e for e in events if "bytesIn" in e]
+
+
+class TLSServiceMixin:
+    """
+    A L{ProxyService} from a configuration file in a folder that also holds
+    the test certificates, named relative to it as a user would.
+    """
+
+    timeout = 30
+
+    def setUp(self):
+        self.folder = writePKI(os.path.abspath(self.mktemp()))
+        self.path = os.path.join(self.folder, "config.json")
+        self.events = captureEvents(self, "tcpproxy")
+
+    def config(self, apps: list[dict]):
+        with open(self.path, "w") as f:
+            json.dump({"BindAddress": "127.0.0.1", "Apps": apps}, f)
+        return loadConfig(self.path)
+
+    def serve(self, apps: list[dict]) -> ProxyService:
+        self.service = ProxyService(self.config(apps), reactor)
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+        return self.service
+
+    def idle(self) -> Deferred:
+        from twisted.internet.defer import gatherResults
+
+        return gatherResults([f.whenIdle() for f in self.service._allFactories()])
+
+    def terminating(self, targets: list[int], certificates=("alpha", "beta"), **tls) -> tuple[dict, int]:
+        port = deadPort()
+        app = {
+            "Name": "secure",
+            "Ports": [port],
+            "Targets": [f"127.0.0.1:{t}" for t in targets],
+            "TLS": {"Certificates": [{"Cert": f"{c}.pem", "Key": f"{c}.key"} for c in certificates], **tls},
+        }
+        return app, port
+
+    def originating(self, targets: list[int], **targetTLS) -> tuple[dict, int]:
+        port = deadPort()
+        app = {
+            "Name": "origin",
+            "Ports": [port],
+            "Targets": [f"127.0.0.1:{t}" for t in targets],
+            "TargetTLS": {"CA": "ca.pem", **targetTLS},
+        }
+        return app, port
+
+    @inlineCallbacks
+    def echoThrough(self, port: int, creator, payload: bytes = b"hello through TLS"):
+        """
+        Send C{payload} through a TLS client, wait for its echo, then close;
+        return the client.
+        """
+        client = yield connectTLS(port, creator)
+        yield client.handshake
+        client.transport.write(payload)
+        echoed = yield client.until(len(payload))
+        self.assertEqual(echoed, payload)
+        client.transport.loseConnection()
+        yield client.lost
+        return client
+
+
+class TerminationTests(TLSServiceMixin, TestCase):
+    """
+    An app with C{"TLS"} serves the certificate the client's SNI asks for,
+    and relays byte-exact.
+    """
+
+    @inlineCallbacks
+    def test_sniPicksCertificate(self):
+        app, port = self.terminating([listen(self, echoFactory())])
+        self.serve([app])
+        client = yield self.echoThrough(port, trusting(BETA))
+        self.assertEqual(client.peerNames(), [BETA])
+        client = yield self.echoThrough(port, trusting(ALPHA))
+        self.assertIn(ALPHA, client.peerNames())
+        yield self.idle()
+        logged = relayEvents(self.events)
+        self.assertEqual([e["sni"] for e in logged], [BETA, ALPHA])
+        self.assertEqual([e["end"] for e in logged], [END_DONE, END_DONE])
+        for event in logged:
+            self.assertIn(event["tlsVersion"], ("TLSv1.2", "TLSv1.3"))
+            self.assertTrue(event["cipher"])
+            self.assertEqual((event["bytesIn"], event["bytesOut"]), (17, 17))
+
+    @inlineCallbacks
+    def test_defaultCertificate(self):
+        """
+        Without SNI, or with a name no certificate covers, the first
+        certificate is served.
+        """
+        app, port = self.terminating([listen(self, echoFactory())], certificates=("beta", "alpha"))
+        self.serve([app])
+        for sni in (None, "nobody.test"):
+            client = yield self.echoThrough(port, unverified(sni))
+            self.assertEqual(client.peerNames(), [BETA])
+        yield self.idle()
+        self.assertEqual([e["sni"] for e in relayEvents(self.events)], [None, "nobody.test"])
+
+    @inlineCallbacks
+    def test_chainFile(self):
+        """
+        A certificate file holding the leaf and its intermediate CA: a
+        client that trusts only the root verifies it.
+        """
+        app, port = self.terminating([listen(self, echoFactory())], certificates=())
+        app["TLS"]["Certificates"] = [{"Cert": "gamma-chain.pem", "Key": "gamma.key"}]
+        self.serve([app])
+        client = yield self.echoThrough(port, trusting(GAMMA))
+        self.assertEqual(client.peerNames(), [GAMMA])
+
+    def handshakeWith(self, port: int, version) -> Deferred:
+        """
+        A handshake by Python's C{ssl} (in a thread), allowing only
+        C{version}; fires with the version agreed, or fails with the error.
+        """
+
+        def handshake():
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            context.set_ciphers("ALL:@SECLEVEL=0")
+            context.minimum_version = context.maximum_version = version
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                with context.wrap_socket(raw, server_hostname=ALPHA) as tls:
+                    return tls.version()
+
+        return deferToThread(handshake)
+
+    @inlineCallbacks
+    def test_oldVersionsRefused(self):
+        """
+        TLS 1.1 is refused by default (a client offering only 1.2 is
+        served); with C{"MinVersion": "1.3"}, 1.2 is refused too.
+        """
+        app, port = self.terminating([listen(self, echoFactory())])
+        strict, strictPort = self.terminating([listen(self, echoFactory())])
+        strict.update(Name="strict", TLS={**strict["TLS"], "MinVersion": "1.3"})
+        self.serve([app, strict])
+        self.assertEqual((yield self.handshakeWith(port, ssl.TLSVersion.TLSv1_2)), "TLSv1.2")
+        yield self.assertFailure(self.handshakeWith(port, ssl.TLSVersion.TLSv1_1), ssl.SSLError, OSError)
+        yield self.assertFailure(
+            self.handshakeWith(strictPort, ssl.TLSVersion.TLSv1_2), ssl.SSLError, OSError
+        )
+        self.assertEqual((yield self.handshakeWith(strictPort, ssl.TLSVersion.TLSv1_3)), "TLSv1.3")
+        yield self.idle()
+        dropped = [e for e in self.events if e.get("event") == "tls-handshake-failed"]
+        self.assertEqual([e["why"] for e in dropped], ["unsupported protocol"] * 2)
+        self.assertTrue(all(e["client"].startswith("127.0.0.1:") for e in dropped))
+
+    @inlineCallbacks
+    def test_multiMiBByteExact(self):
+        payload = os.urandom(4 * MiB + 7)
+        app, port = self.terminating([listen(self, echoFactory())])
+        self.serve([app])
+        yield self.echoThrough(port, trusting(ALPHA), payload)
+        yield self.idle()
+        [event] = relayEvents(self.events)
+        self.assertEqual((event["bytesIn"], event["bytesOut"]), (len(payload), len(payload)))
+
+    @inlineCallbacks
+    def test_garbageAndStalledClientsDropped(self):
+        """
+        A plaintext client and one that stalls mid-handshake are dropped and
+        logged with their address, without a traceback and without a target
+        being dialled; a TLS client is served meanwhile.
+        """
+        backend = CollectorFactory()
+        app, port = self.terminating([listen(self, backend)], HandshakeTimeout=1)
+        self.serve([app])
+        stalled = yield connectClient(port)
+        stalled.transport.write(b"\x16\x03\x01\x00")  # the start of a ClientHello
+        stalledAddress = f"127.0.0.1:{stalled.transport.getHost().port}"
+        plaintext = yield connectClient(port)
+        plainAddress = f"127.0.0.1:{plaintext.transport.getHost().port}"
+        plaintext.transport.write(b"GET / HTTP/1.1\r\nHost: alpha.test\r\n\r\n")
+        client = yield connectTLS(port, trusting(ALPHA))
+        yield client.handshake
+        target = yield backend.accepted.get()
+        client.transport.write(b"served")
+        target.transport.write(b"answer")
+        self.assertEqual((yield client.until(6)), b"answer")
+        # Both were closed by the proxy (a half-close aware client sees EOF).
+        yield plaintext.readDone
+        plaintext.transport.loseConnection()
+        yield stalled.lost
+        client.transport.loseConnection()
+        yield client.lost
+        target.transport.loseConnection()
+        yield self.idle()
+        self.assertEqual(bytes(target.data), b"served")
+        self.assertEqual(len(backend.protocols), 1)
+        dropped = {e["client"]: e["why"] for e in self.events if e.get("event") == "tls-handshake-failed"}
+        self.assertEqual(set(dropped), {stalledAddress, plainAddress})
+        self.assertEqual(dropped[stalledAddress], "no TLS handshake within 1s")
+        self.assertIn("http request", dropped[plainAddress])
+        self.assertFalse([e for e in self.events if "log_failure" in e])
+        self.assertEqual(len(relayEvents(self.events)), 1)
+
+    @inlineCallbacks
+    def test_reloadAddsTLS(self):
+        """
+        A reload that gives an app C{"TLS"} serves its next clients with
+        TLS; a connection already open stays plain.
+        """
+        echoPort = listen(self, echoFactory())
+        app, port = self.terminating([echoPort])
+        plain = {k: v for k, v in app.items() if k != "TLS"}
+        self.serve([plain])
+        before = yield connectClient(port)
+        before.transport.write(b"plain")
+        self.config([app])
+        result = yield self.service.reload()
+        self.assertEqual(result.status, APPLIED)
+        yield self.echoThrough(port, trusting(ALPHA))
+        before.transport.loseWriteConnection()
+        self.assertEqual((yield before.readDone), b"plain")
+        yield before.lost
+
+
+class _TLSPusher(_Pusher):
+    """
+    A L{_Pusher} over TLS, which ends with C{close_notify} (TLS has no
+    half-close).
+    """
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        while not self.paused and self.remaining > 0:
+            chunk = self.chunk[: self.remaining]
+            self.remaining -= len(chunk)
+            self.transport.write(chunk)
+            self.samples.append(_buffered(self.factory))
+        if self.remaining == 0 and self.transport.connected and not self.transport.disconnecting:
+            self.transport.unregisterProducer()
+            self.transport.loseConnection()
+
+
+def _buffered(factory) -> int:
+    from tcpproxy.tests.loopback import bufferedBytes
+
+    return bufferedBytes(factory)
+
+
+class TLSBackpressureTests(TLSServiceMixin, TestCase):
+    """
+    A fast writer towards a slow reader does not grow the proxy's buffers
+    when one side is TLS, in either direction.
+    """
+
+    timeout = 60
+    total = 8 * MiB
+    bound = 768 * 1024
+
+    @inlineCallbacks
+    def test_slowTarget(self):
+        samples: list[int] = []
+        backend = CollectorFactory()
+        service = None
+
+        def slowProtocol(addr):
+            protocol = _SlowReader(service.factories["secure"], samples)
+            backend.protocols.append(protocol)
+            protocol.whenConnected.addCallback(backend.accepted.put)
+            return protocol
+
+        backend.buildProtocol = slowProtocol
+        app, port = self.terminating([listen(self, backend)])
+        service = self.serve([app])
+        yield connectTLS(port, trusting(ALPHA), _TLSPusher(self.total, service.factories["secure"], samples))
+        target = yield backend.accepted.get()
+        received = yield target.readDone
+        self.assertEqual(len(received), self.total)
+        target.transport.loseConnection()
+        yield self.idle()
+        self.assertLess(max(samples), self.bound, f"proxy buffered up to {max(samples)} bytes")
+        self.assertGreater(len(samples), 50)
+
+    @inlineCallbacks
+    def test_slowClient(self):
+        """
+        The target writes fast then sends EOF; the TLS client reads slowly
+        and still gets every byte before C{close_notify}.
+        """
+        samples: list[int] = []
+        service = None
+
+        class Backend(CollectorFactory):
+            def buildProtocol(self, addr):
+                return _Pusher(TLSBackpressureTests.total, service.factories["secure"], samples)
+
+        app, port = self.terminating([listen(self, Backend())])
+        service = self.serve([app])
+
+        class SlowTLSReader(_SlowReader):
+            def dataReceived(self, data):
+                Collector.dataReceived(self, data)
+                self.samples.append(_buffered(self.factory))
+                self.transport.pauseProducing()
+                reactor.callLater(0.002, self._resume)
+
+        client = yield connectTLS(port, trusting(ALPHA), SlowTLSReader(service.factories["secure"], samples))
+        received = yield client.readDone
+        self.assertEqual(len(received), self.total)
+        yield client.lost
+        yield self.idle()
+        self.assertLess(max(samples), self.bound, f"proxy buffered up to {max(samples)} bytes")
+        self.assertGreater(len(samples), 50)
+        [event] = relayEvents(self.events)
+        self.assertEqual((event["bytesOut"], event["end"]), (self.total, END_DONE))
+
+
+class OriginationTests(TLSServiceMixin, TestCase):
+    """
+    An app with C{"TargetTLS"} speaks TLS to its targets and verifies them;
+    a target that fails verification is a failed attempt (the next target
+    is tried).
+    """
+
+    @inlineCallbacks
+    def echoPlain(self, port: int, payload: bytes = b"to a TLS target"):
+        client = yield connectClient(port)
+        client.transport.write(payload)
+        client.transport.loseWriteConnection()
+        received = yield client.readDone
+        yield client.lost
+        return received
+
+    @inlineCallbacks
+    def test_verified(self):
+        app, port = self.originating([tlsBackend(self)])
+        self.serve([app])
+        self.assertEqual((yield self.echoPlain(port)), b"to a TLS target")
+        yield self.idle()
+        [event] = relayEvents(self.events)
+        self.assertEqual((event["end"], event["failures"]), (END_DONE, []))
+
+    @inlineCallbacks
+    def test_serverName(self):
+        app, port = self.originating([tlsBackend(self, "beta")], ServerName=BETA)
+        self.serve([app])
+        self.assertEqual((yield self.echoPlain(port)), b"to a TLS target")
+
+    @inlineCallbacks
+    def test_wrongCA(self):
+        app, port = self.originating([tlsBackend(self)], CA="other-ca.pem")
+        self.serve([app])
+        self.assertEqual((yield self.echoPlain(port)), b"")
+        yield self.idle()
+        [event] = relayEvents(self.events)
+        self.assertEqual(event["end"], END_NO_TARGET)
+        [failure] = event["failures"]
+        self.assertIn("TLS handshake failed: certificate verify failed", failure)
+
+    @inlineCallbacks
+    def test_wrongNameFailsOver(self):
+        """
+        A target whose certificate is not for the name is skipped; the next
+        target, whose certificate is, serves.
+        """
+        wrong, right = tlsBackend(self, "beta"), tlsBackend(self, "alpha")
+        app, port = self.originating([wrong, right], ServerName=ALPHA)
+        self.serve([app])
+        self.assertEqual((yield self.echoPlain(port)), b"to a TLS target")
+        yield self.idle()
+        [event] = relayEvents(self.events)
+        self.assertEqual(event["target"], f"127.0.0.1:{right}")
+        [failure] = event["failures"]
+        self.assertEqual(
+            failure, f"127.0.0.1:{wrong}: TLS handshake failed: the certificate is not for {ALPHA}"
+        )
+
+    @inlineCallbacks
+    def test_mutualTLS(self):
+        """
+        A target that demands a client certificate is refused without one
+        and served with C{Cert}/C{Key}.
+        """
+        demanding = tlsBackend(self, requireClient=True)
+        without, withoutPort = self.originating([demanding])
+        withCert, withPort = self.originating([demanding], Cert="client.pem", Key="client.key")
+        withCert["Name"] = "mutual"
+        self.serve([without, withCert])
+        self.assertEqual((yield self.echoPlain(withPort)), b"to a TLS target")
+        self.assertEqual((yield self.echoPlain(withoutPort)), b"")
+        yield self.idle()
+        ends = {e["app"]: e["end"] for e in relayEvents(self.events)}
+        # With TLS 1.3 the client's handshake completes before the server
+        # has checked it: the refusal then comes as the target's reset.
+        self.assertIn(ends.pop("origin"), (END_NO_TARGET, END_TARGET_LOST))
+        self.assertEqual(ends, {"mutual": END_DONE})
+
+    @inlineCallbacks
+    def test_reloadChangesTargetTLS(self):
+        """
+        A reload that changes C{"TargetTLS"} (here the CA) applies to the
+        next connection; a refused TLS file refuses the whole reload.
+        """
+        app, port = self.originating([tlsBackend(self)], CA="other-ca.pem")
+        self.serve([app])
+        self.assertEqual((yield self.echoPlain(port)), b"")
+        app["TargetTLS"]["CA"] = "ca.pem"
+        self.config([app])
+        self.assertEqual((yield self.service.reload()).status, APPLIED)
+        self.assertEqual((yield self.echoPlain(port)), b"to a TLS target")
+        app["TargetTLS"]["CA"] = "missing.pem"
+        self.config([app])
+        result = yield self.service.reload()
+        self.assertEqual(result.status, REFUSED)
+        self.assertIn("missing.pem: cannot read the file", result.errors[0])
+        self.assertEqual((yield self.echoPlain(port)), b"to a TLS target")
+
+    @inlineCallbacks
+    def test_bothSidesByteExact(self):
+        """
+        TLS terminated and originated on one app: a multi-MiB echo is
+        byte-exact.
+        """
+        app, port = self.terminating([tlsBackend(self)])
+        app["TargetTLS"] = {"CA": "ca.pem"}
+        self.serve([app])
+        payload = os.urandom(3 * MiB + 1)
+        yield self.echoThrough(port, trusting(ALPHA), payload)
+        yield self.idle()
+        [event] = relayEvents(self.events)
+        self.assertEqual((event["bytesIn"], event["bytesOut"]), (len(payload), len(payload)))
+
+
+class CloseTests(TestCase):
+    """
+    L{closeTLS} on a peer that never answers C{close_notify}.
+    """
+
+    timeout = 20
+
+    @inlineCallbacks
+    def test_silentPeerAborted(self):
+        """
+        A peer that completes the handshake, then reads nothing more (so
+        never answers C{close_notify}), is aborted after the deadline
+        instead of being waited for forever.
+        """
+        from twisted.internet.task import Clock
+
+        server = Collector()
+        pair = keyPair("alpha")
+        options = CertificateOptions(privateKey=pair.privateKey.original, certificate=pair.original)
+        from twisted.internet.protocol import Factory
+
+        port = listen(self, TLSMemoryBIOFactory(options, False, Factory.forProtocol(lambda: server)))
+        silent = yield connectTLS(port, trusting(ALPHA))
+        yield silent.handshake
+        yield server.whenConnected
+        silent.transport.pauseProducing()
+        clock = Clock()
+        closeTLS(server.transport, clock, timeout=2)
+        self.assertTrue(server.transport.connected)
+        clock.advance(2)
+        yield server.lost
+        silent.transport.resumeProducing()
+        yield silent.lost
+
+
+class LoadRefusalTests(TestCase):
+    """
+    The files named by C{"TLS"} and C{"TargetTLS"} are read at start: each
+    problem is refused naming the app, the key and the path.
+    """
+
+    def setUp(self):
+        self.folder = writePKI(os.path.abspath(self.mktemp()))
+        self.path = os.path.join(self.folder, "config.json")
+        self.events = captureEvents(self, "tcpproxy")
+
+    def load(self, tls=None, targetTLS=None):
+        app = {"Name": "secure", "Ports": [1], "Targets": ["127.0.0.1:2"]}
+        if tls is not None:
+            app["TLS"] = tls
+        if targetTLS is not None:
+            app["TargetTLS"] = targetTLS
+        with open(self.path, "w") as f:
+            json.dump({"Apps": [app]}, f)
+        config = loadConfig(self.path)
+        return loadAppTLS(config.apps[0], config.source)
+
+    def assertRefused(self, key: str, path: str, fragment: str, **settings) -> str:
+        error = self.assertRaises(ConfigError, self.load, **settings)
+        message = str(error)
+        self.assertTrue(message.startswith(f'{self.path}: app "secure": key "{key}": '), message)
+        self.assertIn(os.path.join(self.folder, path), message)
+        self.assertIn(fragment, message)
+        self.assertNotIn("\n", message)
+        return message
+
+    def certs(self, *pairs):
+        return {"Certificates": [{"Cert": c, "Key": k} for c, k in pairs]}
+
+    def test_missingFile(self):
+        self.assertRefused(
+            "TLS", "nope.pem", "cannot read the file: No such file", tls=self.certs(("nope.pem", "alpha.key"))
+        )
+        self.assertRefused(
+            "TLS",
+            "nope.key",
+            "cannot read the file",
+            tls=self.certs(("alpha.pem", "alpha.key"), ("beta.pem", "nope.key")),
+        )
+        self.assertRefused("TargetTLS", "nope.pem", "cannot read the file", targetTLS={"CA": "nope.pem"})
+
+    def test_notPEM(self):
+        self.assertRefused(
+            "TLS", "alpha.key", "is not a PEM certificate", tls=self.certs(("alpha.key", "alpha.key"))
+        )
+        self.assertRefused(
+            "TLS", "alpha.pem", "is not a PEM private key", tls=self.certs(("alpha.pem", "alpha.pem"))
+        )
+
+    def test_keyNotOfCertificate(self):
+        self.assertRefused(
+            "TLS",
+            "beta.key",
+            "is not the private key of the certificate",
+            tls=self.certs(("alpha.pem", "beta.key")),
+        )
+        self.assertRefused(
+            "TargetTLS",
+            "alpha.key",
+            "is not the private key of the certificate",
+            targetTLS={"Cert": "client.pem", "Key": "alpha.key"},
+        )
+
+    def test_expiredIsAWarning(self):
+        loaded = self.load(tls=self.certs(("expired.pem", "expired.key")))
+        self.assertIsNotNone(loaded.server)
+        [warning] = [e for e in self.events if "expired" in e.get("log_format", "")]
+        self.assertIn(os.path.join(self.folder, "expired.pem"), warning["path"])
+
+    def test_verifyOffIsAWarning(self):
+        loaded = self.load(targetTLS={"Verify": False})
+        self.assertIsNotNone(loaded.client)
+        self.assertEqual(len([e for e in self.events if e.get("event") == "tls-verify-off"]), 1)
+
+    def test_startRefusedInOneLine(self):
+        """
+        Through C{twistd}'s entry point: one line, exit status 1.
+        """
+        import io
+        import sys
+
+        from tcpproxy.tap import Options, makeService
+
+        app = {
+            "Name": "secure",
+            "Ports": [deadPort()],
+            "Targets": ["127.0.0.1:2"],
+            "TLS": self.certs(("alpha.pem", "beta.key")),
+        }
+        with open(self.path, "w") as f:
+            json.dump({"BindAddress": "127.0.0.1", "Apps": [app]}, f)
+        options = Options()
+        options.parseOptions(["--config", self.path])
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        exited = self.assertRaises(SystemExit, makeService, options)
+        self.assertEqual(exited.code, 1)
+        line = stderr.getvalue()
+        self.assertEqual(line.count("\n"), 1)
+        self.assertTrue(line.startswith(f'tcpproxy: error: {self.path}: app "secure": key "TLS": '), line)
+        self.assertIn("beta.key: is not the private key of the certificate", line)

@@ -1,0 +1,702 @@
+"""
+TLS for the proxy: terminating it for an app's clients (with SNI), and
+originating it towards an app's targets (with verification).
+
+Everything goes through Twisted's own TLS (L{TLSMemoryBIOFactory},
+L{CertificateOptions}, L{optionsForClientTLS}), so the relay sees a TLS side
+as just another transport.  What this module adds:
+
+  - L{loadAppTLS}: the PEM files of an app's C{TLS} and C{TargetTLS}
+    settings, read and checked at start-up (and reload), so that a missing
+    file, a key that is not the certificate's, or an unusable certificate is
+    refused with a L{ConfigError} naming the app, key and path.
+
+  - A handshake gate (L{_HandshakeGate}): the application protocol (the
+    relay) is only built and connected once the TLS handshake is complete.
+    A client that sends garbage, plaintext or nothing at all is dropped and
+    logged without a target ever being dialled; a target whose certificate
+    does not verify is a failed connect attempt, so the dialer fails over to
+    the next target as it does for a refused connection.
+
+  - L{closeTLS}: how to close a TLS transport for certain (resumed first,
+    aborted if the peer never answers C{close_notify}).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtensionOID, NameOID
+from OpenSSL import SSL, crypto
+from service_identity import VerificationError
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IOpenSSLClientConnectionCreator,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import (
+    AcceptableCiphers,
+    Certificate,
+    CertificateOptions,
+    PrivateCertificate,
+    TLSVersion,
+    optionsForClientTLS,
+    platformTrust,
+    trustRootFromCertificates,
+)
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from tcpproxy.config import AppConfig, ConfigError, Target, TargetTLSConfig, TLSConfig
+
+log = Logger()
+
+CLOSE_TIMEOUT = 5.0
+"""
+Seconds a closing TLS transport may go without its peer answering
+C{close_notify} (and without anything left to flush to it) before it is
+aborted.
+"""
+
+MODERN_CIPHERS = AcceptableCiphers.fromOpenSSLCipherString(
+    "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!MD5:!DSS"
+)
+"""
+TLS 1.2 suites with forward secrecy and authenticated encryption only (TLS
+1.3 suites are all of that kind and are not affected by this list).
+"""
+
+_VERSIONS = {"1.2": TLSVersion.TLSv1_2, "1.3": TLSVersion.TLSv1_3}
+
+
+# Reading and checking PEM files
+
+
+class _Refuse:
+    """
+    Builds the L{ConfigError} for one app and key, as the config module does.
+    """
+
+    def __init__(self, source: str, app: str, key: str) -> None:
+        self.prefix = f"{source}: app {json.dumps(app)}: key {json.dumps(key)}"
+
+    def __call__(self, path: str | None, message: str) -> ConfigError:
+        where = f"{self.prefix}: {path}" if path else self.prefix
+        return ConfigError(f"{where}: {message}")
+
+
+def _read(refuse: _Refuse, path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise refuse(path, f"cannot read the file: {e.strerror or e}") from None
+
+
+def _loadCertificates(refuse: _Refuse, path: str) -> list[x509.Certificate]:
+    """
+    The certificates of a PEM file, leaf first (a chain file works).
+    """
+    data = _read(refuse, path)
+    try:
+        certificates = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        certificates = []
+    if not certificates:
+        raise refuse(path, "is not a PEM certificate (no valid BEGIN CERTIFICATE block)")
+    return certificates
+
+
+def _loadKey(refuse: _Refuse, path: str):
+    data = _read(refuse, path)
+    try:
+        return serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        raise refuse(path, "is an encrypted private key; give the key without a passphrase") from None
+    except (ValueError, UnsupportedAlgorithm) as e:
+        reason = str(e).split("\n")[0] or type(e).__name__
+        raise refuse(path, f"is not a PEM private key ({reason})") from None
+
+
+def _publicBytes(key) -> bytes:
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def certificateNames(certificate: x509.Certificate) -> list[str]:
+    """
+    The DNS names a certificate is valid for: its subjectAltName entries, or
+    its common name if it has none.
+    """
+    try:
+        san = certificate.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
+    except x509.ExtensionNotFound:
+        return [a.value for a in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    return list(san.value.get_values_for_type(x509.DNSName))
+
+
+def nameMatches(pattern: str, name: str) -> bool:
+    """
+    Whether C{name} is covered by a certificate name (a wildcard covers
+    exactly one leftmost label).
+    """
+    pattern, name = pattern.lower().rstrip("."), name.lower().rstrip(".")
+    if pattern.startswith("*."):
+        head, _, rest = name.partition(".")
+        return bool(head) and rest == pattern[2:]
+    return pattern == name
+
+
+@dataclass
+class _KeyPair:
+    """
+    A certificate (with its chain) and the private key that goes with it.
+    """
+
+    chain: list[x509.Certificate]
+    key: object
+    names: list[str]
+
+    def options(self, **kwargs) -> CertificateOptions:
+        return CertificateOptions(
+            privateKey=crypto.PKey.from_cryptography_key(self.key),
+            certificate=crypto.X509.from_cryptography(self.chain[0]),
+            extraCertChain=[crypto.X509.from_cryptography(c) for c in self.chain[1:]] or None,
+            **kwargs,
+        )
+
+    def privateCertificate(self) -> PrivateCertificate:
+        pem = self.chain[0].public_bytes(serialization.Encoding.PEM)
+        keyPEM = self.key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        return PrivateCertificate.loadPEM(pem + keyPEM)
+
+
+def _loadKeyPair(refuse: _Refuse, certPath: str, keyPath: str, now: datetime.datetime) -> _KeyPair:
+    chain = _loadCertificates(refuse, certPath)
+    key = _loadKey(refuse, keyPath)
+    try:
+        matches = _publicBytes(key.public_key()) == _publicBytes(chain[0].public_key())
+    except (AttributeError, ValueError):
+        matches = False
+    if not matches:
+        raise refuse(keyPath, f"is not the private key of the certificate {certPath}")
+    expires = chain[0].not_valid_after_utc
+    if expires < now:
+        log.warn(
+            "{where}: {path}: the certificate expired on {expires}; clients will refuse it",
+            where=refuse.prefix,
+            path=certPath,
+            expires=expires.strftime("%Y-%m-%d %H:%M UTC"),
+        )
+    return _KeyPair(chain, key, certificateNames(chain[0]))
+
+
+# Server side
+
+
+def serverOptions(pairs: list[_KeyPair], minVersion: str) -> CertificateOptions:
+    """
+    Options for terminating TLS with C{pairs}: the first is the default, and
+    a client's SNI name picks the first whose names cover it.
+    """
+    common = {"raiseMinimumTo": _VERSIONS[minVersion], "acceptableCiphers": MODERN_CIPHERS}
+    contexts = [(pair.names, pair.options(**common).getContext()) for pair in pairs[1:]]
+
+    def contextForServerName(serverName: bytes | None) -> SSL.Context | None:
+        if not serverName:
+            return None
+        name = serverName.decode("ascii", "replace")
+        if any(nameMatches(p, name) for p in pairs[0].names):
+            return None
+        for names, context in contexts:
+            if any(nameMatches(p, name) for p in names):
+                return context
+        return None
+
+    return pairs[0].options(contextForServerName=contextForServerName, **common)
+
+
+# The handshake gate, on both sides
+
+
+@implementer(IHandshakeListener)
+class _HandshakeGate(Protocol):
+    """
+    Stands in for the application protocol until the TLS handshake is
+    complete; then builds it, hands it the TLS transport, and steps aside
+    (the TLS transport delivers straight to the application from then on).
+
+    @ivar factory: the L{_GateFactory} that made it.
+    """
+
+    factory: _GateFactory
+    timer = None
+    passedOn = False
+    reported = False
+
+    def __init__(self, addr) -> None:
+        self.addr = addr
+
+    def connectionMade(self) -> None:
+        timeout = self.factory.handshakeTimeout
+        if timeout is not None:
+            self.timer = self.factory.clock.callLater(timeout, self._timedOut)
+
+    def _timedOut(self) -> None:
+        self.timer = None
+        self.reported = True  # Here, not again by connectionLost.
+        self.factory.handshakeFailed(self, f"no TLS handshake within {self.factory.handshakeTimeout:g}s")
+        self.transport.abortConnection()
+
+    def handshakeCompleted(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        transport = self.transport
+        if transport.disconnecting:
+            # Verification failed inside the handshake: connectionLost follows.
+            return
+        protocol = self.factory.wrappedFactory.buildProtocol(self.addr)
+        if protocol is None:
+            transport.loseConnection()
+            return
+        protocol.tlsFields = sessionFields(transport)
+        self.passedOn = True
+        transport.wrappedProtocol = protocol
+        protocol.makeConnection(transport)
+        self.factory.handshakeDone(protocol)
+
+    def dataReceived(self, data: bytes) -> None:
+        # TLS delivers application data only after handshakeCompleted, which
+        # replaced this gate as the TLS transport's protocol.
+        raise AssertionError("application data before the TLS handshake completed")
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if not self.passedOn and not self.reported:
+            self.factory.handshakeFailed(self, describeTLSFailure(reason), reason)
+
+
+class _GateFactory(Factory):
+    """
+    Builds L{_HandshakeGate}s in front of C{wrappedFactory}'s protocols.
+    """
+
+    noisy = False
+    protocol = _HandshakeGate
+
+    def __init__(
+        self,
+        wrappedFactory: IProtocolFactory,
+        clock: IReactorTime,
+        handshakeTimeout: float | None,
+    ) -> None:
+        self.wrappedFactory = wrappedFactory
+        self.clock = clock
+        self.handshakeTimeout = handshakeTimeout
+
+    def buildProtocol(self, addr) -> _HandshakeGate:
+        gate = _HandshakeGate(addr)
+        gate.factory = self
+        return gate
+
+    def handshakeDone(self, protocol: Protocol) -> None:
+        pass
+
+    def handshakeFailed(self, gate: _HandshakeGate, why: str, reason: Failure | None = None) -> None:
+        pass
+
+
+class _ServerGateFactory(_GateFactory):
+    def handshakeFailed(self, gate: _HandshakeGate, why: str, reason: Failure | None = None) -> None:
+        log.warn(
+            "{client}: TLS client dropped: {why}",
+            client=describeAddress(gate.transport.getPeer()),
+            why=why,
+            event="tls-handshake-failed",
+        )
+
+
+class _ClientGateFactory(_GateFactory):
+    """
+    One connect attempt to a TLS target: C{result} fires with the
+    application protocol once the handshake is complete, or fails with
+    L{TLSHandshakeFailed}.
+    """
+
+    def __init__(self, wrappedFactory, clock, result: Deferred) -> None:
+        _GateFactory.__init__(self, wrappedFactory, clock, None)
+        self.result = result
+        self.gate: _HandshakeGate | None = None
+
+    def buildProtocol(self, addr) -> _HandshakeGate:
+        self.gate = _GateFactory.buildProtocol(self, addr)
+        return self.gate
+
+    def handshakeDone(self, protocol: Protocol) -> None:
+        if not self.result.called:
+            self.result.callback(protocol)
+
+    def handshakeFailed(self, gate, why: str, reason: Failure | None = None) -> None:
+        if not self.result.called:
+            self.result.errback(TLSHandshakeFailed(why))
+
+
+# Client side
+
+
+class TLSHandshakeFailed(Exception):
+    """
+    The TLS handshake with a target failed (its certificate did not verify,
+    it does not speak TLS, ...).
+    """
+
+    def __str__(self) -> str:
+        return f"TLS handshake failed: {self.args[0]}"
+
+
+def serverTLSFactory(
+    creator, wrappedFactory: IProtocolFactory, clock: IReactorTime, handshakeTimeout: float
+) -> TLSMemoryBIOFactory:
+    """
+    A factory that terminates TLS with C{creator} and hands each client
+    whose handshake completes within C{handshakeTimeout} seconds to
+    C{wrappedFactory}'s protocol.
+    """
+    gates = _ServerGateFactory(wrappedFactory, clock, handshakeTimeout)
+    return TLSMemoryBIOFactory(creator, False, gates, clock)
+
+
+@implementer(IStreamClientEndpoint)
+class TLSClientEndpoint:
+    """
+    Like L{twisted.internet.endpoints.wrapClientTLS}, except that C{connect}
+    fires only once the handshake is complete (and the certificate verified),
+    so that a target failing verification is a failed connect: the dialer
+    tries the next one.  Cancelling the attempt aborts it at any stage.
+    """
+
+    def __init__(self, creator, endpoint: IStreamClientEndpoint, clock: IReactorTime) -> None:
+        self.creator = creator
+        self.endpoint = endpoint
+        self.clock = clock
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred:
+        connecting: Deferred | None = None
+
+        def cancel(result: Deferred) -> None:
+            if connecting is not None and not connecting.called:
+                connecting.cancel()
+            elif gates.gate is not None and gates.gate.transport is not None:
+                gates.gate.transport.abortConnection()
+
+        result: Deferred = Deferred(cancel)
+        gates = _ClientGateFactory(protocolFactory, self.clock, result)
+        connecting = self.endpoint.connect(TLSMemoryBIOFactory(self.creator, True, gates, self.clock))
+
+        def failed(reason: Failure) -> None:
+            if not result.called:
+                result.errback(reason)
+
+        connecting.addErrback(failed)
+        return result
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _UnverifiedClientCreator:
+    """
+    Client TLS without verification of the target (C{"Verify": false}); it
+    still sends C{ServerName} as SNI and may present a client certificate.
+    """
+
+    def __init__(self, options: CertificateOptions, serverName: str | None) -> None:
+        self._options = options
+        self._serverName = serverName
+
+    def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
+        connection = SSL.Connection(self._options.getContext(), None)
+        connection.set_app_data(tlsProtocol)
+        if self._serverName and not _isIPAddress(self._serverName):
+            connection.set_tlsext_host_name(self._serverName.encode("idna"))
+        connection.set_connect_state()
+        return connection
+
+
+def _isIPAddress(text: str) -> bool:
+    return isIPAddress(text) or isIPv6Address(text)
+
+
+# What an app needs
+
+
+@dataclass
+class AppTLS:
+    """
+    An app's TLS, loaded: what the service wraps its listener and its
+    dialer's endpoints with.
+
+    @ivar server: the server-side connection creator, or C{None} if the app
+        does not terminate TLS.
+    @ivar client: the client-side creator for a target, or C{None} if the
+        app speaks plain TCP to its targets.
+    """
+
+    server: CertificateOptions | None = None
+    handshakeTimeout: float = 10.0
+    client: Callable[[Target], object] | None = None
+
+    def serverFactory(self, wrappedFactory: IProtocolFactory, clock: IReactorTime) -> IProtocolFactory:
+        """
+        C{wrappedFactory}, behind TLS termination if the app has it.
+        """
+        if self.server is None:
+            return wrappedFactory
+        return serverTLSFactory(self.server, wrappedFactory, clock, self.handshakeTimeout)
+
+    def endpointFactory(self, endpointForTarget, clock: IReactorTime):
+        """
+        C{endpointForTarget} (reactor, target -> endpoint), with TLS towards
+        the target if the app originates it.
+        """
+        if self.client is None:
+            return endpointForTarget
+        creatorFor = self.client
+
+        def endpoint(reactor, target: Target) -> IStreamClientEndpoint:
+            return TLSClientEndpoint(creatorFor(target), endpointForTarget(reactor, target), clock)
+
+        return endpoint
+
+
+def _serverSide(source: str, app: str, settings: TLSConfig, now) -> tuple[CertificateOptions, float]:
+    refuse = _Refuse(source, app, "TLS")
+    pairs = [_loadKeyPair(refuse, cert, key, now) for cert, key in settings.certificates]
+    try:
+        options = serverOptions(pairs, settings.minVersion)
+        options.getContext()
+    except (SSL.Error, ValueError) as e:
+        raise refuse(settings.certificates[0][0], f"cannot be used for TLS: {describeError(e)}") from None
+    return options, settings.handshakeTimeout
+
+
+def _clientSide(source: str, app: str, settings: TargetTLSConfig, now) -> Callable[[Target], object]:
+    refuse = _Refuse(source, app, "TargetTLS")
+    trustRoot = platformTrust()
+    if settings.ca is not None:
+        authorities = _loadCertificates(refuse, settings.ca)
+        pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in authorities)
+        trustRoot = Certificate.loadPEM(pem) if len(authorities) == 1 else _trustRootOf(authorities)
+    clientCertificate = None
+    if settings.cert is not None:
+        clientCertificate = _loadKeyPair(refuse, settings.cert, settings.key, now).privateCertificate()
+    if not settings.verify:
+        log.warn(
+            "{where}: Verify is false: the targets' certificates are not checked",
+            where=refuse.prefix,
+            event="tls-verify-off",
+        )
+        extra = {}
+        if clientCertificate is not None:
+            extra = {
+                "privateKey": clientCertificate.privateKey.original,
+                "certificate": clientCertificate.original,
+            }
+        options = CertificateOptions(
+            verify=False, raiseMinimumTo=TLSVersion.TLSv1_2, acceptableCiphers=MODERN_CIPHERS, **extra
+        )
+
+        def unverified(target: Target) -> object:
+            return _UnverifiedClientCreator(options, settings.serverName or target.host)
+
+        return unverified
+
+    cache: dict[str, object] = {}
+
+    def verified(target: Target) -> object:
+        name = settings.serverName or target.host
+        creator = cache.get(name)
+        if creator is None:
+            creator = cache[name] = optionsForClientTLS(
+                name,
+                trustRoot=trustRoot,
+                clientCertificate=clientCertificate,
+                extraCertificateOptions={
+                    "raiseMinimumTo": TLSVersion.TLSv1_2,
+                    "acceptableCiphers": MODERN_CIPHERS,
+                },
+            )
+        return creator
+
+    return verified
+
+
+def _trustRootOf(authorities: list[x509.Certificate]):
+    return trustRootFromCertificates(
+        [Certificate.loadPEM(c.public_bytes(serialization.Encoding.PEM)) for c in authorities]
+    )
+
+
+def loadAppTLS(app: AppConfig, source: str, now: datetime.datetime | None = None) -> AppTLS:
+    """
+    Read and check the files of C{app}'s C{TLS} and C{TargetTLS} settings.
+
+    @param source: the configuration file, named in messages.
+    @raise ConfigError: a file is missing, unreadable, not PEM, or a key is
+        not its certificate's.  (An expired certificate is only a warning:
+        a proxy refusing to start over it would be worse than one serving it.)
+    """
+    if now is None:
+        now = datetime.datetime.now(datetime.timezone.utc)
+    result = AppTLS()
+    if app.tls is not None:
+        result.server, result.handshakeTimeout = _serverSide(source, app.name, app.tls, now)
+    if app.targetTLS is not None:
+        result.client = _clientSide(source, app.name, app.targetTLS, now)
+    return result
+
+
+# Describing sessions and failures
+
+
+def sessionFields(transport) -> dict[str, str | None]:
+    """
+    The TLS version, cipher and SNI name of a connection whose handshake is
+    complete, for the access log.
+    """
+    connection = transport.getHandle()
+    sni = connection.get_servername()
+    return {
+        "tlsVersion": connection.get_protocol_version_name(),
+        "cipher": connection.get_cipher_name(),
+        "sni": sni.decode("ascii", "replace") if sni else None,
+    }
+
+
+def describeError(error: BaseException) -> str:
+    """
+    An OpenSSL error in a few words (its reason strings), not its repr.
+    """
+    if isinstance(error, SSL.Error) and error.args and isinstance(error.args[0], list):
+        reasons = [entry[-1] for entry in error.args[0] if isinstance(entry, tuple) and entry[-1]]
+        if reasons:
+            return "; ".join(dict.fromkeys(reasons))
+    return str(error) or type(error).__name__
+
+
+def describeTLSFailure(reason: Failure) -> str:
+    """
+    Why a connection ended before its handshake completed.
+    """
+    error = reason.value
+    if isinstance(error, SSL.Error):
+        return describeError(error)
+    if reason.check(ConnectionDone):
+        return "closed the connection before completing a TLS handshake"
+    if reason.check(VerificationError):
+        names = []
+        for mismatch in error.errors:
+            wanted = getattr(mismatch, "mismatched_id", None)
+            name = getattr(wanted, "hostname", None) or getattr(wanted, "ip", None)
+            names.append(name.decode("ascii", "replace") if isinstance(name, bytes) else str(name))
+        return f"the certificate is not for {', '.join(names) or 'the expected name'}"
+    return f"connection lost during the TLS handshake ({reason.getErrorMessage()})"
+
+
+def describeAddress(address) -> str:
+    host = getattr(address, "host", None)
+    if host is None:
+        return str(address)
+    return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
+
+
+# Closing
+
+
+def isTLS(transport) -> bool:
+    """
+    Whether C{transport} is a TLS transport (which has no half-close).
+    """
+    return isinstance(transport, TLSMemoryBIOProtocol)
+
+
+def unflushed(transport) -> int:
+    """
+    Bytes a TCP transport (or the TCP transport under a TLS one) still has
+    to send.
+    """
+    if isTLS(transport):
+        transport = transport.transport
+    if transport is None or not hasattr(transport, "dataBuffer"):
+        return 0
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+
+
+def closeTLS(
+    transport,
+    clock: IReactorTime,
+    activity: Callable[[], object] | None = None,
+    resume: bool = True,
+    timeout: float = CLOSE_TIMEOUT,
+) -> None:
+    """
+    Close a TLS transport for certain.
+
+    Unless told otherwise it is resumed first: a paused TLS transport never
+    reads the peer's C{close_notify}, so it would never finish closing
+    (Twisted #8901).  Then it is aborted if the peer has not answered
+    C{close_notify} within C{timeout} seconds (#7926) of the last sign of
+    life: the clock restarts whenever C{activity()} (by default, what is
+    left to flush to the peer) changes, so a slow reader still gets every
+    byte.
+    """
+    if getattr(transport, "_tlsCloseTimer", None) is not None:
+        return
+    if activity is None:
+
+        def activity() -> object:
+            return unflushed(transport)
+
+    if resume:
+        transport.resumeProducing()
+    transport.loseConnection()
+    if not transport.connected:
+        return
+    last = [activity()]
+
+    def check() -> None:
+        if not transport.connected:
+            return
+        now = activity()
+        if now != last[0]:
+            last[0] = now
+            transport._tlsCloseTimer = clock.callLater(timeout, check)
+            return
+        transport.abortConnection()
+
+    transport._tlsCloseTimer = clock.callLater(timeout, check)
+
+
+def cancelCloseTimer(transport) -> None:
+    """
+    The transport is gone: forget its L{closeTLS} deadline.
+    """
+    timer = getattr(transport, "_tlsCloseTimer", None)
+    if timer is not None and timer.active():
+        timer.cancel()

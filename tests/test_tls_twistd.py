@@ -1,0 +1,93 @@
+"""
+System tests of TLS: the real C{twistd -n tcpproxy}, with certificate files
+beside the configuration (named relative to it), checked with Python's
+C{ssl} as a user checks with C{openssl s_client}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import ssl
+
+from twisted.trial.unittest import TestCase
+
+from tcpproxy.tests.certs import ALPHA, BETA, writePKI
+from tests.support import TIMEOUT, Twistd, freePorts, waitUntil
+
+
+def tlsEcho(port: int, serverName: str | None, message: bytes, caFile: str) -> tuple[bytes, str, str]:
+    """
+    Connect with TLS (verifying against C{caFile} and C{serverName}), send
+    C{message}, read its echo, close.
+
+    @return: the echo, the certificate's common name, the TLS version.
+    """
+    context = ssl.create_default_context(cafile=caFile)
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as raw:
+        with context.wrap_socket(raw, server_hostname=serverName) as tls:
+            tls.sendall(message)
+            received = b""
+            while len(received) < len(message):
+                chunk = tls.recv(65536)
+                if not chunk:
+                    break
+                received += chunk
+            subject = dict(pair[0] for pair in tls.getpeercert()["subject"])
+            return received, subject["commonName"], tls.version()
+
+
+class TLSTwistdTests(TestCase):
+    def setUp(self) -> None:
+        self.twistd = Twistd(self)
+        # Beside the configuration, in a folder that is not twistd's working
+        # directory: paths are relative to the configuration file.
+        self.folder = writePKI(self.twistd.path("conf"))
+        self.port, self.target = freePorts(2)
+
+    def writeConfig(self, document: dict) -> str:
+        path = os.path.join(self.folder, "config.json")
+        with open(path, "w") as f:
+            json.dump(document, f)
+        return path
+
+    def document(self, certificates) -> dict:
+        return {
+            "BindAddress": "127.0.0.1",
+            "Apps": [
+                {
+                    "Name": "secure",
+                    "Ports": [self.port],
+                    "Targets": [f"127.0.0.1:{self.target}"],
+                    "TLS": {"Certificates": [{"Cert": c, "Key": k} for c, k in certificates]},
+                }
+            ],
+        }
+
+    def test_sniAndEcho(self) -> None:
+        config = self.writeConfig(self.document([("alpha.pem", "alpha.key"), ("beta.pem", "beta.key")]))
+        self.twistd.start("-n", "--pidfile=", "tcpproxy", "--config", config, "--demo-backends")
+        self.twistd.waitUntilServing(self.port)
+        ca = os.path.join(self.folder, "ca.pem")
+        message = os.urandom(200_000)
+        self.assertEqual(tlsEcho(self.port, BETA, message, ca)[:2], (message, "beta"))
+        self.assertEqual(tlsEcho(self.port, ALPHA, b"hi", ca)[:2], (b"hi", "alpha"))
+        waitUntil(lambda: "SNI alpha.test" in self.twistd.stdout(), "the access log line")
+        out = self.twistd.stdout()
+        self.assertIn(f"port(s) {self.port} (TLS)", out)
+        self.assertIn("SNI beta.test", out)
+        self.assertIn("200000 bytes in, 200000 bytes out", out)
+        self.twistd.process.send_signal(signal.SIGTERM)
+        self.assertEqual(self.twistd.wait(), -signal.SIGTERM, self.twistd.output())
+        self.assertNotIn("Traceback", self.twistd.output())
+
+    def test_keyNotOfCertificateRefused(self) -> None:
+        config = self.writeConfig(self.document([("alpha.pem", "beta.key")]))
+        self.assertEqual(self.twistd.run("-n", "--pidfile=", "tcpproxy", "--config", config), 1)
+        self.assertEqual(
+            self.twistd.stderr(),
+            f'tcpproxy: error: {config}: app "secure": key "TLS": {os.path.join(self.folder, "beta.key")}: '
+            f"is not the private key of the certificate {os.path.join(self.folder, 'alpha.pem')}\n",
+        )
