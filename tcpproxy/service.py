@@ -22,6 +22,8 @@ from twisted.logger import Logger
 from tcpproxy.balancer import RoundRobin
 from tcpproxy.config import AppConfig, ConfigError, ProxyConfig, loadConfig
 from tcpproxy.dialer import FailoverDialer
+from tcpproxy.health import HealthChecker, HealthTracker
+from tcpproxy.limits import AcceptGate, raiseFileLimit
 from tcpproxy.listening import ListenError, adoptTCP, bindAll
 from tcpproxy.relay import ProxyServerFactory
 from tcpproxy.reload import ReloadPlan, planReload, quoted, withoutPorts
@@ -124,6 +126,8 @@ class ProxyService(Service):
         self.configPath = configPath if configPath is not None else config.source
         self._reactor = reactor
         self._triggers = tuple(triggers)
+        self.gate = AcceptGate(config.maxConnections, lambda: list(self.listeningPorts.values()))
+        self._checkers: dict[str, HealthChecker] = {}
         self.factories: dict[str, ProxyServerFactory] = {
             app.name: self._newFactory(app) for app in config.apps
         }
@@ -133,12 +137,35 @@ class ProxyService(Service):
         self.listeningPorts: dict[int, IListeningPort] = {}
 
     def _newFactory(self, app: AppConfig) -> ProxyServerFactory:
-        return ProxyServerFactory(
+        check = app.healthCheck
+        health = HealthTracker(
+            app.name, app.targets, self._reactor, *((check.rise, check.fall) if check else ())
+        )
+        factory = ProxyServerFactory(
             app,
-            RoundRobin(app.targets),
-            FailoverDialer(self._reactor, app.connectTimeout),
+            RoundRobin(app.targets, health),
+            FailoverDialer(self._reactor, app.connectTimeout, health=health),
             self._reactor,
         )
+        factory.health = health
+        factory.gate = self.gate
+        return factory
+
+    def _startChecks(self, app: AppConfig) -> None:
+        """
+        Start (or restart, with new settings) the active health checks of
+        C{app}, if it has any.
+        """
+        self._stopChecks(app.name)
+        if app.healthCheck is not None:
+            checker = HealthChecker(self.factories[app.name].health, self._reactor, app.healthCheck)
+            self._checkers[app.name] = checker
+            checker.start()
+
+    def _stopChecks(self, name: str) -> None:
+        checker = self._checkers.pop(name, None)
+        if checker is not None:
+            checker.stop()
 
     def bind(self) -> None:
         """
@@ -167,6 +194,7 @@ class ProxyService(Service):
 
     def startService(self) -> None:
         self.bind()
+        raiseFileLimit(self.log)
         Service.startService(self)
         for app, port in self.config.listeners():
             self._listen(port, self.factories[app.name], self._sockets.pop(port))
@@ -181,12 +209,15 @@ class ProxyService(Service):
                 portList=", ".join(map(str, app.ports)),
                 targetList=", ".join(map(str, app.targets)),
             )
+        for app in self.config.apps:
+            self._startChecks(app)
         for trigger in self._triggers:
             trigger.start(self.reload)
 
     def _listen(self, port: int, appFactory: ProxyServerFactory, sock: socket.socket) -> None:
         portFactory = self._portFactories[port] = _PortFactory(appFactory)
         self.listeningPorts[port] = adoptTCP(self._reactor, sock, portFactory)
+        self.gate.portAdded(self.listeningPorts[port])
 
     def openConnections(self) -> int:
         return sum(len(factory.relays) for factory in self._allFactories())
@@ -272,10 +303,18 @@ class ProxyService(Service):
             factory = self.factories.get(app.name)
             if factory is None:
                 self.factories[app.name] = self._newFactory(app)
+                self._startChecks(app)
             elif factory.app != app:
+                check = app.healthCheck
+                factory.health.update(app.name, app.targets, *((check.rise, check.fall) if check else (2, 3)))
+                restartChecks = (factory.app.targets, factory.app.healthCheck) != (app.targets, check)
                 factory.reconfigure(app, self._balancerFor(factory, app), self._dialerFor(factory, app))
+                if restartChecks:
+                    self._startChecks(app)
         for app in plan.removedApps:
+            self._stopChecks(app.name)
             self._retire(self.factories.pop(app.name))
+        self.gate.setMaximum(new.maxConnections)
 
         for move in plan.movedPorts:
             self._portFactories[move.port].appFactory = self.factories[move.toApp]
@@ -351,7 +390,7 @@ class ProxyService(Service):
     def _dialerFor(self, factory: ProxyServerFactory, app: AppConfig):
         if factory.app.connectTimeout == app.connectTimeout:
             return factory.dialer
-        return FailoverDialer(self._reactor, app.connectTimeout)
+        return FailoverDialer(self._reactor, app.connectTimeout, health=factory.health)
 
     def _retire(self, factory: ProxyServerFactory) -> None:
         """
@@ -388,6 +427,8 @@ class ProxyService(Service):
         Service.stopService(self)
         for trigger in self._triggers:
             trigger.stop()
+        for name in list(self._checkers):
+            self._stopChecks(name)
         self.unbind()
         ports, self.listeningPorts = list(self.listeningPorts.values()), {}
         self._portFactories.clear()

@@ -362,7 +362,8 @@ class MakeServiceTests(ConfigFileMixin, TestCase):
         self.assertEqual(
             line,
             f'tcpproxy: error: {path}: app "web": key "Tragets": unknown key (did you mean "Targets"?); '
-            "known keys are Name, Ports, Targets, ConnectTimeout, AccessLog",
+            "known keys are Name, Ports, Targets, ConnectTimeout, AccessLog, IdleTimeout, HealthCheck, "
+            "MaxConnections, MaxConnectionsPerClient, BandwidthLimit, Allow, Deny",
         )
 
     def test_missingConfig(self) -> None:
