@@ -222,7 +222,9 @@ class RaiseFileLimitTests(SynchronousTestCase):
         calls = []
         soft = raiseFileLimit(Logger("tcpproxy.test"), lambda r: (1024, 4096), lambda r, v: calls.append(v))
         self.assertEqual((soft, calls), (4096, [(4096, 4096)]))
-        self.assertEqual(events[0]["log_format"].format(**events[0]), "open file limit raised from 1024 to 4096")
+        self.assertEqual(
+            events[0]["log_format"].format(**events[0]), "open file limit raised from 1024 to 4096"
+        )
 
     def test_cannotRaise(self):
         events = captureEvents(self, "tcpproxy")
@@ -244,7 +246,9 @@ class IdleWatchTests(SynchronousTestCase):
         self.clock = Clock()
         self.count = 0
         self.idle = []
-        self.watch = IdleWatch(self.clock, 8, lambda: self.count, lambda: self.idle.append(self.clock.seconds()))
+        self.watch = IdleWatch(
+            self.clock, 8, lambda: self.count, lambda: self.idle.append(self.clock.seconds())
+        )
 
     def test_firesAfterTimeout(self):
         self.clock.pump([2] * 3)
