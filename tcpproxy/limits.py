@@ -191,6 +191,12 @@ class TokenBucket:
         return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
 
 
+MIN_READ = 1024
+"""
+The smallest read size a bandwidth limit sets on a transport, so that a
+low limit does not mean a system call per few bytes.
+"""
+
 BACKPRESSURE = "backpressure"
 BUCKET = "bucket"
 
@@ -214,6 +220,12 @@ class Throttle:
     def __init__(self, producer: IPushProducer, bucket: TokenBucket) -> None:
         self.producer = producer
         self.bucket = bucket
+        if isinstance(getattr(producer, "bufferSize", None), int):
+            # A TCP transport reads up to 64 KiB at once, and a chunk already
+            # read is relayed whole: at 100 kB/s that is a burst of 0.6 s
+            # above the rate.  Reads of about the bucket's size keep the
+            # burst to the bucket's.
+            producer.bufferSize = min(producer.bufferSize, max(int(bucket.capacity), MIN_READ))
         self.reasons: set[str] = set()
         self._timer: IDelayedCall | None = None
         self._stopped = False

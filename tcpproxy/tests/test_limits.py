@@ -13,6 +13,7 @@ from tcpproxy.idle import IdleWatch
 from tcpproxy.limits import (
     BACKPRESSURE,
     BUCKET,
+    MIN_READ,
     REFUSED_APP_LIMIT,
     REFUSED_CLIENT_LIMIT,
     AcceptGate,
@@ -210,6 +211,18 @@ class ThrottleTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.throttle.resumeProducing()
         self.assertEqual(self.producer.calls, ["pause"])
+
+    def test_readSize(self):
+        """
+        A transport read through a throttle reads about the bucket's
+        capacity at once (not less than MIN_READ), so a chunk already read
+        is never a burst much above the bucket's.
+        """
+        self.producer.bufferSize = 65536
+        Throttle(self.producer, TokenBucket(200_000, self.clock))
+        self.assertEqual(self.producer.bufferSize, 10_000)
+        Throttle(self.producer, TokenBucket(1000, self.clock))
+        self.assertEqual(self.producer.bufferSize, MIN_READ)
 
     def test_stopProducing(self):
         self.throttle.stopProducing()
