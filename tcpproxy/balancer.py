@@ -44,17 +44,25 @@ class RoundRobin:
     The rest of the list, in order, is the failover sequence.
     """
 
-    def __init__(self, targets: Sequence[Target]) -> None:
+    def __init__(self, targets: Sequence[Target], health=None) -> None:
+        """
+        @param health: a L{tcpproxy.health.HealthTracker}, or C{None}: the
+            targets it says are down are skipped (all are tried if all are).
+        """
         if not targets:
             raise ValueError("a balancer needs at least one target")
         self._targets = tuple(targets)
         self._next = 0
+        self.health = health
 
     def order(self) -> list[Target]:
         start = self._next
         self._next = (start + 1) % len(self._targets)
         targets = self._targets
-        return [*targets[start:], *targets[:start]]
+        ordered = [*targets[start:], *targets[:start]]
+        if self.health is not None:
+            return self.health.usable(ordered)
+        return ordered
 
     def withTargets(self, targets: Sequence[Target]) -> RoundRobin:
         """
@@ -63,7 +71,7 @@ class RoundRobin:
         first one after it (in the old order) that stays.  With no target in
         common the rotation starts again at the top of the new list.
         """
-        following = RoundRobin(targets)
+        following = RoundRobin(targets, self.health)
         old = self._targets
         kept = following._targets
         for step in range(len(old)):

@@ -19,11 +19,19 @@ The accepted shape is the classic one, extended only by optional keys::
                "AccessLog": true,       # optional, a log line per connection
                "TLS": {...},            # optional, see TLSConfig
                "TargetTLS": {...}}]}    # optional, see TargetTLSConfig
+
+Resilience and limits (all optional, per app; a top-level C{"Defaults"}
+object holds the same keys for every app, and an app's own value wins):
+C{IdleTimeout}, C{HealthCheck}, C{MaxConnections}, C{MaxConnectionsPerClient},
+C{BandwidthLimit}, C{Allow}, C{Deny}; and a top-level C{MaxConnections} for
+the whole proxy.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import ipaddress
 import json
 import math
 import os
@@ -34,13 +42,35 @@ from twisted.internet.abstract import isIPAddress, isIPv6Address
 DEFAULT_DRAIN_TIMEOUT = 10.0
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_BIND_ADDRESS = "0.0.0.0"
+DEFAULT_IDLE_TIMEOUT = 3600.0
 
 IPV4 = "ipv4"
 IPV6 = "ipv6"
 HOSTNAME = "hostname"
 
-_TOP_KEYS = ("Apps", "BindAddress", "DrainTimeout")
-_APP_KEYS = ("Name", "Ports", "Targets", "ConnectTimeout", "AccessLog", "TLS", "TargetTLS")
+_TOP_KEYS = ("Apps", "BindAddress", "DrainTimeout", "Defaults", "MaxConnections")
+_APP_KEYS = (
+    "Name",
+    "Ports",
+    "Targets",
+    "ConnectTimeout",
+    "AccessLog",
+    "IdleTimeout",
+    "HealthCheck",
+    "MaxConnections",
+    "MaxConnectionsPerClient",
+    "BandwidthLimit",
+    "Allow",
+    "Deny",
+    "TLS",
+    "TargetTLS",
+)
+# "Defaults" holds the settings common to apps; what names an app, and its
+# certificates, stay the app's own.
+_DEFAULTS_KEYS = tuple(
+    key for key in _APP_KEYS if key not in ("Name", "Ports", "Targets", "TLS", "TargetTLS")
+)
+_HEALTH_KEYS = ("Interval", "Timeout", "Rise", "Fall")
 _TLS_KEYS = ("Certificates", "MinVersion", "HandshakeTimeout")
 _CERTIFICATE_KEYS = ("Cert", "Key")
 _TARGET_TLS_KEYS = ("CA", "ServerName", "Cert", "Key", "Verify")
@@ -120,9 +150,35 @@ class TargetTLSConfig:
 
 
 @dataclass(frozen=True)
+class HealthCheckConfig:
+    """
+    Active health checks of an app's targets: a TCP connect every
+    C{interval} seconds, failed if not answered within C{timeout}; C{fall}
+    failures in a row take a target out, C{rise} successes bring it back.
+    """
+
+    interval: float = 5.0
+    timeout: float = 2.0
+    rise: int = 2
+    fall: int = 3
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
 class AppConfig:
     """
     One app: the ports it listens on and the targets it relays to.
+
+    @ivar idleTimeout: seconds without a byte either way that close a
+        relayed pair; 0 turns it off.
+    @ivar healthCheck: active checks, or C{None} for passive checks only.
+    @ivar maxConnections: open connections the app takes at most.
+    @ivar maxConnectionsPerClient: the same, per client IP address.
+    @ivar bandwidthLimit: bytes per second per connection and direction.
+    @ivar allow: a client must be in one of these networks, if any is given.
+    @ivar deny: a client must be in none of these networks.
     """
 
     name: str
@@ -132,6 +188,13 @@ class AppConfig:
     accessLog: bool = True
     tls: TLSConfig | None = None
     targetTLS: TargetTLSConfig | None = None
+    idleTimeout: float = DEFAULT_IDLE_TIMEOUT
+    healthCheck: HealthCheckConfig | None = None
+    maxConnections: int | None = None
+    maxConnectionsPerClient: int | None = None
+    bandwidthLimit: float | None = None
+    allow: tuple[Network, ...] = ()
+    deny: tuple[Network, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -146,6 +209,7 @@ class ProxyConfig:
     bindAddress: str = DEFAULT_BIND_ADDRESS
     drainTimeout: float = DEFAULT_DRAIN_TIMEOUT
     source: str = "<config>"
+    maxConnections: int | None = None
 
     def listeners(self) -> list[tuple[AppConfig, int]]:
         """
@@ -167,17 +231,23 @@ class _Where:
     The location an error is reported at: file, then app, then key.
     """
 
-    def __init__(self, source: str, app: str | None = None) -> None:
+    def __init__(self, source: str, app: str | None = None, section: str | None = None) -> None:
         self.source = source
         self.app = app
+        self.section = section
 
     def forApp(self, app: str) -> _Where:
         return _Where(self.source, app)
+
+    def forDefaults(self) -> _Where:
+        return _Where(self.source, section="Defaults")
 
     def error(self, key: str | None, message: str) -> ConfigError:
         parts = [self.source]
         if self.app is not None:
             parts.append(f"app {json.dumps(self.app)}")
+        if self.section is not None:
+            parts.append(json.dumps(self.section))
         if key is not None:
             parts.append(f"key {json.dumps(key)}")
         return ConfigError(": ".join(parts) + ": " + message)
@@ -270,7 +340,100 @@ def _nonEmptyList(where: _Where, key: str, value: object, what: str) -> list:
     return value
 
 
-def _parseApp(where: _Where, index: int, obj: object) -> AppConfig:
+def _count(where: _Where, key: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise where.error(key, f"{_show(value)} is not a whole number of 1 or more")
+    return value
+
+
+def _networks(where: _Where, key: str, value: object) -> tuple[Network, ...]:
+    if not isinstance(value, list):
+        raise where.error(key, f'{_show(value)} is not a list of networks (like "10.0.0.0/8" or "::1/128")')
+    networks = []
+    for item in value:
+        if not isinstance(item, str):
+            raise where.error(key, f"{_show(item)} is not a network written as a string")
+        try:
+            networks.append(ipaddress.ip_network(item.strip(), strict=False))
+        except ValueError:
+            raise where.error(
+                key, f'{_show(item)} is not an IPv4 or IPv6 network (write it like "10.0.0.0/8" or "::1")'
+            ) from None
+    return tuple(networks)
+
+
+def _healthCheck(where: _Where, value: object) -> HealthCheckConfig | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise where.error("HealthCheck", f'{_show(value)} is not an object like {{"Interval": 5}}')
+    for key in value:
+        if key not in _HEALTH_KEYS:
+            raise where.error(
+                "HealthCheck", f"unknown key {json.dumps(key)}; known keys are {', '.join(_HEALTH_KEYS)}"
+            )
+    check = HealthCheckConfig()
+    values = {}
+    for key, parse in (("Interval", _duration), ("Timeout", _duration)):
+        if key in value:
+            values[key.lower()] = parse(where, f"HealthCheck.{key}", value[key], positive=True)
+    for key in ("Rise", "Fall"):
+        if key in value:
+            values[key.lower()] = _count(where, f"HealthCheck.{key}", value[key])
+    return dataclasses.replace(check, **values)
+
+
+def _parseSettings(where: _Where, obj: dict) -> dict:
+    """
+    The optional per-app settings in C{obj} (an app merged over
+    C{"Defaults"}, or C{"Defaults"} itself), as L{AppConfig} keyword arguments.
+    """
+    settings: dict = {}
+    if "ConnectTimeout" in obj:
+        settings["connectTimeout"] = _duration(where, "ConnectTimeout", obj["ConnectTimeout"], positive=True)
+    if "AccessLog" in obj:
+        accessLog = obj["AccessLog"]
+        if not isinstance(accessLog, bool):
+            raise where.error("AccessLog", f"{_show(accessLog)} is not true or false")
+        settings["accessLog"] = accessLog
+    if "IdleTimeout" in obj:
+        settings["idleTimeout"] = _duration(where, "IdleTimeout", obj["IdleTimeout"])
+    if "HealthCheck" in obj:
+        settings["healthCheck"] = _healthCheck(where, obj["HealthCheck"])
+    for key, field in (
+        ("MaxConnections", "maxConnections"),
+        ("MaxConnectionsPerClient", "maxConnectionsPerClient"),
+    ):
+        if key in obj and obj[key] is not None:
+            settings[field] = _count(where, key, obj[key])
+    if "BandwidthLimit" in obj and obj["BandwidthLimit"] is not None:
+        limit = obj["BandwidthLimit"]
+        if (
+            isinstance(limit, bool)
+            or not isinstance(limit, (int, float))
+            or not math.isfinite(limit)
+            or limit < 1
+        ):
+            raise where.error(
+                "BandwidthLimit", f"{_show(limit)} is not a number of bytes per second (1 or more)"
+            )
+        settings["bandwidthLimit"] = float(limit)
+    for key, field in (("Allow", "allow"), ("Deny", "deny")):
+        if key in obj:
+            settings[field] = _networks(where, key, obj[key])
+    return settings
+
+
+def _parseDefaults(where: _Where, value: object) -> dict:
+    where = where.forDefaults()
+    if not isinstance(value, dict):
+        raise where.error(None, f"{_show(value)} is not an object of per-app settings")
+    _checkKeys(where, value, _DEFAULTS_KEYS, ())
+    _parseSettings(where, value)
+    return dict(value)
+
+
+def _parseApp(where: _Where, index: int, obj: object, defaults: dict | None = None) -> AppConfig:
     if not isinstance(obj, dict):
         raise where.error("Apps", f"entry {index + 1} is {_show(obj)}, not an object")
     if "Name" not in obj:
@@ -303,15 +466,11 @@ def _parseApp(where: _Where, index: int, obj: object) -> AppConfig:
             raise where.error("Targets", f"{_show(value)} is listed twice")
         targets.append(target)
 
-    connectTimeout = DEFAULT_CONNECT_TIMEOUT
-    if "ConnectTimeout" in obj:
-        connectTimeout = _duration(where, "ConnectTimeout", obj["ConnectTimeout"], positive=True)
-    accessLog = obj.get("AccessLog", True)
-    if not isinstance(accessLog, bool):
-        raise where.error("AccessLog", f"{_show(accessLog)} is not true or false")
+    # "Defaults" was checked on its own, so a refusal here is the app's value.
+    settings = _parseSettings(where, {**(defaults or {}), **obj})
     tls = _parseTLS(where, obj["TLS"]) if "TLS" in obj else None
     targetTLS = _parseTargetTLS(where, obj["TargetTLS"]) if "TargetTLS" in obj else None
-    return AppConfig(name, tuple(ports), tuple(targets), connectTimeout, accessLog, tls, targetTLS)
+    return AppConfig(name, tuple(ports), tuple(targets), tls=tls, targetTLS=targetTLS, **settings)
 
 
 class _Within(_Where):
@@ -404,11 +563,12 @@ def parseConfig(document: object, source: str = "<config>") -> ProxyConfig:
         raise where.error(None, f'the top level is {_show(document)}, not an object with an "Apps" list')
     _checkKeys(where, document, _TOP_KEYS, ("Apps",))
     appsValue = _nonEmptyList(where, "Apps", document["Apps"], "apps")
+    defaults = _parseDefaults(where, document["Defaults"]) if "Defaults" in document else {}
 
     apps: list[AppConfig] = []
     owner: dict[int, str] = {}
     for index, obj in enumerate(appsValue):
-        app = _parseApp(where, index, obj)
+        app = _parseApp(where, index, obj, defaults)
         if any(other.name == app.name for other in apps):
             raise where.forApp(app.name).error("Name", f"{_show(app.name)} is the name of another app too")
         for port in app.ports:
@@ -429,7 +589,11 @@ def parseConfig(document: object, source: str = "<config>") -> ProxyConfig:
     if "DrainTimeout" in document:
         drainTimeout = _duration(where, "DrainTimeout", document["DrainTimeout"])
 
-    return ProxyConfig(tuple(apps), bindAddress or DEFAULT_BIND_ADDRESS, drainTimeout, source)
+    maxConnections = None
+    if document.get("MaxConnections") is not None:
+        maxConnections = _count(where, "MaxConnections", document["MaxConnections"])
+
+    return ProxyConfig(tuple(apps), bindAddress or DEFAULT_BIND_ADDRESS, drainTimeout, source, maxConnections)
 
 
 def _noteDuplicateKeys(pairs: list[tuple[str, object]]) -> _JSONObject:

@@ -143,6 +143,8 @@ class _FailoverAttempt:
 
     def _connected(self, protocol: IProtocol, target: Target) -> None:
         self._current = None
+        if self._dialer.health is not None:
+            self._dialer.health.connectSucceeded(target)
         self.result.callback(Dialled(target, protocol, self._failures))
 
     def _failed(self, reason: Failure, target: Target) -> None:
@@ -150,7 +152,10 @@ class _FailoverAttempt:
         if self._cancelled:
             reason.trap(CancelledError, error.ConnectingCancelledError)
             return
-        self._failures.append((target, describeFailure(reason, self._dialer.timeout)))
+        why = describeFailure(reason, self._dialer.timeout)
+        self._failures.append((target, why))
+        if self._dialer.health is not None:
+            self._dialer.health.connectFailed(target, why)
         self._next()
 
     def _cancel(self, result: Deferred[Dialled]) -> None:
@@ -166,7 +171,11 @@ class FailoverDialer:
 
     @ivar timeout: seconds each attempt may take before the next target is
         tried; it covers name resolution as well as the TCP handshake.
+    @ivar health: told of every attempt's outcome (passive health checks),
+        if not C{None}: a L{tcpproxy.health.HealthTracker}.
     """
+
+    health = None
 
     def __init__(
         self,
@@ -174,7 +183,9 @@ class FailoverDialer:
         timeout: float,
         clock: IReactorTime | None = None,
         endpointFactory: Callable[[IReactorTCP, Target], IStreamClientEndpoint] = endpointForTarget,
+        health=None,
     ) -> None:
+        self.health = health
         self._reactor = reactor
         self.timeout = timeout
         self.clock = clock if clock is not None else reactor

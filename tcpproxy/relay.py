@@ -48,6 +48,8 @@ from zope.interface import implementer
 from tcpproxy.balancer import IBalancer
 from tcpproxy.config import AppConfig
 from tcpproxy.dialer import Dialled, IDialer, NoTargetAvailable
+from tcpproxy.idle import IdleWatch
+from tcpproxy.limits import REFUSED_DENIED, ConnectionCounter, Throttle, TokenBucket, permitted
 from tcpproxy.tls import cancelCloseTimer, closeTLS, isTLS, unflushed
 
 PREDIAL_BUFFER = 64 * 1024
@@ -63,6 +65,7 @@ END_TARGET_LOST = "target reset"
 END_CLIENT_LEFT = "client left while dialling"
 END_NO_TARGET = "no target"
 END_ABORTED = "aborted"
+END_IDLE = "idle timeout"
 
 
 def _noDelay(transport) -> None:
@@ -103,9 +106,12 @@ class _RelaySide(Protocol):
     @ivar closed: C{connectionLost} was called.
     @ivar received: bytes read from this side's remote end.
     @ivar writeThrough: the peer is a plain TCP socket: see L{writeToPeer}.
+    @ivar throttle: with a bandwidth limit, the L{Throttle} this side's
+        transport produces through (told of every chunk read); else C{None}.
     """
 
     peer: _RelaySide | None = None
+    throttle: Throttle | None = None
     writeThrough = False
     feeding = False
     readDone = False
@@ -115,6 +121,8 @@ class _RelaySide(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.received += len(data)
+        if self.throttle is not None:
+            self.throttle.consumed(len(data))
         self.writeToPeer(data)
 
     def writeToPeer(self, data: bytes) -> None:
@@ -157,6 +165,8 @@ class _RelaySide(Protocol):
         if self.feeding:
             self.feeding = False
             self.peer.transport.unregisterProducer()
+        if self.throttle is not None:
+            self.throttle.stop()
 
     def readConnectionLost(self) -> None:
         self.readDone = True
@@ -202,22 +212,33 @@ class _RelaySide(Protocol):
     def connectionLost(self, reason: Failure) -> None:
         self.closed = True
         cancelCloseTimer(self.transport)
+        if self.throttle is not None:
+            self.throttle.stop()
         peer = self.peer
         if peer is not None and not peer.closed:
             # Our transport dropped its producer as it closed.
             peer.feeding = False
+            if peer.throttle is not None:
+                peer.throttle.stop()
             self.stopFeeding()
             # Let the peer flush what this side already sent it, then close.
             self.closePeer()
 
-    def pairWith(self, peer: _RelaySide) -> None:
+    def pairWith(self, peer: _RelaySide, bandwidthLimit: float | None = None, clock=None) -> None:
         """
         Make C{peer} the other side, and each transport the other's producer.
+
+        With a C{bandwidthLimit} (bytes per second, each direction), each
+        transport produces through a L{Throttle} of its own, which pauses
+        it for backpressure or for its token bucket.
         """
         self.peer = peer
         peer.peer = self
-        self.transport.registerProducer(peer.transport, True)
-        peer.transport.registerProducer(self.transport, True)
+        if bandwidthLimit:
+            self.throttle = Throttle(self.transport, TokenBucket(bandwidthLimit, clock))
+            peer.throttle = Throttle(peer.transport, TokenBucket(bandwidthLimit, clock))
+        self.transport.registerProducer(peer.throttle or peer.transport, True)
+        peer.transport.registerProducer(self.throttle or self.transport, True)
         self.feeding = peer.feeding = True
         self.writeThrough = _isPlainTCP(peer.transport)
         peer.writeThrough = _isPlainTCP(self.transport)
@@ -255,6 +276,8 @@ class ProxyServerProtocol(_RelaySide):
     For a client whose TLS was terminated here: C{tlsVersion}, C{cipher}
     and C{sni}, set before C{connectionMade} (L{tcpproxy.tls}).
     """
+    refused: str | None = None
+    _idle: IdleWatch | None = None
 
     def __init__(self) -> None:
         self._pending: list[bytes] | None = []
@@ -271,10 +294,32 @@ class ProxyServerProtocol(_RelaySide):
         self.started = factory.clock.seconds()
         self.clientAddress = _describePeer(self.transport)
         self.port = self.transport.getHost().port
+        # The settings this connection keeps, whatever a reload does.
+        self.app = factory.app
+        self.clientHost = getattr(self.transport.getPeer(), "host", "")
+        refused = factory.admit(self.clientHost)
+        if refused is not None:
+            self._refuse(refused)
+            return
         factory.relays.add(self)
         _noDelay(self.transport)
         self._dialling = factory.dialer.dial(factory.clientFactory, factory.balancer.order())
         self._dialling.addCallbacks(self._targetConnected, self._noTarget)
+
+    def _refuse(self, reason: str) -> None:
+        """
+        Close a client the app does not take, before any target is dialled.
+        """
+        self.refused = reason
+        self.log.warn(
+            "{client} -> {app}:{port}: refused ({reason})",
+            client=self.clientAddress,
+            app=self.app.name,
+            port=self.port,
+            reason=reason,
+            refusals=dict(self.factory.counter.refusals),
+        )
+        self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
         if self._pending is None:
@@ -299,7 +344,10 @@ class ProxyServerProtocol(_RelaySide):
             transport.protocol = client
         _noDelay(transport)
         pending, self._pending = self._pending, None
-        self.pairWith(client)
+        app = self.app
+        self.pairWith(client, app.bandwidthLimit, self.factory.clock)
+        if app.idleTimeout:
+            self._idle = IdleWatch(self.factory.clock, app.idleTimeout, self._activity, self._idleTimedOut)
         if self.readDone:
             # The client sent EOF while the target was dialled.
             self.stopFeeding()
@@ -309,6 +357,28 @@ class ProxyServerProtocol(_RelaySide):
         self.transport.resumeProducing()
         if pending:
             client.transport.write(b"".join(pending))
+            if self.throttle is not None:
+                self.throttle.consumed(self._pendingSize)
+
+    def _activity(self) -> int:
+        return self.received + self.client.received
+
+    def _idleTimedOut(self) -> None:
+        """
+        No byte either way for C{IdleTimeout}: close both sides (abort them
+        if they are still open one check later, unable to flush).
+        """
+        if self.end == END_IDLE:
+            self.abort()
+            return
+        self.end = END_IDLE
+        client = self.client
+        for side in (self, client):
+            if not side.closed:
+                side.stopFeeding()
+        for side in (self, client):
+            if not side.closed:
+                side.transport.loseConnection()
 
     def _noTarget(self, reason: Failure) -> None:
         self._dialling = None
@@ -375,6 +445,9 @@ class ProxyServerProtocol(_RelaySide):
     def _finished(self) -> None:
         factory = self.factory
         factory.relays.discard(self)
+        if self._idle is not None:
+            self._idle.stop()
+        factory.released(self.clientHost)
         end = self.end or END_DONE
         if not factory.app.accessLog and end != END_NO_TARGET:
             factory.relayFinished()
@@ -408,6 +481,9 @@ class ProxyServerFactory(Factory):
     a target the balancer picks, through the dialer.
 
     @ivar relays: the connections open now, so that shutdown can drain them.
+    @ivar counter: the app's L{ConnectionCounter} (open and refused clients).
+    @ivar gate: the proxy-wide L{tcpproxy.limits.AcceptGate}, if any.
+    @ivar health: the app's L{tcpproxy.health.HealthTracker}, if any.
     """
 
     noisy = False
@@ -417,6 +493,7 @@ class ProxyServerFactory(Factory):
     What the app's ports hand new clients to when the app terminates TLS:
     this factory behind TLS (set by the service).
     """
+    health = None
 
     def __init__(self, app: AppConfig, balancer: IBalancer, dialer: IDialer, clock: IReactorTime) -> None:
         self.app = app
@@ -424,6 +501,8 @@ class ProxyServerFactory(Factory):
         self.dialer = dialer
         self.clock = clock
         self.relays: set[ProxyServerProtocol] = set()
+        self.counter = ConnectionCounter()
+        self.gate = None
         self._idleWaiters: list[Deferred[None]] = []
         self.clientFactory = Factory.forProtocol(ProxyClientProtocol)
         self.clientFactory.noisy = False
@@ -440,6 +519,28 @@ class ProxyServerFactory(Factory):
         self.app = app
         self.balancer = balancer
         self.dialer = dialer
+
+    def admit(self, host: str) -> str | None:
+        """
+        Count a new client from C{host} in, or say why it is refused
+        (C{Allow}/C{Deny}, C{MaxConnections}, C{MaxConnectionsPerClient}).
+        """
+        app = self.app
+        if not permitted(host, app.allow, app.deny):
+            self.counter.refusals[REFUSED_DENIED] += 1
+            return REFUSED_DENIED
+        refused = self.counter.tryOpen(host, app.maxConnections, app.maxConnectionsPerClient)
+        if refused is None and self.gate is not None:
+            self.gate.connectionOpened()
+        return refused
+
+    def released(self, host: str) -> None:
+        """
+        A connection counted in by L{admit} has ended.
+        """
+        self.counter.close(host)
+        if self.gate is not None:
+            self.gate.connectionClosed()
 
     def relayFinished(self) -> None:
         """

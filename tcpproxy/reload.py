@@ -114,6 +114,7 @@ class ReloadPlan:
     changedApps: tuple[AppChange, ...] = ()
     bindAddress: tuple[str, str] | None = None
     drainTimeout: tuple[float, float] | None = None
+    maxConnections: tuple[int | None, int | None] | None = None
 
     def __bool__(self) -> bool:
         """
@@ -129,6 +130,7 @@ class ReloadPlan:
                 self.changedApps,
                 self.bindAddress,
                 self.drainTimeout,
+                self.maxConnections,
             )
         )
 
@@ -160,6 +162,10 @@ class ReloadPlan:
             parts.append("BindAddress: {} -> {}".format(*self.bindAddress))
         if self.drainTimeout:
             parts.append("DrainTimeout: {:g}s -> {:g}s".format(*self.drainTimeout))
+        if self.maxConnections:
+            parts.append(
+                "MaxConnections: {} -> {}".format(*("none" if m is None else m for m in self.maxConnections))
+            )
         return parts
 
 
@@ -210,6 +216,9 @@ def planReload(old: ProxyConfig, new: ProxyConfig) -> ReloadPlan:
         changedApps=tuple(changed),
         bindAddress=None if old.bindAddress == new.bindAddress else (old.bindAddress, new.bindAddress),
         drainTimeout=None if old.drainTimeout == new.drainTimeout else (old.drainTimeout, new.drainTimeout),
+        maxConnections=None
+        if old.maxConnections == new.maxConnections
+        else (old.maxConnections, new.maxConnections),
     )
 
 

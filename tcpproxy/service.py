@@ -22,6 +22,8 @@ from twisted.logger import Logger
 from tcpproxy.balancer import RoundRobin
 from tcpproxy.config import AppConfig, ConfigError, ProxyConfig, loadConfig
 from tcpproxy.dialer import FailoverDialer, endpointForTarget
+from tcpproxy.health import HealthChecker, HealthTracker
+from tcpproxy.limits import AcceptGate, raiseFileLimit
 from tcpproxy.listening import ListenError, adoptTCP, bindAll
 from tcpproxy.relay import ProxyServerFactory
 from tcpproxy.reload import ReloadPlan, planReload, quoted, withoutPorts
@@ -127,6 +129,8 @@ class ProxyService(Service):
         self.configPath = configPath if configPath is not None else config.source
         self._reactor = reactor
         self._triggers = tuple(triggers)
+        self.gate = AcceptGate(config.maxConnections, lambda: list(self.listeningPorts.values()))
+        self._checkers: dict[str, HealthChecker] = {}
         self.factories: dict[str, ProxyServerFactory] = {
             app.name: self._newFactory(app) for app in config.apps
         }
@@ -142,16 +146,44 @@ class ProxyService(Service):
         """
         if tls is None:
             tls = loadAppTLS(app, self.config.source)
-        factory = ProxyServerFactory(app, RoundRobin(app.targets), self._newDialer(app, tls), self._reactor)
+        check = app.healthCheck
+        health = HealthTracker(
+            app.name, app.targets, self._reactor, *((check.rise, check.fall) if check else ())
+        )
+        factory = ProxyServerFactory(
+            app,
+            RoundRobin(app.targets, health),
+            self._newDialer(app, tls, health),
+            self._reactor,
+        )
+        factory.health = health
+        factory.gate = self.gate
         self._setTLS(factory, tls)
         return factory
 
-    def _newDialer(self, app: AppConfig, tls: AppTLS) -> FailoverDialer:
+    def _newDialer(self, app: AppConfig, tls: AppTLS, health: HealthTracker) -> FailoverDialer:
         return FailoverDialer(
             self._reactor,
             app.connectTimeout,
             endpointFactory=tls.endpointFactory(endpointForTarget, self._reactor),
+            health=health,
         )
+
+    def _startChecks(self, app: AppConfig) -> None:
+        """
+        Start (or restart, with new settings) the active health checks of
+        C{app}, if it has any.
+        """
+        self._stopChecks(app.name)
+        if app.healthCheck is not None:
+            checker = HealthChecker(self.factories[app.name].health, self._reactor, app.healthCheck)
+            self._checkers[app.name] = checker
+            checker.start()
+
+    def _stopChecks(self, name: str) -> None:
+        checker = self._checkers.pop(name, None)
+        if checker is not None:
+            checker.stop()
 
     def _setTLS(self, factory: ProxyServerFactory, tls: AppTLS) -> None:
         """
@@ -187,6 +219,7 @@ class ProxyService(Service):
 
     def startService(self) -> None:
         self.bind()
+        raiseFileLimit(self.log)
         Service.startService(self)
         for app, port in self.config.listeners():
             self._listen(port, self.factories[app.name], self._sockets.pop(port))
@@ -201,12 +234,15 @@ class ProxyService(Service):
                 portList=", ".join(map(str, app.ports)) + (" (TLS)" if app.tls else ""),
                 targetList=", ".join(map(str, app.targets)) + (" (TLS)" if app.targetTLS else ""),
             )
+        for app in self.config.apps:
+            self._startChecks(app)
         for trigger in self._triggers:
             trigger.start(self.reload)
 
     def _listen(self, port: int, appFactory: ProxyServerFactory, sock: socket.socket) -> None:
         portFactory = self._portFactories[port] = _PortFactory(appFactory)
         self.listeningPorts[port] = adoptTCP(self._reactor, sock, portFactory)
+        self.gate.portAdded(self.listeningPorts[port])
 
     def openConnections(self) -> int:
         return sum(len(factory.relays) for factory in self._allFactories())
@@ -308,12 +344,20 @@ class ProxyService(Service):
             factory = self.factories.get(app.name)
             if factory is None:
                 self.factories[app.name] = self._newFactory(app, tls[app.name])
+                self._startChecks(app)
             elif factory.app != app:
+                check = app.healthCheck
+                factory.health.update(app.name, app.targets, *((check.rise, check.fall) if check else (2, 3)))
+                restartChecks = (factory.app.targets, factory.app.healthCheck) != (app.targets, check)
                 dialer = self._dialerFor(factory, app, tls[app.name])
                 factory.reconfigure(app, self._balancerFor(factory, app), dialer)
                 self._setTLS(factory, tls[app.name])
+                if restartChecks:
+                    self._startChecks(app)
         for app in plan.removedApps:
+            self._stopChecks(app.name)
             self._retire(self.factories.pop(app.name))
+        self.gate.setMaximum(new.maxConnections)
 
         for move in plan.movedPorts:
             self._portFactories[move.port].appFactory = self.factories[move.toApp]
@@ -393,7 +437,7 @@ class ProxyService(Service):
         same = (factory.app.connectTimeout, factory.app.targetTLS) == (app.connectTimeout, app.targetTLS)
         if same and tls.client is None:
             return factory.dialer
-        return self._newDialer(app, tls)
+        return self._newDialer(app, tls, factory.health)
 
     def _retire(self, factory: ProxyServerFactory) -> None:
         """
@@ -433,6 +477,8 @@ class ProxyService(Service):
         default action and dropping the connections being drained.
         """
         Service.stopService(self)
+        for name in list(self._checkers):
+            self._stopChecks(name)
         self.unbind()
         ports, self.listeningPorts = list(self.listeningPorts.values()), {}
         self._portFactories.clear()

@@ -1,0 +1,307 @@
+"""
+Fairness between clients: who may connect (allow/deny lists), how many at
+once (per app, per client address, for the whole proxy), how fast each
+connection may go (a token bucket), and the process's descriptor limit.
+
+Nothing here touches a socket: the relay and the service ask these objects
+and act on their answers, so the arithmetic is tested on a L{Clock}.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import resource
+from collections import Counter
+from collections.abc import Callable, Sequence
+
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from tcpproxy.config import Network
+
+# Why a new client was refused, as logged and counted.
+REFUSED_DENIED = "denied"
+REFUSED_APP_LIMIT = "MaxConnections"
+REFUSED_CLIENT_LIMIT = "MaxConnectionsPerClient"
+
+
+def clientAddress(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """
+    The address of a client as the access lists see it: an IPv4 client on
+    a dual-stack socket (C{::ffff:10.0.0.1}) is the IPv4 address it is.
+    """
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def permitted(host: str, allow: Sequence[Network], deny: Sequence[Network]) -> bool:
+    """
+    Whether a client at C{host} may connect: it must be in a network of
+    C{allow} (when that is not empty) and in none of C{deny}.  An address
+    that is not an IP address (a UNIX socket) matches no network.
+    """
+    if not allow and not deny:
+        return True
+    address = clientAddress(host)
+    if allow and not any(address in network for network in allow if address is not None):
+        return False
+    return address is None or not any(address in network for network in deny)
+
+
+class ConnectionCounter:
+    """
+    An app's open connections, in all and per client address.
+
+    A connection is counted from L{tryOpen} until L{close}, whatever way it
+    ends (refused target, reset, idle timeout): the relay closes exactly
+    what it opened, so the counts return to zero.
+
+    @ivar refusals: how many clients were refused, by reason.
+    """
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.perClient: Counter[str] = Counter()
+        self.refusals: Counter[str] = Counter()
+
+    def tryOpen(self, host: str, maxTotal: int | None, maxPerClient: int | None) -> str | None:
+        """
+        Count a new connection from C{host}, if the limits allow it.
+
+        @return: C{None} if it was counted, else the reason it was refused
+            (L{REFUSED_APP_LIMIT} or L{REFUSED_CLIENT_LIMIT}), itself counted.
+        """
+        reason = None
+        if maxTotal is not None and self.total >= maxTotal:
+            reason = REFUSED_APP_LIMIT
+        elif maxPerClient is not None and self.perClient[host] >= maxPerClient:
+            reason = REFUSED_CLIENT_LIMIT
+        if reason is not None:
+            self.refusals[reason] += 1
+            return reason
+        self.total += 1
+        self.perClient[host] += 1
+        return None
+
+    def close(self, host: str) -> None:
+        self.total -= 1
+        self.perClient[host] -= 1
+        if self.perClient[host] <= 0:
+            del self.perClient[host]
+
+
+class AcceptGate:
+    """
+    The proxy-wide connection limit: at C{maximum} open connections every
+    listening port stops reading, so new clients wait in the kernel's
+    backlog (not refused); below it again, the ports read again.
+
+    Twisted accepts several clients per loop turn, so the clients already
+    accepted in the turn that reached the limit are still served: the count
+    may pass C{maximum} by at most that one batch.
+
+    @ivar ports: returns the listening ports to stop and restart.
+    """
+
+    log = Logger()
+
+    def __init__(self, maximum: int | None, ports: Callable[[], Sequence]) -> None:
+        self.maximum = maximum
+        self.ports = ports
+        self.count = 0
+        self.paused = False
+        self.pauses = 0
+
+    def connectionOpened(self) -> None:
+        self.count += 1
+        self._check()
+
+    def connectionClosed(self) -> None:
+        self.count -= 1
+        self._check()
+
+    def setMaximum(self, maximum: int | None) -> None:
+        self.maximum = maximum
+        self._check()
+
+    def portAdded(self, port) -> None:
+        """
+        A port that starts listening while the gate is closed waits too.
+        """
+        if self.paused:
+            port.stopReading()
+
+    def _check(self) -> None:
+        full = self.maximum is not None and self.count >= self.maximum
+        if full and not self.paused:
+            self.paused = True
+            self.pauses += 1
+            for port in self.ports():
+                port.stopReading()
+            self.log.warn(
+                "MaxConnections {maximum} reached: not accepting new clients until a connection ends",
+                maximum=self.maximum,
+                open=self.count,
+            )
+        elif not full and self.paused:
+            self.paused = False
+            for port in self.ports():
+                port.startReading()
+            self.log.info(
+                "below MaxConnections {maximum} again ({open} open): accepting new clients",
+                maximum=self.maximum,
+                open=self.count,
+            )
+
+
+class TokenBucket:
+    """
+    Bytes per second, with a burst of C{capacity} bytes.
+
+    Taking never fails: the bucket goes into debt, and L{take} says how
+    long to wait until it is out of debt.  Reads come in chunks of up to
+    64 KiB whatever the rate, so refusing a chunk is not an option; pausing
+    the reader for the debt keeps the average rate exact.
+    """
+
+    def __init__(self, rate: float, clock: IReactorTime, capacity: float | None = None) -> None:
+        self.rate = rate
+        # A twentieth of a second's worth: bursts stay small next to a
+        # measurement over a few seconds.
+        self.capacity = capacity if capacity is not None else max(rate / 20, 1.0)
+        self.clock = clock
+        self.tokens = self.capacity
+        self._last = clock.seconds()
+
+    def take(self, amount: int) -> float:
+        """
+        Spend C{amount} bytes' worth.
+
+        @return: seconds until the bucket is no longer in debt (0 if it is not).
+        """
+        now = self.clock.seconds()
+        self.tokens = min(self.capacity, self.tokens + (now - self._last) * self.rate) - amount
+        self._last = now
+        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
+
+
+MIN_READ = 1024
+"""
+The smallest read size a bandwidth limit sets on a transport, so that a
+low limit does not mean a system call per few bytes.
+"""
+
+BACKPRESSURE = "backpressure"
+BUCKET = "bucket"
+
+
+@implementer(IPushProducer)
+class Throttle:
+    """
+    The producer a relay registers with a consumer transport in place of the
+    reading transport, when the connection has a bandwidth limit.
+
+    The reading transport may be paused for two reasons: the consumer's
+    buffer is full (backpressure: the consumer calls L{pauseProducing}) or
+    the bucket is in debt.  It is resumed only when neither holds, so that
+    the end of one never undoes the other.  (Twisted's C{ThrottlingProtocol}
+    pauses the same transport as backpressure does, and either one's resume
+    undoes the other's pause.)
+
+    @ivar reasons: why the transport is paused now.
+    """
+
+    def __init__(self, producer: IPushProducer, bucket: TokenBucket) -> None:
+        self.producer = producer
+        self.bucket = bucket
+        if isinstance(getattr(producer, "bufferSize", None), int):
+            # A TCP transport reads up to 64 KiB at once, and a chunk already
+            # read is relayed whole: at 100 kB/s that is a burst of 0.6 s
+            # above the rate.  Reads of about the bucket's size keep the
+            # burst to the bucket's.
+            producer.bufferSize = min(producer.bufferSize, max(int(bucket.capacity), MIN_READ))
+        self.reasons: set[str] = set()
+        self._timer: IDelayedCall | None = None
+        self._stopped = False
+
+    def pauseProducing(self) -> None:
+        self._pause(BACKPRESSURE)
+
+    def resumeProducing(self) -> None:
+        self._resume(BACKPRESSURE)
+
+    def stopProducing(self) -> None:
+        self.stop()
+        self.producer.stopProducing()
+
+    def consumed(self, amount: int) -> None:
+        """
+        C{amount} bytes were read from the producer.
+        """
+        delay = self.bucket.take(amount)
+        if delay and self._timer is None and not self._stopped:
+            self._pause(BUCKET)
+            self._timer = self.bucket.clock.callLater(delay, self._refilled)
+
+    def _refilled(self) -> None:
+        self._timer = None
+        delay = self.bucket.take(0)
+        if delay:
+            self._timer = self.bucket.clock.callLater(delay, self._refilled)
+        else:
+            self._resume(BUCKET)
+
+    def stop(self) -> None:
+        """
+        The producer is done (EOF or closed): never pause or resume it again.
+        """
+        self._stopped = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _pause(self, reason: str) -> None:
+        if self._stopped:
+            return
+        if not self.reasons:
+            self.producer.pauseProducing()
+        self.reasons.add(reason)
+
+    def _resume(self, reason: str) -> None:
+        if self._stopped or reason not in self.reasons:
+            return
+        self.reasons.discard(reason)
+        if not self.reasons:
+            self.producer.resumeProducing()
+
+
+def raiseFileLimit(log: Logger, getrlimit=resource.getrlimit, setrlimit=resource.setrlimit) -> int:
+    """
+    Raise the soft limit on open descriptors to the hard limit, and log it:
+    every relayed connection holds two, and the default soft limit (often
+    1024) would cap the proxy near 500 connections.
+
+    @return: the soft limit in force afterwards.
+    """
+    soft, hard = getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft == hard:
+        log.info("open file limit: {soft} (hard limit {hard})", soft=soft, hard=hard)
+        return soft
+    try:
+        setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (OSError, ValueError) as e:
+        log.warn(
+            "open file limit stays at {soft}: cannot raise it to {hard}: {error}",
+            soft=soft,
+            hard=hard,
+            error=e,
+        )
+        return soft
+    log.info("open file limit raised from {old} to {soft}", old=soft, soft=hard)
+    return hard
