@@ -9,6 +9,8 @@ one connected protocol, or into one failure that lists every target's reason.
 
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -57,6 +59,12 @@ def describeFailure(reason: Failure, timeout: float) -> str:
         return "hostname did not resolve"
     if reason.check(error.NoRouteError):
         return "no route to host"
+    if reason.check(error.ConnectBindError):
+        # No socket could be made here: the proxy's own trouble, not the target's.
+        code = reason.value.osError
+        if code in (errno.EMFILE, errno.ENFILE):
+            return "the proxy is out of file descriptors"
+        return f"no socket could be made: {os.strerror(code) if isinstance(code, int) else code}"
     return reason.getErrorMessage() or reason.type.__name__
 
 
@@ -154,7 +162,8 @@ class _FailoverAttempt:
             return
         why = describeFailure(reason, self._dialer.timeout)
         self._failures.append((target, why))
-        if self._dialer.health is not None:
+        if self._dialer.health is not None and not reason.check(error.ConnectBindError):
+            # A socket the proxy could not make says nothing of the target.
             self._dialer.health.connectFailed(target, why)
         self._next()
 

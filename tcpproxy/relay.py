@@ -456,7 +456,13 @@ class ProxyServerProtocol(_RelaySide):
         # A connection nobody could serve is worth a warning; the text then
         # lists every target's reason.
         emit = self.log.warn if end == END_NO_TARGET else self.log.info
-        tls = " ({tlsVersion} {cipher}, SNI {sni})" if self.tlsFields else ""
+        tls = ""
+        if self.tlsFields:
+            tls = (
+                " ({tlsVersion} {cipher}, SNI {sni})"
+                if self.tlsFields.get("sni")
+                else " ({tlsVersion} {cipher}, no SNI)"
+            )
         emit(
             "{client} -> {app}:{port}" + tls + " -> {target}: {end} after {duration:.3f}s, "
             "{bytesIn} bytes in, {bytesOut} bytes out" + ("; failed: {failed}" if failures else ""),

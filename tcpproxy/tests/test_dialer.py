@@ -3,6 +3,8 @@ Tests for L{tcpproxy.dialer}: failover order, reasons, timeout and
 cancellation, on L{MemoryReactorClock} (no sockets).
 """
 
+import errno
+
 from twisted.internet import error
 from twisted.internet.defer import CancelledError, fail
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
@@ -131,6 +133,30 @@ class FailoverDialerTests(SynchronousTestCase):
         d = dialer.dial(self.factory, [parseTarget("nope.invalid:80")])
         reason = self.failureResultOf(d, NoTargetAvailable)
         self.assertEqual(str(reason.value), "all 1 targets failed: nope.invalid:80: hostname did not resolve")
+
+    def test_outOfDescriptors(self):
+        """
+        When the proxy itself cannot make a socket (out of descriptors), the
+        reason says so, rather than blaming the target.
+        """
+
+        class NoSocket:
+            def connect(self, factory):
+                return fail(error.ConnectBindError(errno.EMFILE, ""))
+
+        class Health:
+            failed: list = []
+
+            def connectFailed(self, target, why):
+                self.failed.append(target)
+
+        health = Health()
+        dialer = FailoverDialer(
+            self.reactor, 5, endpointFactory=lambda reactor, target: NoSocket(), health=health
+        )
+        reason = self.failureResultOf(dialer.dial(self.factory, [A]), NoTargetAvailable)
+        self.assertEqual(reason.value.failures, [(A, "the proxy is out of file descriptors")])
+        self.assertEqual(health.failed, [], "the target was marked down for the proxy's own trouble")
 
     def test_noTargets(self):
         reason = self.failureResultOf(self.dialer.dial(self.factory, []), NoTargetAvailable)
