@@ -270,17 +270,9 @@ class ProxyService(Service):
             self.log.info("reload ignored: the proxy is stopping", path=self.configPath, result=REFUSED)
             return succeed(ReloadResult(REFUSED, errors=("the proxy is stopping",)))
         try:
-            new = loadConfig(self.configPath)
-        except ConfigError as e:
-            self.log.error(
-                "reload refused, nothing changed: {error}",
-                path=self.configPath,
-                result=REFUSED,
-                error=str(e),
-            )
-            return succeed(ReloadResult(REFUSED, errors=(str(e),)))
-        try:
-            return self.apply(new)
+            # One validator for start-up and reload; applying can refuse too
+            # (a TLS file of a changed app), before anything has changed.
+            return self.apply(loadConfig(self.configPath))
         except ConfigError as e:
             self.log.error(
                 "reload refused, nothing changed: {error}",
