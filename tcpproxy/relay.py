@@ -48,7 +48,7 @@ from zope.interface import implementer
 from tcpproxy.balancer import IBalancer
 from tcpproxy.config import AppConfig
 from tcpproxy.dialer import Dialled, IDialer, NoTargetAvailable
-from tcpproxy.idle import IdleWatch
+from tcpproxy.idle import IdleSweeper, IIdleWatched
 from tcpproxy.limits import REFUSED_DENIED, ConnectionCounter, Throttle, TokenBucket, permitted
 from tcpproxy.tls import cancelCloseTimer, closeTLS, isTLS, unflushed
 
@@ -258,6 +258,7 @@ class ProxyClientProtocol(_RelaySide):
         self.relay.sideLost(self, reason)
 
 
+@implementer(IIdleWatched)
 class ProxyServerProtocol(_RelaySide):
     """
     The side connected to the client; it owns the pair.
@@ -277,7 +278,8 @@ class ProxyServerProtocol(_RelaySide):
     and C{sni}, set before C{connectionMade} (L{tcpproxy.tls}).
     """
     refused: str | None = None
-    _idle: IdleWatch | None = None
+    idleSeen = 0
+    idleSince: float | None = None
 
     def __init__(self) -> None:
         self._pending: list[bytes] | None = []
@@ -347,7 +349,7 @@ class ProxyServerProtocol(_RelaySide):
         app = self.app
         self.pairWith(client, app.bandwidthLimit, self.factory.clock)
         if app.idleTimeout:
-            self._idle = IdleWatch(self.factory.clock, app.idleTimeout, self._activity, self._idleTimedOut)
+            self.factory.idleSweeper.watch(self)
         if self.readDone:
             # The client sent EOF while the target was dialled.
             self.stopFeeding()
@@ -360,10 +362,15 @@ class ProxyServerProtocol(_RelaySide):
             if self.throttle is not None:
                 self.throttle.consumed(self._pendingSize)
 
-    def _activity(self) -> int:
+    @property
+    def idleTimeout(self) -> float:
+        # The app's settings when this client came (a reload changes new ones).
+        return self.app.idleTimeout
+
+    def activity(self) -> int:
         return self.received + self.client.received
 
-    def _idleTimedOut(self) -> None:
+    def idleTimedOut(self) -> None:
         """
         No byte either way for C{IdleTimeout}: close both sides (abort them
         if they are still open one check later, unable to flush).
@@ -445,8 +452,6 @@ class ProxyServerProtocol(_RelaySide):
     def _finished(self) -> None:
         factory = self.factory
         factory.relays.discard(self)
-        if self._idle is not None:
-            self._idle.stop()
         factory.released(self.clientHost)
         end = self.end or END_DONE
         if not factory.app.accessLog and end != END_NO_TARGET:
@@ -510,6 +515,7 @@ class ProxyServerFactory(Factory):
         self.counter = ConnectionCounter()
         self.gate = None
         self._idleWaiters: list[Deferred[None]] = []
+        self.idleSweeper = IdleSweeper(clock, lambda: self.relays)
         self.clientFactory = Factory.forProtocol(ProxyClientProtocol)
         self.clientFactory.noisy = False
 
@@ -553,6 +559,7 @@ class ProxyServerFactory(Factory):
         A relay has ended: wake whoever waits for the app to be idle.
         """
         if not self.relays:
+            self.idleSweeper.stop()
             waiters, self._idleWaiters = self._idleWaiters, []
             for d in waiters:
                 d.callback(None)

@@ -9,7 +9,7 @@ from twisted.internet.testing import Clock
 from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 
-from tcpproxy.idle import IdleWatch
+from tcpproxy.idle import IdleSweeper, IIdleWatched
 from tcpproxy.limits import (
     BACKPRESSURE,
     BUCKET,
@@ -23,6 +23,7 @@ from tcpproxy.limits import (
     permitted,
     raiseFileLimit,
 )
+from tcpproxy.relay import ProxyServerProtocol
 from tcpproxy.tests.loopback import captureEvents
 
 
@@ -254,28 +255,91 @@ class RaiseFileLimitTests(SynchronousTestCase):
         self.assertEqual(soft, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 
 
-class IdleWatchTests(SynchronousTestCase):
+class _Watched:
+    """
+    A relay as the sweeper sees it.
+    """
+
+    idleSeen = 0
+    idleSince = None
+
+    def __init__(self, timeout, log, clock):
+        self.idleTimeout = timeout
+        self.count = 0
+        self.log = log
+        self.clock = clock
+
+    def activity(self):
+        return self.count
+
+    def idleTimedOut(self):
+        self.log.append((self, self.clock.seconds()))
+
+
+class IdleSweeperTests(SynchronousTestCase):
     def setUp(self):
         self.clock = Clock()
-        self.count = 0
+        self.items = []
         self.idle = []
-        self.watch = IdleWatch(
-            self.clock, 8, lambda: self.count, lambda: self.idle.append(self.clock.seconds())
-        )
+        self.sweeper = IdleSweeper(self.clock, lambda: self.items)
+
+    def add(self, timeout):
+        item = _Watched(timeout, self.idle, self.clock)
+        self.items.append(item)
+        self.sweeper.watch(item)
+        return item
+
+    def test_interface(self):
+        self.assertTrue(IIdleWatched.implementedBy(ProxyServerProtocol))
 
     def test_firesAfterTimeout(self):
+        item = self.add(8)
         self.clock.pump([2] * 3)
         self.assertEqual(self.idle, [])
         self.clock.advance(2)
-        self.assertEqual(self.idle, [8])
+        self.assertEqual(self.idle, [(item, 8)])
 
     def test_activityPostpones(self):
+        item = self.add(8)
         self.clock.pump([1] * 5)
-        self.count += 1
+        item.count += 1
         self.clock.pump([1] * 12)
-        # The change was seen at 6; quiet from then, closed at 6 + 8.
-        self.assertEqual(self.idle, [14])
+        # The change was seen at the sweep at 6; quiet from then, idle at 6 + 8.
+        self.assertEqual(self.idle, [(item, 14)])
 
-    def test_stop(self):
-        self.watch.stop()
+    def test_calledAgainIfStillThere(self):
+        """
+        A pair still there one timeout after it was found idle (it could not
+        flush) is reported again, so that it can be aborted.
+        """
+        item = self.add(8)
+        self.clock.pump([2] * 8)
+        self.assertEqual(self.idle, [(item, 8), (item, 16)])
+
+    def test_oneTimerForAll(self):
+        """
+        However many pairs are watched, there is one timer, at the shortest
+        timeout's pace; each pair goes idle after its own timeout.
+        """
+        slow = self.add(40)
+        fast = self.add(8)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.pump([2] * 20)
+        self.assertEqual(
+            [("fast" if i is fast else "slow", t) for i, t in self.idle],
+            [("fast", 8), ("fast", 16), ("fast", 24), ("fast", 32), ("slow", 40), ("fast", 40)],
+        )
+        self.assertIsNot(slow, fast)
+
+    def test_noTimerLeft(self):
+        """
+        Once nothing is watched the sweeper leaves no timer behind; stop()
+        cancels the one pending.
+        """
+        self.add(8)
+        self.items.clear()
+        self.clock.advance(2)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.add(8)
+        self.sweeper.stop()
         self.assertEqual(self.clock.getDelayedCalls(), [])
