@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -212,11 +213,18 @@ class Twistd:
             f.write(document if isinstance(document, str) else json.dumps(document, indent=2))
         return path
 
-    def start(self, *arguments: str) -> subprocess.Popen:
+    def start(self, *arguments: str, fileLimit: int | None = None) -> subprocess.Popen:
         """
         Start C{twistd} with C{arguments}; its standard output and error go
         to files, read by L{stdout} and L{stderr} at any time.
+
+        @param fileLimit: if given, the process's soft and hard
+            C{RLIMIT_NOFILE}, so that it runs out of descriptors early.
         """
+
+        def limitFiles() -> None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (fileLimit, fileLimit))
+
         self._runs += 1
         self._stdout = self.path(f"stdout.{self._runs}")
         self._stderr = self.path(f"stderr.{self._runs}")
@@ -229,6 +237,7 @@ class Twistd:
                 stdout=out,
                 stderr=err,
                 start_new_session=True,
+                preexec_fn=limitFiles if fileLimit is not None else None,
             )
         self._processes.append(self.process)
         return self.process
