@@ -80,6 +80,13 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 _HOSTNAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._")
 
 
+def hostPort(host: str, port: int) -> str:
+    """
+    C{host:port} as a user writes it: an IPv6 address in brackets.
+    """
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class ConfigError(Exception):
     """
     A configuration was refused.
@@ -105,9 +112,7 @@ class Target:
     kind: str
 
     def __str__(self) -> str:
-        if self.kind == IPV6:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
+        return hostPort(self.host, self.port)
 
 
 @dataclass(frozen=True)

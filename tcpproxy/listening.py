@@ -15,6 +15,8 @@ import socket
 from twisted.internet.abstract import isIPv6Address
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorSocket
 
+from tcpproxy.config import hostPort
+
 BACKLOG = 1024
 """
 Pending connections the kernel may queue per port (capped by the system's
@@ -63,8 +65,8 @@ def bindAll(wanted: list[tuple[str, str, int]]) -> list[socket.socket]:
         except OSError as e:
             for sock in bound:
                 sock.close()
-            shown = f"[{address}]" if ":" in address else address
-            raise ListenError(f"{owner}: cannot listen on {shown}:{port}: {e.strerror or e}") from None
+            where = hostPort(address, port)
+            raise ListenError(f"{owner}: cannot listen on {where}: {e.strerror or e}") from None
     return bound
 
 

@@ -50,7 +50,7 @@ from tcpproxy.config import AppConfig
 from tcpproxy.dialer import Dialled, IDialer, NoTargetAvailable
 from tcpproxy.idle import IdleSweeper, IIdleWatched
 from tcpproxy.limits import REFUSED_DENIED, ConnectionCounter, Throttle, TokenBucket, permitted
-from tcpproxy.tls import cancelCloseTimer, closeTLS, isTLS, unflushed
+from tcpproxy.tls import cancelCloseTimer, closeTLS, describeAddress, isTLS, unflushed
 
 PREDIAL_BUFFER = 64 * 1024
 """
@@ -83,14 +83,6 @@ def _isPlainTCP(transport) -> bool:
     Twisted's own, whose buffer L{_RelaySide.writeToPeer} may look into.
     """
     return type(transport) in (tcp.Server, tcp.Client) and not transport.TLS
-
-
-def _describePeer(transport) -> str:
-    address = transport.getPeer()
-    host = getattr(address, "host", None)
-    if host is None:
-        return str(address)
-    return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
 
 
 @implementer(IHalfCloseableProtocol)
@@ -294,11 +286,12 @@ class ProxyServerProtocol(_RelaySide):
     def connectionMade(self) -> None:
         factory = self.factory
         self.started = factory.clock.seconds()
-        self.clientAddress = _describePeer(self.transport)
+        peer = self.transport.getPeer()
+        self.clientAddress = describeAddress(peer)
         self.port = self.transport.getHost().port
         # The settings this connection keeps, whatever a reload does.
         self.app = factory.app
-        self.clientHost = getattr(self.transport.getPeer(), "host", "")
+        self.clientHost = getattr(peer, "host", "")
         refused = factory.admit(self.clientHost)
         if refused is not None:
             self._refuse(refused)

@@ -61,7 +61,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tcpproxy.config import AppConfig, ConfigError, Target, TargetTLSConfig, TLSConfig
+from tcpproxy.config import AppConfig, ConfigError, Target, TargetTLSConfig, TLSConfig, hostPort
 
 log = Logger()
 
@@ -620,10 +620,13 @@ def describeTLSFailure(reason: Failure) -> str:
 
 
 def describeAddress(address) -> str:
+    """
+    A peer's address for the log, as targets are written (IPv6 in brackets).
+    """
     host = getattr(address, "host", None)
     if host is None:
         return str(address)
-    return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
+    return hostPort(host, address.port)
 
 
 # Closing
