@@ -251,6 +251,23 @@ class Twistd:
         self.start(*arguments)
         return self.wait()
 
+    def runDaemon(self, config: str) -> tuple[int, str, str]:
+        """
+        Start C{twistd tcpproxy --demo-backends} on C{config} in the
+        background, with a pidfile and a logfile in L{directory}.
+
+        @return: the daemon's pid, the pidfile and the logfile.
+        @raise AssertionError: with the output, if twistd did not exit 0.
+        """
+        pidfile, logfile = self.path("twistd.pid"), self.path("twistd.log")
+        status = self.run(
+            "--pidfile", pidfile, "--logfile", logfile, "tcpproxy", "--config", config, "--demo-backends"
+        )
+        if status != 0:
+            raise AssertionError(f"twistd exited with status {status}:\n{self.output()}")
+        with open(pidfile) as f:
+            return int(f.read()), pidfile, logfile
+
     def wait(self, timeout: float = TIMEOUT) -> int:
         """
         Wait for the last process started to exit.

@@ -48,13 +48,7 @@ class DaemonReloadTests(ReloadMixin, TestCase):
         invalid file then changes nothing, and says why.
         """
         config = self.twistd.writeConfig(self.document())
-        pidfile, logfile = self.twistd.path("twistd.pid"), self.twistd.path("twistd.log")
-        status = self.twistd.run(
-            "--pidfile", pidfile, "--logfile", logfile, "tcpproxy", "--config", config, "--demo-backends"
-        )
-        self.assertEqual(status, 0, self.twistd.output())
-        with open(pidfile) as f:
-            pid = int(f.read())
+        pid, pidfile, logfile = self.twistd.runDaemon(config)
 
         def log() -> str:
             with open(logfile) as f:

@@ -183,13 +183,7 @@ class DaemonTests(TwoAppsMixin, TestCase):
 
     def test_daemon(self) -> None:
         config = self.twistd.writeConfig(self.document())
-        pidfile, logfile = self.twistd.path("twistd.pid"), self.twistd.path("twistd.log")
-        status = self.twistd.run(
-            "--pidfile", pidfile, "--logfile", logfile, "tcpproxy", "--config", config, "--demo-backends"
-        )
-        self.assertEqual(status, 0, self.twistd.output())
-        with open(pidfile) as f:
-            pid = int(f.read())
+        pid, pidfile, logfile = self.twistd.runDaemon(config)
         self.assertNotEqual(pid, self.twistd.process.pid)
         self.assertFalse(processGone(pid))
 
