@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 
@@ -24,6 +23,7 @@ from zope.interface import Attribute, Interface, implementer
 from bench.backends import NotReady, waitUntilEchoing
 from bench.load import Address
 from bench.system import checkoutEnvironment, checkoutRoot, childSetup, residentKiB
+from tcpproxy.tests.ports import freePorts
 
 LOOPBACK = "127.0.0.1"
 START_TIMEOUT = 30.0
@@ -108,11 +108,10 @@ class Direct:
 
 def freePort() -> int:
     """
-    A TCP port on 127.0.0.1 that was free a moment ago.
+    A TCP port on 127.0.0.1 that was free a moment ago, outside the range
+    the kernel gives to outgoing connections (see L{freePorts}).
     """
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
+    return freePorts(1)[0]
 
 
 def writeSelfSigned(folder: str) -> tuple[str, str]:

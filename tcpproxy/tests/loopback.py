@@ -21,22 +21,8 @@ from tcpproxy.demo import echoFactory
 from tcpproxy.dialer import FailoverDialer
 from tcpproxy.listening import BACKLOG
 from tcpproxy.relay import ProxyServerFactory
+from tcpproxy.tests.ports import freePorts
 from tcpproxy.tls import isTLS, unflushed
-
-
-def freePorts(count: int) -> list[int]:
-    """
-    C{count} different loopback ports where nothing listens now: the kernel
-    picks them, all held at once so that they differ, then lets them go.
-    """
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def deadPort() -> int:
