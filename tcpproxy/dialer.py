@@ -50,22 +50,45 @@ def describeFailure(reason: Failure, timeout: float) -> str:
     Say in a few words why a connect attempt failed, for the log.
     """
     if reason.check(error.ConnectionRefusedError):
-        return "connection refused"
+        return describeError(errno.ECONNREFUSED, timeout)
     # Our deadline cancels the attempt: endpoints report that as
     # ConnectingCancelledError rather than as a timeout.
     if reason.check(defer.TimeoutError, error.TimeoutError, error.ConnectingCancelledError):
-        return f"no answer within {timeout:g}s"
+        return describeError(errno.ETIMEDOUT, timeout)
     if reason.check(error.DNSLookupError):
         return "hostname did not resolve"
     if reason.check(error.NoRouteError):
-        return "no route to host"
+        return describeError(errno.EHOSTUNREACH, timeout)
     if reason.check(error.ConnectBindError):
         # No socket could be made here: the proxy's own trouble, not the target's.
         code = reason.value.osError
-        if code in (errno.EMFILE, errno.ENFILE):
-            return "the proxy is out of file descriptors"
+        if code in OWN_ERRORS:
+            return describeError(code, timeout)
         return f"no socket could be made: {os.strerror(code) if isinstance(code, int) else code}"
     return reason.getErrorMessage() or reason.type.__name__
+
+
+OWN_ERRORS = frozenset((errno.EMFILE, errno.ENFILE))
+"""
+Connect errors that are the proxy's own trouble and say nothing of the
+target (so they do not count against its health).
+"""
+
+
+def describeError(code: int, timeout: float) -> str:
+    """
+    Say in a few words what the connect error C{code} (an C{errno}) means,
+    for the log: the words L{describeFailure} uses for the same failure.
+    """
+    if code == errno.ECONNREFUSED:
+        return "connection refused"
+    if code == errno.ETIMEDOUT:
+        return f"no answer within {timeout:g}s"
+    if code in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+        return "no route to host"
+    if code in OWN_ERRORS:
+        return "the proxy is out of file descriptors"
+    return os.strerror(code)
 
 
 class NoTargetAvailable(Exception):

@@ -96,7 +96,9 @@ class IdleSweeper:
                 item.idleSince = now
                 item.idleTimedOut()
             shortest = timeout if shortest is None else min(shortest, timeout)
-        if shortest is not None:
+        # An item closed at once by idleTimedOut is gone already; with none
+        # left, no timer is left behind either.
+        if shortest is not None and next(iter(self._watched()), None) is not None:
             self._scheduleFor(shortest)
 
     def stop(self) -> None:

@@ -5,15 +5,28 @@ Binding is split from listening so that a port that cannot be bound is
 found while C{twistd} is still reading its options -- before it writes a
 pidfile, forks into the background or starts the reactor -- and can be
 reported as one clear line instead of a traceback.  The bound socket is then
-adopted by the reactor when the service starts.
+watched by the reactor when the service starts (L{SocketPort}).
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 
 from twisted.internet.abstract import isIPv6Address
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorSocket
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IReactorFDSet,
+    IReactorSocket,
+    IReadDescriptor,
+)
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Interface, implementer
 
 from tcpproxy.config import hostPort
 
@@ -70,10 +83,159 @@ def bindAll(wanted: list[tuple[str, str, int]]) -> list[socket.socket]:
     return bound
 
 
+class ISocketAcceptor(Interface):
+    """
+    What a L{SocketPort} hands each accepted client to.
+    """
+
+    def socketAccepted(sock: socket.socket, address: tuple) -> None:
+        """
+        A client connected: C{sock} (non-blocking, owned by the callee from
+        now) came from C{address}, the peer address as C{accept} gives it.
+        """
+
+
+@implementer(IListeningPort, IReadDescriptor)
+class SocketPort:
+    """
+    Accept clients on a socket from L{bindTCP}, and hand each one, as a bare
+    socket, to an L{ISocketAcceptor}.
+
+    Unlike Twisted's own port, no transport or protocol is made here: the
+    acceptor decides, per client, whether Twisted relays it (L{adopting
+    <twisted.internet.interfaces.IReactorSocket.adoptStreamConnection>} the
+    socket) or the plain-TCP fast path does (L{tcpproxy.fastpath}), which
+    needs only the socket.
+
+    When C{accept} fails for lack of file descriptors the client would wait
+    in the backlog, and the port would be ready again at once, for ever: a
+    descriptor kept in reserve is let go to accept that client and close
+    it, and the failure is logged -- the recovery Twisted's own port makes.
+
+    @ivar listening: whether the socket is still open.
+    """
+
+    log = Logger()
+    ACCEPTS = 64
+    """
+    Clients accepted per turn of the reactor at most, so that a burst of
+    them does not starve the connections already open.
+    """
+
+    def __init__(self, reactor: IReactorFDSet, sock: socket.socket, acceptor: ISocketAcceptor) -> None:
+        self._reactor = reactor
+        self.socket = sock
+        self.acceptor = acceptor
+        self.listening = True
+        self.reading = False
+        self.startReading()
+
+    def startReading(self) -> None:
+        if self.listening and not self.reading:
+            self.reading = True
+            self._reactor.addReader(self)
+
+    def stopReading(self) -> None:
+        if self.reading:
+            self.reading = False
+            self._reactor.removeReader(self)
+
+    # IListeningPort
+
+    def startListening(self) -> None:
+        self.startReading()
+
+    def stopListening(self) -> Deferred[None]:
+        if self.listening:
+            self.stopReading()
+            self.listening = False
+            self.socket.close()
+        return succeed(None)
+
+    def getHost(self) -> IPv4Address | IPv6Address:
+        host, port = self.socket.getsockname()[:2]
+        if self.socket.family == socket.AF_INET6:
+            return IPv6Address("TCP", host, port)
+        return IPv4Address("TCP", host, port)
+
+    # IReadDescriptor
+
+    def fileno(self) -> int:
+        return self.socket.fileno()
+
+    def doRead(self) -> None:
+        accept = self.socket.accept
+        acceptor = self.acceptor
+        for _ in range(self.ACCEPTS):
+            try:
+                sock, address = accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._shed(e)
+                # ECONNABORTED and the like: that client is gone, the next may be there.
+                continue
+            sock.setblocking(False)
+            acceptor.socketAccepted(sock, address)
+
+    def _shed(self, error: OSError) -> None:
+        """
+        Out of descriptors: close the waiting client with the reserved one.
+        """
+        self.log.warn(
+            "cannot accept a client on port {port}: {code} ({reason}); closing it",
+            port=self.getHost().port,
+            code=errno.errorcode.get(error.errno, error.errno),
+            reason=error.strerror,
+        )
+        _reserve.shed(self.socket)
+
+    def connectionLost(self, reason: Failure) -> None:
+        # The reactor dropped its readers (it is stopping); the service stops us.
+        self.reading = False
+
+    def logPrefix(self) -> str:
+        return "tcpproxy"
+
+
+class _Reserve:
+    """
+    One file descriptor held back, to be let go when C{accept} fails for lack
+    of them, so that the waiting client can be accepted and closed.
+    """
+
+    def __init__(self) -> None:
+        self._fd: int | None = None
+
+    def hold(self) -> None:
+        if self._fd is None:
+            try:
+                self._fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                pass
+
+    def shed(self, listener: socket.socket) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        try:
+            sock, _ = listener.accept()
+            sock.close()
+        except OSError:
+            pass
+        self.hold()
+
+
+_reserve = _Reserve()
+_reserve.hold()
+
+
 def adoptTCP(reactor: IReactorSocket, sock: socket.socket, factory: IProtocolFactory) -> IListeningPort:
     """
-    Start accepting on a socket from L{bindTCP}; the socket passes to the
-    reactor (which holds its own duplicate) and is closed here.
+    Start accepting on a socket from L{bindTCP} with Twisted's own port, for
+    a protocol factory (the demo backends); the socket passes to the reactor
+    (which holds its own duplicate) and is closed here.
     """
     try:
         return reactor.adoptStreamPort(sock.fileno(), sock.family, factory)

@@ -43,7 +43,7 @@ from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime, IT
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import Attribute, implementer
 
 from tcpproxy.balancer import IBalancer
 from tcpproxy.config import AppConfig
@@ -66,6 +66,30 @@ END_CLIENT_LEFT = "client left while dialling"
 END_NO_TARGET = "no target"
 END_ABORTED = "aborted"
 END_IDLE = "idle timeout"
+
+
+class IRelayed(IIdleWatched):
+    """
+    One client's connection, as its app's factory keeps it while it is open
+    and logs it when it ends: relayed by Twisted (L{ProxyServerProtocol}) or
+    by the plain-TCP fast path (L{tcpproxy.fastpath}).
+    """
+
+    clientAddress = Attribute("The client's address, as the log writes it.")
+    clientHost = Attribute("The client's IP address, as counted by the limits.")
+    port = Attribute("The proxy's port the client connected to.")
+    started = Attribute("When the client connected (the factory's clock).")
+    target = Attribute("The L{Target} that was connected, or C{None}.")
+    failures = Attribute("C{(target, reason text)} of each target that failed to connect.")
+    bytesIn = Attribute("Bytes read from the client.")
+    bytesOut = Attribute("Bytes read from the target.")
+    end = Attribute("How it ended (C{END_*}), or C{None} for a clean end.")
+    tlsFields = Attribute("TLS version, cipher and SNI name for the log; empty without TLS.")
+
+    def abort() -> None:
+        """
+        Drop both sides at once (the drain period is over).
+        """
 
 
 def _noDelay(transport) -> None:
@@ -250,7 +274,7 @@ class ProxyClientProtocol(_RelaySide):
         self.relay.sideLost(self, reason)
 
 
-@implementer(IIdleWatched)
+@implementer(IRelayed)
 class ProxyServerProtocol(_RelaySide):
     """
     The side connected to the client; it owns the pair.
@@ -277,7 +301,7 @@ class ProxyServerProtocol(_RelaySide):
         self._pending: list[bytes] | None = []
         self._pendingSize = 0
         self._dialling = None
-        self._failures: list = []
+        self.failures: list = []
 
     @property
     def relay(self) -> ProxyServerProtocol:
@@ -306,14 +330,7 @@ class ProxyServerProtocol(_RelaySide):
         Close a client the app does not take, before any target is dialled.
         """
         self.refused = reason
-        self.log.warn(
-            "{client} -> {app}:{port}: refused ({reason})",
-            client=self.clientAddress,
-            app=self.app.name,
-            port=self.port,
-            reason=reason,
-            refusals=dict(self.factory.counter.refusals),
-        )
+        self.factory.logRefusal(self.clientAddress, self.port, reason)
         self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
@@ -329,7 +346,7 @@ class ProxyServerProtocol(_RelaySide):
     def _targetConnected(self, dialled: Dialled) -> None:
         self._dialling = None
         self.target = dialled.target
-        self._failures = dialled.failures
+        self.failures = dialled.failures
         client = self.client = dialled.protocol
         client.relay = self
         transport = client.transport
@@ -386,7 +403,7 @@ class ProxyServerProtocol(_RelaySide):
             # The client left, or shutdown aborted us: already handled.
             return
         if reason.check(NoTargetAvailable):
-            self._failures = reason.value.failures
+            self.failures = reason.value.failures
             self.end = END_NO_TARGET
             self.transport.loseConnection()
         else:
@@ -442,41 +459,16 @@ class ProxyServerProtocol(_RelaySide):
             if side is not None and not side.closed:
                 side.transport.abortConnection()
 
+    @property
+    def bytesIn(self) -> int:
+        return self.received
+
+    @property
+    def bytesOut(self) -> int:
+        return 0 if self.client is None else self.client.received
+
     def _finished(self) -> None:
-        factory = self.factory
-        factory.relays.discard(self)
-        factory.released(self.clientHost)
-        end = self.end or END_DONE
-        if not factory.app.accessLog and end != END_NO_TARGET:
-            factory.relayFinished()
-            return
-        failures = [f"{target}: {why}" for target, why in self._failures]
-        # A connection nobody could serve is worth a warning; the text then
-        # lists every target's reason.
-        emit = self.log.warn if end == END_NO_TARGET else self.log.info
-        tls = ""
-        if self.tlsFields:
-            tls = (
-                " ({tlsVersion} {cipher}, SNI {sni})"
-                if self.tlsFields.get("sni")
-                else " ({tlsVersion} {cipher}, no SNI)"
-            )
-        emit(
-            "{client} -> {app}:{port}" + tls + " -> {target}: {end} after {duration:.3f}s, "
-            "{bytesIn} bytes in, {bytesOut} bytes out" + ("; failed: {failed}" if failures else ""),
-            client=self.clientAddress,
-            app=factory.app.name,
-            port=self.port,
-            target=None if self.target is None else str(self.target),
-            failures=failures,
-            failed="; ".join(failures),
-            bytesIn=self.received,
-            bytesOut=0 if self.client is None else self.client.received,
-            duration=factory.clock.seconds() - self.started,
-            end=end,
-            **self.tlsFields,
-        )
-        factory.relayFinished()
+        self.factory.relayEnded(self)
 
 
 class ProxyServerFactory(Factory):
@@ -484,12 +476,14 @@ class ProxyServerFactory(Factory):
     Accepts an app's clients (on every one of its ports) and relays each to
     a target the balancer picks, through the dialer.
 
-    @ivar relays: the connections open now, so that shutdown can drain them.
+    @ivar relays: the connections open now (L{IRelayed}), so that shutdown
+        can drain them.
     @ivar counter: the app's L{ConnectionCounter} (open and refused clients).
     @ivar gate: the proxy-wide L{tcpproxy.limits.AcceptGate}, if any.
     @ivar health: the app's L{tcpproxy.health.HealthTracker}, if any.
     """
 
+    log = Logger()
     noisy = False
     protocol = ProxyServerProtocol
     tlsFront: Factory | None = None
@@ -498,6 +492,11 @@ class ProxyServerFactory(Factory):
     this factory behind TLS (set by the service).
     """
     health = None
+    fastPath = None
+    """
+    The L{tcpproxy.fastpath.FastPath} that relays this app's clients, or
+    C{None} when this factory's protocols do (set by the service).
+    """
 
     def __init__(self, app: AppConfig, balancer: IBalancer, dialer: IDialer, clock: IReactorTime) -> None:
         self.app = app
@@ -547,15 +546,61 @@ class ProxyServerFactory(Factory):
         if self.gate is not None:
             self.gate.connectionClosed()
 
-    def relayFinished(self) -> None:
+    def logRefusal(self, clientAddress: str, port: int, reason: str) -> None:
         """
-        A relay has ended: wake whoever waits for the app to be idle.
+        Log a client refused by L{admit} (and closed) on C{port}.
         """
+        self.log.warn(
+            "{client} -> {app}:{port}: refused ({reason})",
+            client=clientAddress,
+            app=self.app.name,
+            port=port,
+            reason=reason,
+            refusals=dict(self.counter.refusals),
+        )
+
+    def relayEnded(self, relay: IRelayed) -> None:
+        """
+        A connection admitted by L{admit} has ended, both sides closed: count
+        it out, write its access-log line, and wake whoever waits for the
+        app to be idle.
+        """
+        self.relays.discard(relay)
+        self.released(relay.clientHost)
+        end = relay.end or END_DONE
+        # A connection nobody could serve is worth a warning whatever the
+        # AccessLog switch; the text then lists every target's reason.
+        if self.app.accessLog or end == END_NO_TARGET:
+            self._logRelay(relay, end)
         if not self.relays:
             self.idleSweeper.stop()
             waiters, self._idleWaiters = self._idleWaiters, []
             for d in waiters:
                 d.callback(None)
+
+    def _logRelay(self, relay: IRelayed, end: str) -> None:
+        failures = [f"{target}: {why}" for target, why in relay.failures]
+        emit = self.log.warn if end == END_NO_TARGET else self.log.info
+        tlsFields = relay.tlsFields
+        tls = ""
+        if tlsFields:
+            sni = "SNI {sni}" if tlsFields.get("sni") else "no SNI"
+            tls = " ({tlsVersion} {cipher}, " + sni + ")"
+        emit(
+            "{client} -> {app}:{port}" + tls + " -> {target}: {end} after {duration:.3f}s, "
+            "{bytesIn} bytes in, {bytesOut} bytes out" + ("; failed: {failed}" if failures else ""),
+            client=relay.clientAddress,
+            app=self.app.name,
+            port=relay.port,
+            target=None if relay.target is None else str(relay.target),
+            failures=failures,
+            failed="; ".join(failures),
+            bytesIn=relay.bytesIn,
+            bytesOut=relay.bytesOut,
+            duration=self.clock.seconds() - relay.started,
+            end=end,
+            **tlsFields,
+        )
 
     def whenIdle(self) -> Deferred[None]:
         """

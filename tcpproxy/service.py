@@ -15,16 +15,18 @@ from dataclasses import dataclass
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
-from twisted.internet.interfaces import IAddress, IListeningPort
+from twisted.internet.interfaces import IAddress, IListeningPort, IReactorSocket
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from tcpproxy.balancer import RoundRobin
 from tcpproxy.config import AppConfig, ConfigError, ProxyConfig, loadConfig
 from tcpproxy.dialer import FailoverDialer, endpointForTarget
+from tcpproxy.fastpath import FastPath, canRelay
 from tcpproxy.health import HealthChecker, HealthTracker
 from tcpproxy.limits import AcceptGate, raiseFileLimit
-from tcpproxy.listening import ListenError, adoptTCP, bindAll
+from tcpproxy.listening import ISocketAcceptor, ListenError, SocketPort, bindAll
 from tcpproxy.relay import ProxyServerFactory
 from tcpproxy.reload import ReloadPlan, planReload, quoted, withoutPorts
 from tcpproxy.tls import AppTLS, loadAppTLS
@@ -46,31 +48,48 @@ def _owner(name: str) -> str:
     return f"app {quoted(name)}"
 
 
+@implementer(ISocketAcceptor)
 class _PortFactory(Factory):
     """
-    The factory a listening port keeps for as long as it listens: it hands
-    each new client to the app that owns the port now.
+    What a listening port keeps for as long as it listens: it hands each
+    new client to the app that owns the port now.
 
     A reload that moves the port to another app swaps L{appFactory}; the
     socket stays open throughout, so no client is refused in between, and
     the connections already accepted stay with the app that accepted them.
 
     @ivar appFactory: the L{ProxyServerFactory} of the port's app.
+    @ivar port: the port number.
     """
 
     noisy = False
 
-    def __init__(self, appFactory: ProxyServerFactory) -> None:
+    def __init__(self, appFactory: ProxyServerFactory, port: int, reactor: IReactorSocket) -> None:
         self.appFactory = appFactory
+        self.port = port
+        self._reactor = reactor
+
+    def socketAccepted(self, sock: socket.socket, address: tuple) -> None:
+        """
+        Relay the client on the fast path if its app can be, else hand its
+        socket to Twisted, which then asks L{buildProtocol} for the protocol.
+        """
+        appFactory = self.appFactory
+        fastPath = appFactory.fastPath
+        if fastPath is not None:
+            fastPath.relay(appFactory, sock, address, self.port)
+            return
+        try:
+            self._reactor.adoptStreamConnection(sock.fileno(), sock.family, self)
+        except OSError:
+            pass  # the client is already gone
+        finally:
+            sock.close()
 
     def buildProtocol(self, addr: IAddress) -> Protocol | None:
         # The app's factory behind TLS termination if the app has it.
         front = getattr(self.appFactory, "tlsFront", None) or self.appFactory
         return front.buildProtocol(addr)
-
-    def logPrefix(self) -> str:
-        # What the port's "... starting on PORT" line names, as before.
-        return self.appFactory.logPrefix()
 
 
 @dataclass(frozen=True)
@@ -128,6 +147,7 @@ class ProxyService(Service):
         self.config = config
         self.configPath = configPath if configPath is not None else config.source
         self._reactor = reactor
+        self._fastPath = FastPath(reactor)
         self._triggers = tuple(triggers)
         self.gate = AcceptGate(config.maxConnections, lambda: list(self.listeningPorts.values()))
         self._checkers: dict[str, HealthChecker] = {}
@@ -161,6 +181,13 @@ class ProxyService(Service):
         self._setTLS(factory, tls)
         return factory
 
+    def _setPath(self, factory: ProxyServerFactory) -> None:
+        """
+        Whether the app's next clients are relayed on the fast path (see
+        L{tcpproxy.fastpath.canRelay}) or by Twisted's transports.
+        """
+        factory.fastPath = self._fastPath if canRelay(factory.app) else None
+
     def _newDialer(self, app: AppConfig, tls: AppTLS, health: HealthTracker) -> FailoverDialer:
         return FailoverDialer(
             self._reactor,
@@ -191,6 +218,7 @@ class ProxyService(Service):
         behind TLS termination if the app has it (see L{_PortFactory}).
         """
         factory.tlsFront = tls.serverFactory(factory, self._reactor) if tls.server is not None else None
+        self._setPath(factory)
 
     def bind(self) -> None:
         """
@@ -221,6 +249,7 @@ class ProxyService(Service):
         self.bind()
         raiseFileLimit(self.log)
         Service.startService(self)
+        self._fastPath.start()
         for app, port in self.config.listeners():
             self._listen(port, self.factories[app.name], self._sockets.pop(port))
         for app in self.config.apps:
@@ -240,8 +269,8 @@ class ProxyService(Service):
             trigger.start(self.reload)
 
     def _listen(self, port: int, appFactory: ProxyServerFactory, sock: socket.socket) -> None:
-        portFactory = self._portFactories[port] = _PortFactory(appFactory)
-        self.listeningPorts[port] = adoptTCP(self._reactor, sock, portFactory)
+        portFactory = self._portFactories[port] = _PortFactory(appFactory, port, self._reactor)
+        self.listeningPorts[port] = SocketPort(self._reactor, sock, portFactory)
         self.gate.portAdded(self.listeningPorts[port])
 
     def openConnections(self) -> int:
@@ -362,7 +391,8 @@ class ProxyService(Service):
             closing.append(maybeDeferred(self.listeningPorts.pop(port).stopListening))
         for port, sock in (rebound or {}).items():
             previous = self.listeningPorts[port]
-            self.listeningPorts[port] = adoptTCP(self._reactor, sock, self._portFactories[port])
+            self.listeningPorts[port] = SocketPort(self._reactor, sock, self._portFactories[port])
+            self.gate.portAdded(self.listeningPorts[port])
             closing.append(maybeDeferred(previous.stopListening))
 
         self.config = running
@@ -476,12 +506,16 @@ class ProxyService(Service):
         self._portFactories.clear()
         stopped = gatherResults([maybeDeferred(port.stopListening) for port in ports])
         stopped.addCallback(lambda _: self._drain())
-        stopped.addBoth(self._stopTriggers)
+        stopped.addBoth(self._stopped)
         return stopped
 
-    def _stopTriggers(self, result: object) -> object:
+    def _stopped(self, result: object) -> object:
+        """
+        The drain is over: nothing is relayed or reloaded any more.
+        """
         for trigger in self._triggers:
             trigger.stop()
+        self._fastPath.stop()
         return result
 
     def _drain(self) -> Deferred[None]:

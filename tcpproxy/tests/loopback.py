@@ -19,8 +19,10 @@ from tcpproxy.balancer import RoundRobin
 from tcpproxy.config import AppConfig, parseTarget
 from tcpproxy.demo import echoFactory
 from tcpproxy.dialer import FailoverDialer
-from tcpproxy.listening import BACKLOG
+from tcpproxy.fastpath import FastPath, FastRelay, canRelay
+from tcpproxy.listening import BACKLOG, SocketPort, bindTCP
 from tcpproxy.relay import ProxyServerFactory
+from tcpproxy.service import _PortFactory
 from tcpproxy.tests.ports import freePorts
 from tcpproxy.tls import isTLS, unflushed
 
@@ -65,13 +67,39 @@ def proxyFactory(targets: list[str], name: str = "app", connectTimeout: float = 
 
 def startProxy(testCase, targets: list[str], **kwargs) -> tuple[ProxyServerFactory, int]:
     """
-    A proxy factory for C{targets}, listening on a free port.  The test does
-    not end before every relay of it has ended (so none leaks into the next).
+    A proxy factory for C{targets}, listening on a free port (see
+    L{listenProxy}).  The test does not end before every relay of it has
+    ended (so none leaks into the next).
     """
     factory = proxyFactory(targets, **kwargs)
-    port = listen(testCase, factory)
+    port = listenProxy(testCase, factory)
     testCase.addCleanup(factory.whenIdle)
     return factory, port
+
+
+def listenProxy(testCase, factory: ProxyServerFactory, interface: str = "127.0.0.1") -> int:
+    """
+    Listen for C{factory}'s app on a free port until the test ends; return
+    the port.
+
+    A test case whose C{fastPath} attribute is true listens as the service
+    does, so that the app's clients are relayed on the fast path when it
+    can relay them (L{tcpproxy.fastpath.canRelay}), by Twisted otherwise;
+    other test cases listen with Twisted's own port and relay.
+    """
+    if not getattr(testCase, "fastPath", False):
+        port = reactor.listenTCP(0, factory, backlog=BACKLOG, interface=interface)
+        testCase.addCleanup(port.stopListening)
+        return port.getHost().port
+    fastPath = FastPath(reactor)
+    fastPath.start()
+    testCase.addCleanup(fastPath.stop)
+    factory.fastPath = fastPath if canRelay(factory.app) else None
+    sock = bindTCP(interface, 0)
+    number = sock.getsockname()[1]
+    port = SocketPort(reactor, sock, _PortFactory(factory, number, reactor))
+    testCase.addCleanup(port.stopListening)
+    return number
 
 
 @implementer(IHalfCloseableProtocol)
@@ -163,11 +191,18 @@ def captureEvents(testCase, namespace: str = "tcpproxy.relay") -> list[dict]:
 
 def bufferedBytes(factory: ProxyServerFactory) -> int:
     """
-    Bytes the proxy holds in user space for all of C{factory}'s relays:
-    both sides' transport write buffers and what waits for a dial.
+    Bytes the proxy holds for all of C{factory}'s relays: both sides'
+    transport write buffers and what waits for a dial (Twisted's relay), or
+    what each direction holds for its receiver (the fast path's).
     """
     total = 0
     for relay in factory.relays:
+        if isinstance(relay, FastRelay):
+            # What a side has not taken yet: in user space, or in a pipe.
+            for flow in (relay.up, relay.down):
+                if flow is not None:
+                    total += (0 if flow.data is None else len(flow.data)) + flow.inPipe
+            continue
         total += relay._pendingSize if relay._pending is not None else 0
         for side in (relay, relay.client):
             if side is not None and side.transport is not None:

@@ -21,10 +21,16 @@ from tcpproxy.config import AppConfig, HealthCheckConfig, loadConfig, parseTarge
 from tcpproxy.demo import echoFactory
 from tcpproxy.dialer import FailoverDialer
 from tcpproxy.health import HealthChecker, HealthTracker
-from tcpproxy.listening import BACKLOG
 from tcpproxy.relay import END_IDLE, END_NO_TARGET, ProxyServerFactory
 from tcpproxy.service import ProxyService
-from tcpproxy.tests.loopback import Collector, CollectorFactory, captureEvents, deadPort, echoBackend
+from tcpproxy.tests.loopback import (
+    Collector,
+    CollectorFactory,
+    captureEvents,
+    deadPort,
+    echoBackend,
+    listenProxy,
+)
 
 
 class EchoClient(Collector):
@@ -73,10 +79,9 @@ class RelayLimitTests(TestCase):
             FailoverDialer(reactor, app.connectTimeout, health=health),
             reactor,
         )
-        port = reactor.listenTCP(0, factory, backlog=BACKLOG, interface=interface)
-        self.addCleanup(port.stopListening)
+        port = listenProxy(self, factory, interface)
         self.addCleanup(factory.whenIdle)
-        return factory, port.getHost().port
+        return factory, port
 
     def backlogFull(self) -> int:
         """
@@ -239,6 +244,14 @@ class RelayLimitTests(TestCase):
         allowed.transport.loseConnection()
         self.assertEqual((yield withTimeout(collector.readDone)), b"v6")
         collector.transport.loseConnection()
+
+
+class FastRelayLimitTests(RelayLimitTests):
+    """
+    The same, relayed on the fast path (Twisted's still, with BandwidthLimit).
+    """
+
+    fastPath = True
 
 
 def sleep(seconds: float) -> Deferred:

@@ -22,6 +22,7 @@ from tcpproxy.tests.loopback import (
     deadPort,
     echoBackend,
     listen,
+    listenProxy,
     startProxy,
 )
 
@@ -306,7 +307,7 @@ class FailoverTests(TestCase):
         """
         targets = [f"127.0.0.1:{listen(self, _Greeter.factory(name))}" for name in (b"A", b"B", b"C")]
         factory, portOne = startProxy(self, targets)
-        portTwo = listen(self, factory)
+        portTwo = listenProxy(self, factory)
         answers = []
         for port in (portOne, portTwo, portTwo, portOne, portTwo):
             client = yield connectClient(port)
@@ -332,3 +333,19 @@ class _Greeter(Protocol):
         factory.name = name
         factory.noisy = False
         return factory
+
+
+class FastByteExactTests(ByteExactTests):
+    fastPath = True
+
+
+class FastHalfCloseTests(HalfCloseTests):
+    fastPath = True
+
+
+class FastBackpressureTests(BackpressureTests):
+    fastPath = True
+
+
+class FastFailoverTests(FailoverTests):
+    fastPath = True

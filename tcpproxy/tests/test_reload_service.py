@@ -66,10 +66,11 @@ class ReloadTests(SynchronousTestCase):
         return event
 
     def test_unchanged(self):
+        listeners = dict(self.service.listeningPorts)
         result = self.reload()
         self.assertEqual(result.status, UNCHANGED)
         self.assertEqual(self.summary()["summary"], UNCHANGED)
-        self.assertEqual(len(self.reactor.adoptedPorts), 3)
+        self.assertEqual(self.service.listeningPorts, listeners)
 
     def test_invalidChangesNothing(self):
         """
@@ -109,8 +110,9 @@ class ReloadTests(SynchronousTestCase):
         self.assertEqual(result.status, APPLIED)
         self.assertEqual(sorted(self.service.listeningPorts), sorted([p[0], p[2], p[3]]))
         self.assertFalse(removed.listening)
-        [(_, _, added)] = self.reactor.adoptedPorts[3:]
-        self.assertIs(added.appFactory, self.service.factories["one"])
+        added = self.service.listeningPorts[p[3]]
+        self.assertTrue(added.listening)
+        self.assertIs(added.acceptor.appFactory, self.service.factories["one"])
         event = self.summary()
         self.assertEqual((event["portsAdded"], event["portsRemoved"]), ([p[3]], [p[1]]))
         self.assertEqual(
@@ -124,14 +126,15 @@ class ReloadTests(SynchronousTestCase):
         to the other app.
         """
         p = self.p
-        listener = self.service.listeningPorts[p[1]]
-        [portFactory] = [f for (_, _, f) in self.reactor.adoptedPorts[1:2]]
+        listeners = dict(self.service.listeningPorts)
+        listener = listeners[p[1]]
+        portFactory = listener.acceptor
         self.write(self.apps(("one", [p[0]], [9, 10]), ("two", [p[2], p[1]], [11])))
         result = self.reload()
         self.assertEqual(result.status, APPLIED)
         self.assertIs(self.service.listeningPorts[p[1]], listener)
         self.assertTrue(listener.listening)
-        self.assertEqual(len(self.reactor.adoptedPorts), 3)
+        self.assertEqual(self.service.listeningPorts, listeners)
         self.assertIs(portFactory.appFactory, self.service.factories["two"])
         self.assertEqual(self.summary()["portsMoved"], [[p[1], "one", "two"]])
 
@@ -199,7 +202,7 @@ class ReloadTests(SynchronousTestCase):
         relay = FakeRelay(self.service.factories["two"])
         self.write(self.apps(("one", self.p[:2], [9, 10])))
         self.reload()
-        relay.end()
+        relay.finish()
         self.assertEqual(self.service._allFactories(), [self.service.factories["one"]])
         self.successResultOf(self.service.stopService())
 
@@ -268,7 +271,7 @@ class TriggerTests(SynchronousTestCase):
         relay = FakeRelay(service.factories["one"])
         stopped = service.stopService()
         self.assertEqual(self.successResultOf(trigger.reload()).status, REFUSED)
-        relay.end()
+        relay.finish()
         self.successResultOf(stopped)
         self.assertIsNone(trigger.reload)
 

@@ -16,21 +16,32 @@ from tcpproxy.tests.loopback import captureEvents, deadPort
 
 class FakeRelay:
     """
-    Stands for an open connection: it ends when told, or when aborted.
+    Stands for an open connection: admitted by its app, it ends when told,
+    or when aborted.
     """
+
+    clientHost = "127.0.0.1"
+    clientAddress = "127.0.0.1:40000"
+    port = 1
+    started = 0.0
+    target = None
+    failures = ()
+    bytesIn = bytesOut = 0
+    tlsFields: dict = {}
+    end = None
 
     def __init__(self, factory):
         self.factory = factory
         self.aborted = False
+        factory.admit(self.clientHost)
         factory.relays.add(self)
 
-    def end(self):
-        self.factory.relays.discard(self)
-        self.factory.relayFinished()
+    def finish(self):
+        self.factory.relayEnded(self)
 
     def abort(self):
         self.aborted = True
-        self.end()
+        self.finish()
 
 
 class ProxyServiceTests(SynchronousTestCase):
@@ -54,16 +65,17 @@ class ProxyServiceTests(SynchronousTestCase):
 
     def test_oneListenerPerPort(self):
         """
-        Every port of every app is adopted by the reactor, each with a
+        Every port of every app is watched by the reactor, each with a
         factory of its own that hands clients to its app's factory; one app
         factory serves all ports of an app.
         """
         self.service.privilegedStartService()
         self.service.startService()
         self.addCleanup(self.service.stopService)
-        adopted = self.reactor.adoptedPorts
-        self.assertEqual(len(adopted), 3)
-        factories = [factory.appFactory for _, _, factory in adopted]
+        listeners = [self.service.listeningPorts[port] for port in self.ports]
+        self.assertTrue(set(listeners) <= set(self.reactor.getReaders()))
+        self.assertEqual([listener.getHost().port for listener in listeners], self.ports)
+        factories = [listener.acceptor.appFactory for listener in listeners]
         self.assertIs(factories[0], factories[1])
         self.assertEqual([f.app.name for f in factories], ["one", "one", "two"])
         self.assertEqual(sorted(self.service.listeningPorts), sorted(self.ports))
@@ -105,7 +117,7 @@ class ProxyServiceTests(SynchronousTestCase):
         self.assertEqual(sorted(closed), sorted(self.ports))
         self.reactor.advance(2.9)
         self.assertNoResult(stopped)
-        relay.end()
+        relay.finish()
         self.successResultOf(stopped)
         self.assertFalse(relay.aborted)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
