@@ -402,8 +402,8 @@ def connectionRate(address: Address, concurrency: int, warmup: float, duration: 
     Connect, exchange one small echo, close; C{concurrency} at a time, for
     the warm-up and then the window.
 
-    @return: completed connections a second over the window, and the
-        errors over the whole run (with C{"errorKinds"} saying which).
+    @return: completed connections a second over the window, completed
+        connections over the whole run, and the errors over the whole run (with C{"errorKinds"} saying which).
     @raise LoadError: not a single connection succeeded.
     """
     loop = _ConnectLoop(address, concurrency)
@@ -427,6 +427,7 @@ def connectionRate(address: Address, concurrency: int, warmup: float, duration: 
             raise LoadError(f"no connection succeeded; errors: {_showErrors(loop.errors)}")
         return {
             "conn/s": (loop.done - mark[1]) / (now - mark[0]),
+            "connections": loop.done,
             "errors": sum(loop.errors.values()),
             "errorKinds": dict(loop.errors),
         }

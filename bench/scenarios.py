@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from bench import load
 from bench.proxies import TLS_NAME
+from bench.system import processCpuSeconds
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ MB_S = Metric("MB/s", "MB/s", True)
 REQ_S = Metric("req/s", "req/s", True)
 LATENCIES = tuple(Metric(key, f"{key} µs", False) for key in ("p50", "p90", "p99", "p999"))
 CONN_S = Metric("conn/s", "conn/s", True)
+CPU_PER_CONN = Metric("cpuUsPerConn", "proxy CPU µs/conn", False)
 ERRORS = Metric("errors", "errors", False)
 KIB_PER_CONN = Metric("KiB/conn", "KiB/conn", False)
 RSS_BEFORE = Metric("rssBeforeMiB", "RSS before MiB", False)
@@ -156,11 +158,22 @@ class ConnectionRate(Scenario):
         self.name = "connrate-seq" if concurrency == 1 else f"connrate-{concurrency}"
         how = "sequential" if concurrency == 1 else f"{concurrency} concurrent"
         self.title = f"connection rate: connect, one small echo, close; {how}"
-        self.metrics = (CONN_S, ERRORS)
-        self.ratioMetrics = (CONN_S.key,)
+        self.metrics = (CONN_S, ERRORS, CPU_PER_CONN)
+        self.ratioMetrics = (CONN_S.key, CPU_PER_CONN.key)
 
     def measure(self, proxy, budget: Budget) -> dict:
-        return load.connectionRate(proxy.address, self.concurrency, budget.warmup, budget.window)
+        """
+        Besides the rate, the proxy's CPU time per connection: when the load
+        generator is what limits a proxy's rate (as it may limit HAProxy's
+        here), that is what still tells the proxies apart.
+        """
+        pid = getattr(proxy, "pid", None)
+        before = None if pid is None else processCpuSeconds(pid)
+        figures = load.connectionRate(proxy.address, self.concurrency, budget.warmup, budget.window)
+        if before is not None and figures["connections"]:
+            used = processCpuSeconds(pid) - before
+            figures[CPU_PER_CONN.key] = used * 1e6 / figures["connections"]
+        return figures
 
 
 class IdleMemory(Scenario):

@@ -173,6 +173,13 @@ def _processTicks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])
 
 
+def processCpuSeconds(pid: int) -> float:
+    """
+    The CPU time (user and system) a process has used so far, in seconds.
+    """
+    return _processTicks(pid) / os.sysconf("SC_CLK_TCK")
+
+
 _MIN_TICKS = 50
 # Fewer clock ticks than this (half a second of one CPU at 100 Hz) are too
 # coarse to tell anything.

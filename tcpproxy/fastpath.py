@@ -40,8 +40,9 @@ import errno
 import fcntl
 import os
 import socket
+from collections import OrderedDict
 
-from twisted.internet.interfaces import IReactorFDSet
+from twisted.internet.interfaces import IDelayedCall, IReactorFDSet, IReactorTime
 from zope.interface import implementer
 
 from tcpproxy.config import IPV4, IPV6, AppConfig, hostPort
@@ -95,11 +96,13 @@ class FastPath:
     Relays the clients of the apps that L{canRelay}, for one service.
 
     @ivar poller: the L{Poller} while started, else C{None}.
+    @ivar deadlines: the connect deadlines of the dials under way.
     """
 
     def __init__(self, reactor: IReactorFDSet) -> None:
         self._reactor = reactor
         self.poller: Poller | None = None
+        self.deadlines = Deadlines(reactor)
 
     def start(self) -> None:
         if self.poller is None:
@@ -118,7 +121,76 @@ class FastPath:
         """
         Relay a client accepted on C{port}, one of C{factory}'s app's ports.
         """
-        FastRelay(factory, self.poller, sock, address, port)
+        FastRelay(self, factory, sock, address, port)
+
+
+class Deadlines:
+    """
+    Calls C{timedOut()} on each item added with a timeout that has not been
+    removed within it, with one timer for all.
+
+    A L{DelayedCall} per dial, made and then cancelled as the target answers
+    within a millisecond (as nearly all do), is a good part of what a short
+    connection costs when many are dialled at once.  Items added with the same timeout expire in the order
+    they were added, so each timeout keeps its items in that order and only
+    the oldest is looked at; the one timer is set for the earliest of those,
+    and when it finds that item gone it is set for the next one.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._queues: dict[float, OrderedDict[object, float]] = {}
+        self._call: IDelayedCall | None = None
+        self._when = 0.0
+
+    def __len__(self) -> int:
+        return sum(map(len, self._queues.values()))
+
+    def add(self, item, timeout: float) -> None:
+        deadline = self._clock.seconds() + timeout
+        queue = self._queues.get(timeout)
+        if queue is None:
+            queue = self._queues[timeout] = OrderedDict()
+        queue[item] = deadline
+        if self._call is None or deadline < self._when:
+            self._schedule(deadline)
+
+    def remove(self, item, timeout: float) -> None:
+        queue = self._queues.get(timeout)
+        if queue is not None:
+            queue.pop(item, None)
+            if not queue:
+                del self._queues[timeout]
+                if not self._queues and self._call is not None:
+                    # Nothing left to time out: no timer left behind.
+                    self._call.cancel()
+                    self._call = None
+
+    def _schedule(self, when: float) -> None:
+        if self._call is not None:
+            self._call.cancel()
+        self._when = when
+        self._call = self._clock.callLater(max(0.0, when - self._clock.seconds()), self._expire)
+
+    def _expire(self) -> None:
+        self._call = None
+        now = self._clock.seconds()
+        expired = []
+        earliest = None
+        for timeout, queue in list(self._queues.items()):
+            while queue:
+                item, deadline = next(iter(queue.items()))
+                if deadline > now:
+                    earliest = deadline if earliest is None else min(earliest, deadline)
+                    break
+                del queue[item]
+                expired.append(item)
+            if not queue:
+                del self._queues[timeout]
+        if earliest is not None:
+            self._schedule(earliest)
+        for item in expired:
+            item.timedOut()
 
 
 def _settle(flow: _Flow) -> bool:
@@ -139,13 +211,15 @@ class _Flow:
     @ivar shut: C{dst} was shut for writing (EOF passed on).
     @ivar count: bytes read from C{src}.
     @ivar srcLost: how the pair ends if C{src} fails; C{dstLost} likewise.
+    @ivar peer: the flow the other way.
     """
 
-    __slots__ = ("src", "dst", "data", "pipe", "inPipe", "eof", "shut", "count", "srcLost", "dstLost")
+    __slots__ = ("src", "dst", "peer", "data", "pipe", "inPipe", "eof", "shut", "count", "srcLost", "dstLost")
 
     def __init__(self, src: socket.socket, dst: socket.socket, srcLost: str, dstLost: str) -> None:
         self.src = src
         self.dst = dst
+        self.peer: _Flow | None = None
         self.srcLost = srcLost
         self.dstLost = dstLost
         self.data = None
@@ -213,6 +287,11 @@ class _Flow:
         if self.shut or self.data is not None or self.inPipe:
             return None
         self.shut = True
+        if self.peer.shut:
+            # The other way is done too: the pair is closed next, and the
+            # close sends this FIN (nothing is left unread on that socket,
+            # whose EOF was read), one system call fewer per connection.
+            return None
         try:
             self.dst.shutdown(socket.SHUT_WR)
         except OSError:
@@ -285,8 +364,8 @@ class FastRelay:
         "server",
         "up",
         "down",
-        "clientAddress",
         "clientHost",
+        "_clientPort",
         "port",
         "started",
         "target",
@@ -296,7 +375,7 @@ class FastRelay:
         "idleSeen",
         "idleSince",
         "_targets",
-        "_timer",
+        "deadlines",
         "_clientMask",
         "_serverMask",
     )
@@ -304,18 +383,19 @@ class FastRelay:
     tlsFields: dict[str, str | None] = {}
 
     def __init__(
-        self, factory: ProxyServerFactory, poller: Poller, sock: socket.socket, address: tuple, port: int
+        self, fastPath: FastPath, factory: ProxyServerFactory, sock: socket.socket, address: tuple, port: int
     ) -> None:
         self.factory = factory
         self.app = factory.app
-        self.poller = poller
+        self.poller = poller = fastPath.poller
+        self.deadlines = fastPath.deadlines
         self.client = sock
         self.server: socket.socket | None = None
         self.up: _Flow | None = None
         self.down: _Flow | None = None
         self.started = factory.clock.seconds()
         self.clientHost = address[0]
-        self.clientAddress = hostPort(address[0], address[1])
+        self._clientPort = address[1]
         self.port = port
         self.target = None
         self.failures: list = []
@@ -323,7 +403,6 @@ class FastRelay:
         self.closing = False
         self.idleSeen = 0
         self.idleSince = None
-        self._timer = None
         self._clientMask = self._serverMask = 0
         refused = factory.admit(self.clientHost)
         if refused is not None:
@@ -332,7 +411,7 @@ class FastRelay:
             self.client = None
             return
         factory.relays.add(self)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # TCP_NODELAY is the listening socket's, inherited (see bindTCP).
         # Nothing is read from the client while its target is dialled; with
         # no interest, only its error or hang-up (a reset) is reported.
         poller.register(sock.fileno(), 0, self._clientWhileDialling)
@@ -362,7 +441,7 @@ class FastRelay:
             self.target = target
             self.poller.register(sock.fileno(), WRITE, self._serverWhileDialling)
             self._serverMask = WRITE
-            self._timer = self.factory.clock.callLater(self.app.connectTimeout, self._dialTimedOut)
+            self.deadlines.add(self, self.app.connectTimeout)
             return
         self.target = None
         self.end = END_NO_TARGET
@@ -396,29 +475,29 @@ class FastRelay:
         """
         Abandon the attempt under way.
         """
-        if self._timer is not None:
-            if self._timer.active():
-                self._timer.cancel()
-            self._timer = None
+        self.deadlines.remove(self, self.app.connectTimeout)
         self._closeSocket(self.server)
 
-    def _dialTimedOut(self) -> None:
-        self._timer = None
+    def timedOut(self) -> None:
+        """
+        The target being dialled did not answer within C{ConnectTimeout}:
+        try the next one (called by L{Deadlines}).
+        """
         target = self.target
         self._dropDial()
         self._dialFailed(target, errno.ETIMEDOUT)
         self._dial()
 
     def _serverWhileDialling(self, events: int) -> None:
-        code = self.server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        # Writable alone is connected; with error or hang-up, ask which error.
+        code = 0 if events == WRITE else self.server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if code or not events & WRITE:
             target = self.target
             self._dropDial()
             self._dialFailed(target, code or errno.ECONNREFUSED)
             self._dial()
             return
-        self._timer.cancel()
-        self._timer = None
+        self.deadlines.remove(self, self.app.connectTimeout)
         health = self.factory.health
         if health is not None:
             health.connectSucceeded(self.target)
@@ -437,6 +516,7 @@ class FastRelay:
         server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.up = _Flow(client, server, END_CLIENT_LOST, END_TARGET_LOST)
         self.down = _Flow(server, client, END_TARGET_LOST, END_CLIENT_LOST)
+        self.up.peer, self.down.peer = self.down, self.up
         poller = self.poller
         poller.modify(client.fileno(), READ, self._clientReady)
         poller.modify(server.fileno(), READ, self._serverReady)
@@ -541,7 +621,7 @@ class FastRelay:
             self.server = None
             watched, self._serverMask = self._serverMask, 0
         if watched:
-            self.poller.unregister(sock.fileno())
+            self.poller.forget(sock.fileno())
         for flow in (self.up, self.down):
             if flow is not None:
                 if flow.dst is sock:
@@ -566,6 +646,11 @@ class FastRelay:
             factory.relayEnded(self)
 
     # IRelayed
+
+    @property
+    def clientAddress(self) -> str:
+        # Written only when logged: most connections are not, with AccessLog off.
+        return hostPort(self.clientHost, self._clientPort)
 
     @property
     def bytesIn(self) -> int:
