@@ -40,6 +40,7 @@ import errno
 import fcntl
 import os
 import socket
+import struct
 from collections import OrderedDict
 
 from twisted.internet.interfaces import IDelayedCall, IReactorFDSet, IReactorTime
@@ -74,7 +75,17 @@ what that direction holds, in the kernel, when the receiver is slow.
 _SPLICE_FLAGS = (os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK) if SPLICE else 0
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
+LINGER = 30.0
+"""
+Seconds a closing side may take to send its EOF, its bytes read and dropped
+meanwhile (see L{FastRelay._update}), before it is reset.
+"""
+
 _WOULD_BLOCK = (BlockingIOError, InterruptedError)
+_RESET = struct.pack("ii", 1, 0)
+"""
+C{SO_LINGER} on, with no time to linger: the close sends a reset.
+"""
 
 
 def canRelay(app: AppConfig) -> bool:
@@ -212,14 +223,31 @@ class _Flow:
     @ivar count: bytes read from C{src}.
     @ivar srcLost: how the pair ends if C{src} fails; C{dstLost} likewise.
     @ivar peer: the flow the other way.
+    @ivar discarding: C{dst} is gone and C{src} is closing: what C{src}
+        still sends is read and dropped until its EOF (see
+        L{FastRelay._update}).
     """
 
-    __slots__ = ("src", "dst", "peer", "data", "pipe", "inPipe", "eof", "shut", "count", "srcLost", "dstLost")
+    __slots__ = (
+        "src",
+        "dst",
+        "peer",
+        "data",
+        "pipe",
+        "inPipe",
+        "eof",
+        "shut",
+        "count",
+        "srcLost",
+        "dstLost",
+        "discarding",
+    )
 
     def __init__(self, src: socket.socket, dst: socket.socket, srcLost: str, dstLost: str) -> None:
         self.src = src
         self.dst = dst
         self.peer: _Flow | None = None
+        self.discarding = False
         self.srcLost = srcLost
         self.dstLost = dstLost
         self.data = None
@@ -235,6 +263,8 @@ class _Flow:
 
         @return: how the pair ends if a side failed, else C{None}.
         """
+        if self.discarding:
+            return self._discard()
         if self.pipe is not None:
             return self._splicePull()
         try:
@@ -258,6 +288,17 @@ class _Flow:
             self.data = memoryview(data)[sent:]
         elif size == CHUNK and SPLICE:
             self._startSplice()
+        return None
+
+    def _discard(self) -> None:
+        try:
+            if self.src.recv(CHUNK):
+                return None
+        except _WOULD_BLOCK:
+            return None
+        except OSError:
+            pass
+        self.eof = True
         return None
 
     def push(self) -> str | None:
@@ -480,9 +521,13 @@ class FastRelay:
 
     def timedOut(self) -> None:
         """
-        The target being dialled did not answer within C{ConnectTimeout}:
-        try the next one (called by L{Deadlines}).
+        Called by L{Deadlines}: the target being dialled did not answer
+        within C{ConnectTimeout} (try the next one), or a lingering close
+        took longer than L{LINGER} (abort it).
         """
+        if self.closing:
+            self.abort()
+            return
         target = self.target
         self._dropDial()
         self._dialFailed(target, errno.ETIMEDOUT)
@@ -560,10 +605,30 @@ class FastRelay:
         """
         up, down = self.up, self.down
         if self.closing:
-            for flow in (up, down):
-                if flow.dst is not None and _settle(flow):
-                    self._closeSocket(flow.dst)
+            for inbound in (up, down):
+                sock = inbound.dst
+                if sock is None or not _settle(inbound):
+                    continue
+                outbound = inbound.peer
+                if outbound.eof:
+                    self._closeSocket(sock)
+                    continue
+                # Its peer may still be sending: closed with unread bytes, the
+                # socket would reset, and the peer lose what it was sent but
+                # has not read yet.  Pass EOF, then read and drop until its
+                # EOF (a lingering close, bounded by LINGER).
+                if not inbound.shut:
+                    inbound.shut = True
+                    try:
+                        sock.shutdown(socket.SHUT_WR)
+                    except OSError:
+                        self._closeSocket(sock)
+                        continue
+                if not outbound.discarding:
+                    outbound.discarding = True
+                    self.deadlines.add(self, LINGER)
             if self.client is None and self.server is None:
+                self.deadlines.remove(self, LINGER)
                 self._finish()
                 return
         elif up.shut and down.shut:
@@ -580,7 +645,9 @@ class FastRelay:
 
     def _maskFor(self, outbound: _Flow, inbound: _Flow) -> int:
         mask = 0
-        if not self.closing and not outbound.eof and outbound.data is None and not outbound.inPipe:
+        if outbound.eof:
+            pass
+        elif outbound.discarding or (not self.closing and outbound.data is None and not outbound.inPipe):
             mask = READ
         if inbound.data is not None or inbound.inPipe:
             mask |= WRITE
@@ -674,7 +741,8 @@ class FastRelay:
         been sent what it was owed; abort them one check later if they could
         not be.
         """
-        if self.end == END_IDLE:
+        if self.closing:
+            # Still not closed a whole idle period later.
             self.abort()
             return
         self.end = END_IDLE
@@ -682,7 +750,20 @@ class FastRelay:
         self._update()
 
     def abort(self) -> None:
+        """
+        Drop both sides at once, with a reset (as Twisted's
+        C{abortConnection} does): a peer cut off mid-stream must not take
+        the close for an orderly end of what it was sent.
+        """
         self.end = self.end or END_ABORTED
+        for sock in (self.client, self.server):
+            if sock is not None:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+                except OSError:
+                    pass
         if self.up is None:
             self._dropDial()
+        else:
+            self.deadlines.remove(self, LINGER)
         self._closeAll()
