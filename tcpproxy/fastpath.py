@@ -48,7 +48,7 @@ from zope.interface import implementer
 
 from tcpproxy.config import IPV4, IPV6, AppConfig, hostPort
 from tcpproxy.dialer import OWN_ERRORS, describeError
-from tcpproxy.poller import AVAILABLE, READ, WRITE, Poller
+from tcpproxy.poller import AVAILABLE, GONE, READ, WRITE, Poller
 from tcpproxy.relay import (
     END_ABORTED,
     END_CLIENT_LEFT,
@@ -536,6 +536,8 @@ class FastRelay:
     def _serverWhileDialling(self, events: int) -> None:
         # Writable alone is connected; with error or hang-up, ask which error.
         code = 0 if events == WRITE else self.server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if not code and not events & (WRITE | GONE):
+            return  # nothing happened yet
         if code or not events & WRITE:
             target = self.target
             self._dropDial()
@@ -589,7 +591,7 @@ class FastRelay:
             # Readable, or in error or hung up: the read says which.
             acted = True
             lost = outbound.pull()
-        if lost is None and not acted:
+        if lost is None and not acted and events & GONE:
             # Error or hang-up on a socket that is neither read nor written now.
             lost = outbound.srcLost
         if lost is not None:

@@ -30,6 +30,10 @@ and every app is relayed by Twisted's transports.
 
 READ = getattr(select, "EPOLLIN", 1)
 WRITE = getattr(select, "EPOLLOUT", 4)
+GONE = getattr(select, "EPOLLERR", 8) | getattr(select, "EPOLLHUP", 16)
+"""
+Error or hang-up: reported whatever the interest.
+"""
 
 BATCH = 512
 """
@@ -57,6 +61,7 @@ class Poller:
         self._reactor = reactor
         self._epoll = select.epoll()
         self._handlers: dict[int, Callable[[int], None]] = {}
+        self._stale: set[int] = set()
         reactor.addReader(self)
 
     def register(self, fd: int, events: int, handler: Callable[[int], None]) -> None:
@@ -70,6 +75,7 @@ class Poller:
 
     def unregister(self, fd: int) -> None:
         del self._handlers[fd]
+        self._stale.add(fd)
         self._epoll.unregister(fd)
 
     def forget(self, fd: int) -> None:
@@ -79,6 +85,7 @@ class Poller:
         no duplicate of it is open.
         """
         del self._handlers[fd]
+        self._stale.add(fd)
 
     def __len__(self) -> int:
         return len(self._handlers)
@@ -98,10 +105,16 @@ class Poller:
 
     def doRead(self) -> None:
         handlers = self._handlers
+        # Descriptors dropped by a handler of this batch: a later event of the
+        # batch for the same number is the old socket's, even if a new socket
+        # got that number meanwhile (its own readiness comes next turn).
+        stale = self._stale = set()
         for fd, events in self._epoll.poll(0, BATCH):
+            if fd in stale:
+                continue
             handler = handlers.get(fd)
             if handler is None:
-                continue  # unregistered by an earlier handler of this batch
+                continue
             try:
                 handler(events)
             except Exception:

@@ -166,6 +166,50 @@ class PollerTests(SynchronousTestCase):
         self.poller.doRead()
         self.assertEqual(len(seen), 2)
 
+    def test_staleEventOfAReusedNumber(self) -> None:
+        """
+        When a handler closes another socket of the same batch and a new
+        socket gets its number, the old socket's event is not handed to the
+        new socket's handler.
+        """
+        c, d = socket.socketpair()
+        self.addCleanup(d.close)
+        calls: list[str] = []
+        fresh: list[socket.socket] = []
+
+        def first(events: int) -> None:
+            calls.append("first")
+            # Whichever of the two comes first drops the other.
+            for sock in (self.a, c):
+                if sock.fileno() != self.current and sock.fileno() != -1:
+                    number = sock.fileno()
+                    self.poller.forget(number)
+                    sock.close()
+                    new, peer = socket.socketpair()
+                    self.addCleanup(new.close)
+                    self.addCleanup(peer.close)
+                    self.assertIn(number, (new.fileno(), peer.fileno()))
+                    reused = new if new.fileno() == number else peer
+                    fresh.append(reused)
+                    self.poller.register(number, READ, lambda events: calls.append("new"))
+
+        def handler(number: int):
+            def handle(events: int) -> None:
+                self.current = number
+                if not fresh:
+                    first(events)
+                else:
+                    calls.append("old")
+
+            return handle
+
+        self.poller.register(self.a.fileno(), READ, handler(self.a.fileno()))
+        self.poller.register(c.fileno(), READ, handler(c.fileno()))
+        self.b.send(b"x")
+        d.send(b"y")
+        self.poller.doRead()
+        self.assertEqual(calls, ["first"])
+
     def test_failingHandler(self) -> None:
         """
         A handler that raises is logged, and its owner (a relay) is aborted;
