@@ -471,6 +471,13 @@ class ProxyServerProtocol(_RelaySide):
         self.factory.relayEnded(self)
 
 
+_connectionLog = Logger(namespace="tcpproxy.relay.ProxyServerProtocol")
+"""
+Where the access-log and refusal lines go, whichever relay the connection
+went through: the namespace they have always had (they were the protocol's).
+"""
+
+
 class ProxyServerFactory(Factory):
     """
     Accepts an app's clients (on every one of its ports) and relays each to
@@ -483,7 +490,6 @@ class ProxyServerFactory(Factory):
     @ivar health: the app's L{tcpproxy.health.HealthTracker}, if any.
     """
 
-    log = Logger()
     noisy = False
     protocol = ProxyServerProtocol
     tlsFront: Factory | None = None
@@ -550,7 +556,7 @@ class ProxyServerFactory(Factory):
         """
         Log a client refused by L{admit} (and closed) on C{port}.
         """
-        self.log.warn(
+        _connectionLog.warn(
             "{client} -> {app}:{port}: refused ({reason})",
             client=clientAddress,
             app=self.app.name,
@@ -580,7 +586,7 @@ class ProxyServerFactory(Factory):
 
     def _logRelay(self, relay: IRelayed, end: str) -> None:
         failures = [f"{target}: {why}" for target, why in relay.failures]
-        emit = self.log.warn if end == END_NO_TARGET else self.log.info
+        emit = _connectionLog.warn if end == END_NO_TARGET else _connectionLog.info
         tlsFields = relay.tlsFields
         tls = ""
         if tlsFields:
