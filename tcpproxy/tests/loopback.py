@@ -47,6 +47,25 @@ def blockPort(testCase) -> int:
     return sock.getsockname()[1]
 
 
+def unansweredPort(testCase) -> int:
+    """
+    A loopback port whose accept queue is full until the test ends: a
+    connect to it is never answered (the kernel drops the SYN), so a dial
+    to it runs into its timeout.
+    """
+    server = socket.socket()
+    testCase.addCleanup(server.close)
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    for _ in range(3):
+        filler = socket.socket()
+        testCase.addCleanup(filler.close)
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.1", port))
+    return port
+
+
 def listen(testCase, factory) -> int:
     """
     Listen on a free loopback port until the test ends; return the port.

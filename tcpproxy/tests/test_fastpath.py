@@ -31,9 +31,9 @@ from tcpproxy.tests.loopback import (
     CollectorFactory,
     captureEvents,
     connectClient,
-    echoBackend,
     listen,
     listenProxy,
+    unansweredPort,
 )
 from tcpproxy.tests.test_relay_loopback import BackpressureTests, connectionEvents
 
@@ -360,23 +360,6 @@ def _fastFactory(targets: list[str], **settings) -> ProxyServerFactory:
     return ProxyServerFactory(app, RoundRobin(app.targets), dialer, reactor)
 
 
-def _backlogFull(testCase) -> int:
-    """
-    A loopback port that never answers a connect (its accept queue is full).
-    """
-    server = socket.socket()
-    testCase.addCleanup(server.close)
-    server.bind(("127.0.0.1", 0))
-    server.listen(0)
-    port = server.getsockname()[1]
-    for _ in range(3):
-        filler = socket.socket()
-        testCase.addCleanup(filler.close)
-        filler.setblocking(False)
-        filler.connect_ex(("127.0.0.1", port))
-    return port
-
-
 def _until(predicate, seconds: float = 10.0) -> Deferred:
     """
     Fires once C{predicate()} is true, checked every few milliseconds (the
@@ -407,30 +390,6 @@ class FastRelayTests(TestCase):
         self.assertIsNotNone(factory.fastPath)
         self.addCleanup(factory.whenIdle)
         return factory, port
-
-    @inlineCallbacks
-    def test_splicedBulkIsByteExact(self) -> None:
-        """
-        A bulk transfer switches to splice, and arrives byte-exact.
-        """
-        calls = []
-        realSplice = os.splice
-
-        def splice(*args, **kwargs):
-            calls.append(args)
-            return realSplice(*args, **kwargs)
-
-        self.patch(os, "splice", splice)
-        factory, port = self.start([f"127.0.0.1:{echoBackend(self)}"])
-        payload = os.urandom(3 * 1024 * 1024 + 17)
-        client = yield connectClient(port)
-        client.transport.write(payload)
-        client.transport.loseWriteConnection()
-        echoed = yield client.readDone
-        yield client.lost
-        yield factory.whenIdle()
-        self.assertEqual(echoed, payload)
-        self.assertGreater(len(calls), 10)
 
     @inlineCallbacks
     def test_ipv6Target(self) -> None:
@@ -473,7 +432,7 @@ class FastRelayTests(TestCase):
         Aborting a client whose target does not answer yet drops the dial:
         no socket and no deadline are left behind.
         """
-        factory, port = self.start([f"127.0.0.1:{_backlogFull(self)}"], connectTimeout=5.0)
+        factory, port = self.start([f"127.0.0.1:{unansweredPort(self)}"], connectTimeout=5.0)
         client = yield connectClient(port)
         yield _until(lambda: len(factory.relays) == 1)
         [relay] = factory.relays

@@ -30,6 +30,7 @@ from tcpproxy.tests.loopback import (
     deadPort,
     echoBackend,
     listenProxy,
+    unansweredPort,
 )
 
 
@@ -83,23 +84,6 @@ class RelayLimitTests(TestCase):
         self.addCleanup(factory.whenIdle)
         return factory, port
 
-    def backlogFull(self) -> int:
-        """
-        A loopback port whose accept queue is full: a connect to it is never
-        answered (the kernel drops the SYN).
-        """
-        server = socket.socket()
-        self.addCleanup(server.close)
-        server.bind(("127.0.0.1", 0))
-        server.listen(0)
-        port = server.getsockname()[1]
-        for _ in range(3):
-            filler = socket.socket()
-            self.addCleanup(filler.close)
-            filler.setblocking(False)
-            filler.connect_ex(("127.0.0.1", port))
-        return port
-
     @defer.inlineCallbacks
     def test_connectTimeout(self):
         """
@@ -107,7 +91,7 @@ class RelayLimitTests(TestCase):
         closed and the log says why.
         """
         events = captureEvents(self)
-        factory, port = self.startProxy([f"127.0.0.1:{self.backlogFull()}"], connectTimeout=0.3)
+        factory, port = self.startProxy([f"127.0.0.1:{unansweredPort(self)}"], connectTimeout=0.3)
         client = yield connectFrom(port)
         started = reactor.seconds()
         yield withTimeout(client.readDone)

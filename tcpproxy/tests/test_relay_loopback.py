@@ -338,6 +338,23 @@ class _Greeter(Protocol):
 class FastByteExactTests(ByteExactTests):
     fastPath = True
 
+    @inlineCallbacks
+    def test_bulkIsSpliced(self):
+        """
+        On the fast path, the multi-MiB echo above (byte-exact, counted both
+        ways) is moved by splice.
+        """
+        calls = []
+        realSplice = os.splice
+
+        def splice(*args, **kwargs):
+            calls.append(args)
+            return realSplice(*args, **kwargs)
+
+        self.patch(os, "splice", splice)
+        yield self.test_multiMiBEchoIsByteExact()
+        self.assertGreater(len(calls), 10)
+
 
 class FastHalfCloseTests(HalfCloseTests):
     fastPath = True
