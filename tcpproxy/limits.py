@@ -102,9 +102,8 @@ class AcceptGate:
     listening port stops reading, so new clients wait in the kernel's
     backlog (not refused); below it again, the ports read again.
 
-    Twisted accepts several clients per loop turn, so the clients already
-    accepted in the turn that reached the limit are still served: the count
-    may pass C{maximum} by at most that one batch.
+    A L{tcpproxy.listening.SocketPort} looks at its reading state before
+    each accept, so the count does not pass C{maximum}.
 
     @ivar ports: returns the listening ports to stop and restart.
     """

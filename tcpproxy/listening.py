@@ -175,6 +175,8 @@ class SocketPort:
         wrap = socket.socket
         acceptor = self.acceptor
         for _ in range(self.ACCEPTS):
+            if not self.reading:
+                return  # the proxy is full (AcceptGate): the rest wait in the backlog
             try:
                 fd, address = accept()
             except (BlockingIOError, InterruptedError):

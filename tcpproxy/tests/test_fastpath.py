@@ -299,6 +299,27 @@ class SocketPortTests(SynchronousTestCase):
         self.assertEqual(sock.gettimeout(), 0.0)
         self.assertEqual(port.getHost().port, self.listener.getsockname()[1])
 
+    def test_fullAfterOneClient(self) -> None:
+        """
+        A client that fills the proxy (the accept gate stops the port's
+        reading) is the last one accepted: the others of the burst wait in
+        the backlog until the port reads again.
+        """
+        port = SocketPort(self.reactor, self.listener, self.acceptor)
+        self.acceptor.socketAccepted = lambda sock, address: (
+            self.acceptor.accepted.append((sock, address)),
+            port.stopReading(),
+        )
+        for _ in range(3):
+            self.connect()
+        port.doRead()
+        self.assertEqual(len(self.acceptor.accepted), 1)
+        port.startReading()
+        port.doRead()
+        self.assertEqual(len(self.acceptor.accepted), 2)
+        for sock, _ in self.acceptor.accepted:
+            sock.close()
+
     def test_stopAndStartReading(self) -> None:
         """
         The proxy-wide limit stops and starts the reading of a port; stopping
