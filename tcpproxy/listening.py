@@ -183,7 +183,10 @@ class SocketPort:
                 return
             except OSError as e:
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # accept fails so before it looks for a client: shed the
+                    # one waiting (if any), and leave the next to the next turn.
                     self._shed(e)
+                    return
                 # ECONNABORTED and the like: that client is gone, the next may be there.
                 continue
             sock = wrap(family, socket.SOCK_STREAM, 0, fd)
@@ -194,13 +197,16 @@ class SocketPort:
         """
         Out of descriptors: close the waiting client with the reserved one.
         """
+        address = _reserve.shed(self.socket)
+        if address is None:
+            return  # nobody was waiting
         self.log.warn(
-            "cannot accept a client on port {port}: {code} ({reason}); closing it",
+            "cannot accept a client on port {port}: {code} ({reason}); closed {client}",
             port=self.getHost().port,
             code=errno.errorcode.get(error.errno, error.errno),
             reason=error.strerror,
+            client=hostPort(address[0], address[1]),
         )
-        _reserve.shed(self.socket)
 
     def connectionLost(self, reason: Failure) -> None:
         # The reactor dropped its readers (it is stopping); the service stops us.
@@ -226,16 +232,21 @@ class _Reserve:
             except OSError:
                 pass
 
-    def shed(self, listener: socket.socket) -> None:
+    def shed(self, listener: socket.socket) -> tuple | None:
+        """
+        Accept and close the client waiting on C{listener}, if any; return
+        its address.
+        """
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
         try:
-            sock, _ = listener.accept()
+            sock, address = listener.accept()
             sock.close()
         except OSError:
-            pass
+            address = None
         self.hold()
+        return address
 
 
 _reserve = _Reserve()

@@ -338,12 +338,17 @@ class SocketPortTests(SynchronousTestCase):
     def test_outOfDescriptors(self) -> None:
         """
         When accept fails for lack of descriptors, the waiting client is
-        closed (instead of the port being ready for ever) and that is logged;
-        the next client is accepted as usual.
+        closed (instead of the port being ready for ever) and that is logged,
+        once; with nobody waiting, nothing is logged; the next client is
+        accepted as usual.
         """
         events = captureEvents(self, "tcpproxy.listening")
-        port = SocketPort(self.reactor, _ExhaustedListener(self.listener), self.acceptor)
+        exhausted = _ExhaustedListener(self.listener)
+        # Out of descriptors, accept fails whether a client waits or not.
+        exhausted.failures = 2
+        port = SocketPort(self.reactor, exhausted, self.acceptor)
         refused = self.connect()
+        port.doRead()
         port.doRead()
         self.assertEqual(self.acceptor.accepted, [])
         try:
@@ -352,6 +357,7 @@ class SocketPortTests(SynchronousTestCase):
             pass
         [event] = events
         self.assertEqual(event["code"], "EMFILE")
+        self.assertEqual(event["client"], f"127.0.0.1:{refused.getsockname()[1]}")
         self.assertEqual(event["log_level"].name, "warn")
         self.connect()
         port.doRead()
