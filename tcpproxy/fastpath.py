@@ -56,6 +56,7 @@ from tcpproxy.relay import (
     END_IDLE,
     END_NO_TARGET,
     END_TARGET_LOST,
+    LINGER,
     PREDIAL_BUFFER,
     IRelayed,
     ProxyServerFactory,
@@ -74,12 +75,6 @@ what that direction holds, in the kernel, when the receiver is slow.
 """
 _SPLICE_FLAGS = (os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK) if SPLICE else 0
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
-
-LINGER = 30.0
-"""
-Seconds a closing side may take to send its EOF, its bytes read and dropped
-meanwhile (see L{FastRelay._update}), before it is reset.
-"""
 
 _WOULD_BLOCK = (BlockingIOError, InterruptedError)
 _RESET = struct.pack("ii", 1, 0)

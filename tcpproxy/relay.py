@@ -39,7 +39,13 @@ from __future__ import annotations
 from twisted.internet import tcp
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime, ITCPTransport
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IPushProducer,
+    IReactorTime,
+    ITCPTransport,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -56,6 +62,12 @@ PREDIAL_BUFFER = 64 * 1024
 """
 How much a client may send before its target is connected; past this the
 client is paused until then.
+"""
+
+LINGER = 30.0
+"""
+Seconds a side whose peer is gone may take to send its EOF, while what it
+still sends is read and dropped (a lingering close), before it is reset.
 """
 
 # How a relayed connection ended, as written in the access log.
@@ -92,6 +104,36 @@ class IRelayed(IIdleWatched):
         """
 
 
+@implementer(IPushProducer)
+class _Feed:
+    """
+    What a side's transport gets as its producer: the other side's
+    transport (or its L{Throttle}), but for C{stopProducing}.
+
+    A transport whose connection is lost calls C{stopProducing} on its
+    producer, and for a TCP transport that is C{loseConnection}: the other
+    side would be closed at once -- with a reset, losing what it was sent,
+    if its remote end is still sending.  The relay closes the other side
+    itself, as it must (L{_RelaySide.closePeer}).
+    """
+
+    __slots__ = ("pauseProducing", "resumeProducing", "producer")
+
+    def __init__(self, producer: IPushProducer) -> None:
+        self.producer = producer
+        self.pauseProducing = producer.pauseProducing
+        self.resumeProducing = producer.resumeProducing
+
+    def stopProducing(self) -> None:
+        pass
+
+
+def _drop(data: bytes) -> None:
+    """
+    What a side in a lingering close does with what it still receives.
+    """
+
+
 def _noDelay(transport) -> None:
     """
     Turn Nagle's algorithm off: the relay writes whole chunks as they come,
@@ -122,12 +164,15 @@ class _RelaySide(Protocol):
     @ivar closed: C{connectionLost} was called.
     @ivar received: bytes read from this side's remote end.
     @ivar writeThrough: the peer is a plain TCP socket: see L{writeToPeer}.
+    @ivar lingerCall: while in a lingering close (L{linger}), the reset
+        that ends it if it takes too long.
     @ivar throttle: with a bandwidth limit, the L{Throttle} this side's
         transport produces through (told of every chunk read); else C{None}.
     """
 
     peer: _RelaySide | None = None
     throttle: Throttle | None = None
+    lingerCall: IDelayedCall | None = None
     writeThrough = False
     feeding = False
     readDone = False
@@ -186,6 +231,10 @@ class _RelaySide(Protocol):
 
     def readConnectionLost(self) -> None:
         self.readDone = True
+        if self.lingerCall is not None:
+            # The lingering close is over.
+            self.transport.loseConnection()
+            return
         peer = self.peer
         if peer is not None and not peer.closed:
             self.stopFeeding()
@@ -215,11 +264,28 @@ class _RelaySide(Protocol):
         A TLS peer is resumed first (it may have been paused for this side,
         and a paused TLS transport never completes its close, Twisted #8901).
         """
-        transport = self.peer.transport
+        peer = self.peer
+        transport = peer.transport
         if isTLS(transport):
             closeTLS(transport, self.relay.factory.clock)
-        else:
+        elif peer.readDone:
             transport.loseConnection()
+        else:
+            peer.linger()
+
+    def linger(self) -> None:
+        """
+        The peer is gone, and this side's remote end may still be sending:
+        closed with unread bytes, the socket would send a reset, and the
+        remote end lose what it was sent but has not read yet.  Pass EOF
+        once what is buffered is flushed, then read and drop until its EOF;
+        reset it if that takes more than L{LINGER} seconds.
+        """
+        self.dataReceived = _drop
+        transport = self.transport
+        transport.loseWriteConnection()
+        transport.resumeProducing()
+        self.lingerCall = self.relay.factory.clock.callLater(LINGER, transport.abortConnection)
 
     def writeConnectionLost(self) -> None:
         self.writeDone = True
@@ -228,6 +294,8 @@ class _RelaySide(Protocol):
     def connectionLost(self, reason: Failure) -> None:
         self.closed = True
         cancelCloseTimer(self.transport)
+        if self.lingerCall is not None and self.lingerCall.active():
+            self.lingerCall.cancel()
         if self.throttle is not None:
             self.throttle.stop()
         peer = self.peer
@@ -253,8 +321,8 @@ class _RelaySide(Protocol):
         if bandwidthLimit:
             self.throttle = Throttle(self.transport, TokenBucket(bandwidthLimit, clock))
             peer.throttle = Throttle(peer.transport, TokenBucket(bandwidthLimit, clock))
-        self.transport.registerProducer(peer.throttle or peer.transport, True)
-        peer.transport.registerProducer(self.throttle or self.transport, True)
+        self.transport.registerProducer(_Feed(peer.throttle or peer.transport), True)
+        peer.transport.registerProducer(_Feed(self.throttle or self.transport), True)
         self.feeding = peer.feeding = True
         self.writeThrough = _isPlainTCP(peer.transport)
         peer.writeThrough = _isPlainTCP(self.transport)
@@ -385,11 +453,12 @@ class ProxyServerProtocol(_RelaySide):
         No byte either way for C{IdleTimeout}: close both sides (abort them
         if they are still open one check later, unable to flush).
         """
-        if self.end == END_IDLE:
+        client = self.client
+        if self.end == END_IDLE or self.closed or client.closed:
+            # Still not closed a whole idle period later (or lingering).
             self.abort()
             return
         self.end = END_IDLE
-        client = self.client
         for side in (self, client):
             if not side.closed:
                 side.stopFeeding()

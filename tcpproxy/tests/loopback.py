@@ -192,6 +192,27 @@ def connectClient(port: int, protocol: Protocol | None = None) -> Deferred:
     return connectProtocol(endpoint, protocol if protocol is not None else Collector())
 
 
+def eventually(predicate, seconds: float = 10.0) -> Deferred:
+    """
+    Fires once C{predicate()} is true, checked every few milliseconds, for
+    a state of the proxy's own that no event announces; fails after
+    C{seconds}, quoting the predicate's docstring.
+    """
+    d: Deferred = Deferred()
+    deadline = reactor.seconds() + seconds
+
+    def check() -> None:
+        if predicate():
+            d.callback(None)
+        elif reactor.seconds() > deadline:
+            d.errback(AssertionError(f"still false after {seconds}s: {predicate.__doc__}"))
+        else:
+            reactor.callLater(0.005, check)
+
+    check()
+    return d
+
+
 def captureEvents(testCase, namespace: str = "tcpproxy.relay") -> list[dict]:
     """
     Collect, until the test ends, the log events whose namespace starts

@@ -19,6 +19,7 @@ from tcpproxy.relay import (
     END_CLIENT_LEFT,
     END_CLIENT_LOST,
     END_NO_TARGET,
+    LINGER,
     PREDIAL_BUFFER,
     ProxyClientProtocol,
     ProxyServerFactory,
@@ -29,6 +30,17 @@ A, B = parseTarget("127.0.0.1:7001"), parseTarget("127.0.0.1:7002")
 
 
 @implementer(IDialer)
+class _HalfCloseableTransport(StringTransport):
+    """
+    A L{StringTransport} that can be shut for writing, as a TCP one can.
+    """
+
+    writeShut = False
+
+    def loseWriteConnection(self) -> None:
+        self.writeShut = True
+
+
 class FakeDialer:
     """
     Records each dial; the test fires the Deferreds.
@@ -57,7 +69,7 @@ class RelayTests(SynchronousTestCase):
 
     def connectClient(self):
         server = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
-        transport = StringTransport(
+        transport = _HalfCloseableTransport(
             hostAddress=IPv4Address("TCP", "127.0.0.1", 5001),
             peerAddress=IPv4Address("TCP", "127.0.0.1", 40000),
         )
@@ -66,7 +78,7 @@ class RelayTests(SynchronousTestCase):
 
     def targetAnswers(self, index=0, target=A, failures=()):
         client = ProxyClientProtocol()
-        transport = StringTransport()
+        transport = _HalfCloseableTransport()
         client.makeConnection(transport)
         self.dialer.calls[index][1].callback(Dialled(target, client, list(failures)))
         return client, transport
@@ -99,11 +111,23 @@ class RelayTests(SynchronousTestCase):
         self.assertEqual(clientTransport.value(), b"reply")
 
     def test_transportsAreEachOthersProducers(self):
+        """
+        Each transport is the other's streaming producer (pausing one pauses
+        the other), but its loss does not stop the other: the relay closes
+        that itself.
+        """
         server, clientTransport = self.connectClient()
         target, targetTransport = self.targetAnswers()
-        self.assertIs(targetTransport.producer, clientTransport)
-        self.assertIs(clientTransport.producer, targetTransport)
         self.assertTrue(targetTransport.streaming and clientTransport.streaming)
+        targetTransport.producer.pauseProducing()
+        self.assertEqual(clientTransport.producerState, "paused")
+        targetTransport.producer.resumeProducing()
+        self.assertEqual(clientTransport.producerState, "producing")
+        clientTransport.producer.pauseProducing()
+        self.assertEqual(targetTransport.producerState, "paused")
+        clientTransport.producer.stopProducing()
+        self.assertEqual(targetTransport.producerState, "paused")
+        self.assertFalse(targetTransport.disconnecting)
 
     def test_clientLeavesWhileDialling(self):
         """
@@ -138,17 +162,24 @@ class RelayTests(SynchronousTestCase):
 
     def test_clientResetClosesTarget(self):
         """
-        A client that resets makes the proxy close the target side (after
-        what was already sent to it is flushed); producers are unregistered
-        first, so the close cannot hang on a paused producer.
+        A client that resets makes the proxy close the target side: EOF
+        first (after what was already sent to it is flushed), then what the
+        target still sends is dropped until its own EOF (a lingering close,
+        so that closing with unread bytes does not reset what the target
+        was sent); producers are unregistered first, so the close cannot
+        hang on a paused producer.
         """
         server, clientTransport = self.connectClient()
         target, targetTransport = self.targetAnswers(failures=[(B, "connection refused")])
         server.dataReceived(b"12345")
         target.dataReceived(b"abc")
         server.connectionLost(Failure(ConnectionLost()))
-        self.assertTrue(targetTransport.disconnecting)
+        self.assertTrue(targetTransport.writeShut)
+        self.assertFalse(targetTransport.disconnecting)
         self.assertIsNone(targetTransport.producer)
+        target.dataReceived(b"dropped")
+        target.readConnectionLost()
+        self.assertTrue(targetTransport.disconnecting)
         target.connectionLost(Failure(ConnectionDone()))
         [event] = self.events
         self.assertEqual(
@@ -163,6 +194,22 @@ class RelayTests(SynchronousTestCase):
                 "failures": ["127.0.0.1:7002: connection refused"],
             },
         )
+        self.assertEqual(self.factory.relays, set())
+
+    def test_lingerBounded(self):
+        """
+        A target that never sends its EOF after the client reset is reset
+        once the lingering close has lasted LINGER seconds.
+        """
+        server, _ = self.connectClient()
+        target, targetTransport = self.targetAnswers()
+        server.connectionLost(Failure(ConnectionLost()))
+        self.clock.advance(LINGER - 1)
+        self.assertFalse(targetTransport.disconnecting)
+        self.clock.advance(1)
+        self.assertTrue(targetTransport.disconnected)
+        target.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertEqual(self.factory.relays, set())
 
     def test_accessLogOff(self):

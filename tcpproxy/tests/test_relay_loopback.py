@@ -12,7 +12,8 @@ from twisted.internet.defer import DeferredList, inlineCallbacks
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 
-from tcpproxy.relay import END_DONE, END_NO_TARGET
+from tcpproxy.fastpath import FastRelay
+from tcpproxy.relay import END_DONE, END_NO_TARGET, END_TARGET_LOST
 from tcpproxy.tests.loopback import (
     Collector,
     CollectorFactory,
@@ -21,10 +22,12 @@ from tcpproxy.tests.loopback import (
     connectClient,
     deadPort,
     echoBackend,
+    eventually,
     listen,
     listenProxy,
     startProxy,
 )
+from tcpproxy.tls import unflushed
 
 MiB = 1024 * 1024
 
@@ -254,6 +257,67 @@ class BackpressureTests(TestCase):
         self.assertGreater(len(samples), 100)
 
 
+def _bothWaysHeld(factory) -> bool:
+    """
+    Whether the proxy holds bytes for each side of its one relay, which
+    neither takes.
+    """
+    [relay] = factory.relays
+    if isinstance(relay, FastRelay):
+        flows = (relay.up, relay.down)
+        return None not in flows and all(flow.data is not None or flow.inPipe > 0 for flow in flows)
+    client = relay.client
+    return client is not None and unflushed(relay.transport) > 0 and unflushed(client.transport) > 0
+
+
+def _targetGone(factory) -> bool:
+    """
+    Whether the proxy has closed the target side of its one relay.
+    """
+    [relay] = factory.relays
+    if isinstance(relay, FastRelay):
+        return relay.server is None
+    return relay.client.closed
+
+
+class ResetTests(TestCase):
+    timeout = 30
+
+    @inlineCallbacks
+    def test_targetResetLosesNothingRead(self):
+        """
+        A target that resets while neither side reads: the proxy sees it as
+        it writes to the target, and the client still gets every byte the
+        proxy had read from the target (what the log counts) -- even though
+        the client was still sending -- then the connection closes, logged
+        as a target reset.
+        """
+        events = captureEvents(self)
+        backend = CollectorFactory()
+        factory, port = startProxy(self, [f"127.0.0.1:{listen(self, backend)}"])
+        client = yield connectClient(port)
+        client.transport.pauseProducing()
+        target = yield backend.accepted.get()
+        target.transport.pauseProducing()
+        payload = os.urandom(8 * MiB)
+        target.transport.write(payload)
+        client.transport.write(os.urandom(8 * MiB))
+        yield eventually(lambda: _bothWaysHeld(factory))
+        target.transport.abortConnection()
+        yield target.lost
+        yield eventually(lambda: _targetGone(factory))
+        client.transport.resumeProducing()
+        received = yield client.readDone
+        client.transport.loseConnection()
+        yield client.lost
+        yield factory.whenIdle()
+        [event] = connectionEvents(events)
+        self.assertEqual(event["end"], END_TARGET_LOST)
+        self.assertEqual(len(received), event["bytesOut"])
+        self.assertEqual(received, payload[: len(received)])
+        self.assertGreater(len(received), 0)
+
+
 class FailoverTests(TestCase):
     timeout = 30
 
@@ -365,4 +429,8 @@ class FastBackpressureTests(BackpressureTests):
 
 
 class FastFailoverTests(FailoverTests):
+    fastPath = True
+
+
+class FastResetTests(ResetTests):
     fastPath = True
