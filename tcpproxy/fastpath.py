@@ -199,13 +199,6 @@ class Deadlines:
             item.timedOut()
 
 
-def _settle(flow: _Flow) -> bool:
-    """
-    Whether C{flow} has nothing left to send.
-    """
-    return flow.data is None and not flow.inPipe
-
-
 class _Flow:
     """
     One direction of a relayed pair: bytes read from C{src}, sent to C{dst}.
@@ -251,6 +244,12 @@ class _Flow:
         self.eof = False
         self.shut = False
         self.count = 0
+
+    def settled(self) -> bool:
+        """
+        Whether nothing read from C{src} is left to send to C{dst}.
+        """
+        return self.data is None and not self.inPipe
 
     def pull(self) -> str | None:
         """
@@ -320,7 +319,7 @@ class _Flow:
         After C{src}'s EOF: shut C{dst} for writing once nothing is left to
         send to it.
         """
-        if self.shut or self.data is not None or self.inPipe:
+        if self.shut or not self.settled():
             return None
         self.shut = True
         if self.peer.shut:
@@ -604,7 +603,7 @@ class FastRelay:
         if self.closing:
             for inbound in (up, down):
                 sock = inbound.dst
-                if sock is None or not _settle(inbound):
+                if sock is None or not inbound.settled():
                     continue
                 outbound = inbound.peer
                 if outbound.eof:
@@ -644,9 +643,9 @@ class FastRelay:
         mask = 0
         if outbound.eof:
             pass
-        elif outbound.discarding or (not self.closing and outbound.data is None and not outbound.inPipe):
+        elif outbound.discarding or (not self.closing and outbound.settled()):
             mask = READ
-        if inbound.data is not None or inbound.inPipe:
+        if not inbound.settled():
             mask |= WRITE
         return mask
 

@@ -117,10 +117,9 @@ class _Feed:
     itself, as it must (L{_RelaySide.closePeer}).
     """
 
-    __slots__ = ("pauseProducing", "resumeProducing", "producer")
+    __slots__ = ("pauseProducing", "resumeProducing")
 
     def __init__(self, producer: IPushProducer) -> None:
-        self.producer = producer
         self.pauseProducing = producer.pauseProducing
         self.resumeProducing = producer.resumeProducing
 
@@ -515,7 +514,7 @@ class ProxyServerProtocol(_RelaySide):
             self.end = END_CLIENT_LOST if side is self else END_TARGET_LOST
         client = self.client
         if self.closed and (client is None or client.closed) and self in self.factory.relays:
-            self._finished()
+            self.factory.relayEnded(self)
 
     def abort(self) -> None:
         """
@@ -535,9 +534,6 @@ class ProxyServerProtocol(_RelaySide):
     @property
     def bytesOut(self) -> int:
         return 0 if self.client is None else self.client.received
-
-    def _finished(self) -> None:
-        self.factory.relayEnded(self)
 
 
 _connectionLog = Logger(namespace="tcpproxy.relay.ProxyServerProtocol")

@@ -265,7 +265,7 @@ def _bothWaysHeld(factory) -> bool:
     [relay] = factory.relays
     if isinstance(relay, FastRelay):
         flows = (relay.up, relay.down)
-        return None not in flows and all(flow.data is not None or flow.inPipe > 0 for flow in flows)
+        return None not in flows and not any(flow.settled() for flow in flows)
     client = relay.client
     return client is not None and unflushed(relay.transport) > 0 and unflushed(client.transport) > 0
 
