@@ -71,7 +71,7 @@ _DEFAULTS_KEYS = tuple(
     key for key in _APP_KEYS if key not in ("Name", "Ports", "Targets", "TLS", "TargetTLS")
 )
 _HEALTH_KEYS = ("Interval", "Timeout", "Rise", "Fall")
-_TLS_KEYS = ("Certificates", "MinVersion", "HandshakeTimeout")
+_TLS_KEYS = ("Certificates", "MinVersion", "HandshakeTimeout", "ALPN")
 _CERTIFICATE_KEYS = ("Cert", "Key")
 _TARGET_TLS_KEYS = ("CA", "ServerName", "Cert", "Key", "Verify")
 TLS_VERSIONS = ("1.2", "1.3")
@@ -127,11 +127,14 @@ class TLSConfig:
         client whose SNI name no certificate covers.
     @ivar minVersion: the lowest TLS version accepted, C{"1.2"} or C{"1.3"}.
     @ivar handshakeTimeout: seconds a client has to complete its handshake.
+    @ivar alpn: the ALPN protocol names (RFC 7301) the proxy may select for
+        a client, in the proxy's order of preference; empty to select none.
     """
 
     certificates: tuple[tuple[str, str], ...]
     minVersion: str = DEFAULT_MIN_TLS_VERSION
     handshakeTimeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    alpn: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -528,7 +531,37 @@ def _parseTLS(where: _Where, value: object) -> TLSConfig:
     handshakeTimeout = DEFAULT_HANDSHAKE_TIMEOUT
     if "HandshakeTimeout" in obj:
         handshakeTimeout = _duration(within, "HandshakeTimeout", obj["HandshakeTimeout"], positive=True)
-    return TLSConfig(tuple(certificates), minVersion, handshakeTimeout)
+    alpn = _alpn(within, obj["ALPN"]) if "ALPN" in obj else ()
+    return TLSConfig(tuple(certificates), minVersion, handshakeTimeout, alpn)
+
+
+def _alpn(within: _Where, value: object) -> tuple[str, ...]:
+    """
+    The C{"ALPN"} list of a C{"TLS"} key: protocol names such as C{"h2"}
+    and C{"http/1.1"}, in the order the proxy prefers them.
+
+    RFC 7301 section 3.1: a protocol name is a non-empty string of at most
+    255 bytes (its length travels in one byte); the names are the IANA
+    registry's, printable ASCII in practice, so anything else is refused as
+    a typo rather than sent as UTF-8.  A name written twice is refused: it
+    says nothing and hides which place was meant.
+
+    @raise ConfigError: naming the key and the offending name.
+    """
+    if not isinstance(value, list) or not value:
+        raise within.error("ALPN", f'{_show(value)} is not a non-empty list of protocol names like "h2"')
+    names: list[str] = []
+    for name in value:
+        if not isinstance(name, str) or not name:
+            raise within.error("ALPN", f"{_show(name)} is not a protocol name (a non-empty string)")
+        if not (name.isascii() and name.isprintable()):
+            raise within.error("ALPN", f"{_show(name)} is not a protocol name (printable ASCII)")
+        if len(name) > 255:
+            raise within.error("ALPN", f"{_show(name)} is longer than 255 bytes (RFC 7301 section 3.1)")
+        if name in names:
+            raise within.error("ALPN", f"{_show(name)} is listed twice")
+        names.append(name)
+    return tuple(names)
 
 
 def _parseTargetTLS(where: _Where, value: object) -> TargetTLSConfig:

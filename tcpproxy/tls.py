@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import datetime
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -209,13 +209,51 @@ def _loadKeyPair(refuse: _Refuse, certPath: str, keyPath: str, now: datetime.dat
 # Server side
 
 
-def serverOptions(pairs: list[_KeyPair], minVersion: str) -> CertificateOptions:
+def selectALPN(context: SSL.Context, protocols: Sequence[bytes]) -> None:
+    """
+    Make C{context} (a server's) answer a client's ALPN offer with the first
+    of C{protocols} the client offers, or with no protocol at all.
+
+    RFC 7301 section 3.2: the server picks by its own preference among the
+    client's offers, hence the order of C{protocols} and not the client's.
+    When none is in common (always, with C{protocols} empty) the handshake
+    goes on without ALPN, as from a server that does not support it
+    (OpenSSL's C{SSL_TLSEXT_ERR_NOACK}, pyOpenSSL's
+    L{SSL.NO_OVERLAPPING_PROTOCOLS}).  Section 3.2 would have a server
+    that supports ALPN send a fatal C{no_application_protocol} alert
+    instead; a layer-4 proxy does not speak the application protocol, so it
+    leaves that judgement to the target rather than turn a mismatch into a
+    refusal.
+
+    This replaces the callback Twisted's L{CertificateOptions} always
+    installs: its empty answer for "no protocol" makes OpenSSL abort every
+    handshake of a client that offers ALPN (curl, browsers) with an
+    C{internal_error} alert.
+
+    @param protocols: protocol names, the proxy's preferred first.
+    """
+    preferred = tuple(protocols)
+
+    def select(connection: SSL.Connection, offered: list[bytes]) -> bytes | object:
+        for protocol in preferred:
+            if protocol in offered:
+                return protocol
+        return SSL.NO_OVERLAPPING_PROTOCOLS
+
+    context.set_alpn_select_callback(select)
+
+
+def serverOptions(pairs: list[_KeyPair], minVersion: str, alpn: Sequence[str] = ()) -> CertificateOptions:
     """
     Options for terminating TLS with C{pairs}: the first is the default, and
-    a client's SNI name picks the first whose names cover it.
+    a client's SNI name picks the first whose names cover it.  Every one of
+    their contexts answers ALPN the same way (L{selectALPN} with C{alpn}).
     """
     common = {"raiseMinimumTo": _VERSIONS[minVersion], "acceptableCiphers": MODERN_CIPHERS}
+    protocols = [name.encode("ascii") for name in alpn]
     contexts = [(pair.names, pair.options(**common).getContext()) for pair in pairs[1:]]
+    for _, context in contexts:
+        selectALPN(context, protocols)
 
     def contextForServerName(serverName: bytes | None) -> SSL.Context | None:
         if not serverName:
@@ -228,7 +266,9 @@ def serverOptions(pairs: list[_KeyPair], minVersion: str) -> CertificateOptions:
                 return context
         return None
 
-    return pairs[0].options(contextForServerName=contextForServerName, **common)
+    options = pairs[0].options(contextForServerName=contextForServerName, **common)
+    selectALPN(options.getContext(), protocols)
+    return options
 
 
 # The handshake gate, on both sides
@@ -489,8 +529,7 @@ def _serverSide(source: str, app: str, settings: TLSConfig, now) -> tuple[Certif
     refuse = _Refuse(source, app, "TLS")
     pairs = [_loadKeyPair(refuse, cert, key, now) for cert, key in settings.certificates]
     try:
-        options = serverOptions(pairs, settings.minVersion)
-        options.getContext()
+        options = serverOptions(pairs, settings.minVersion, settings.alpn)
     except (SSL.Error, ValueError) as e:
         raise refuse(settings.certificates[0][0], f"cannot be used for TLS: {describeError(e)}") from None
     return options, settings.handshakeTimeout
@@ -577,15 +616,18 @@ def loadAppTLS(app: AppConfig, source: str, now: datetime.datetime | None = None
 
 def sessionFields(transport) -> dict[str, str | None]:
     """
-    The TLS version, cipher and SNI name of a connection whose handshake is
-    complete, for the access log.
+    The TLS version, cipher, SNI name and ALPN protocol (C{None} when none
+    was selected) of a connection whose handshake is complete, for the
+    access log.
     """
     connection = transport.getHandle()
     sni = connection.get_servername()
+    alpn = connection.get_alpn_proto_negotiated()
     return {
         "tlsVersion": connection.get_protocol_version_name(),
         "cipher": connection.get_cipher_name(),
         "sni": sni.decode("ascii", "replace") if sni else None,
+        "alpn": alpn.decode("ascii", "replace") if alpn else None,
     }
 
 

@@ -6,11 +6,15 @@ C{ssl} as a user checks with C{openssl s_client}.
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
+import subprocess
+import threading
 
 from twisted.trial.unittest import TestCase
 
@@ -91,3 +95,78 @@ class TLSTwistdTests(TestCase):
             f'tcpproxy: error: {config}: app "secure": key "TLS": {os.path.join(self.folder, "beta.key")}: '
             f"is not the private key of the certificate {os.path.join(self.folder, 'alpha.pem')}\n",
         )
+
+    def httpTarget(self) -> None:
+        """
+        A small HTTP server on the target port, in a thread, until the test
+        ends: it answers C{GET} with C{ok}.
+        """
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", self.target), Handler)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, TIMEOUT)
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+
+    def test_alpnWithRealClients(self) -> None:
+        """
+        C{curl} (which offers C{h2,http/1.1}) and C{openssl s_client}, with
+        and without C{-alpn}, complete their handshake: on a port without
+        C{"ALPN"} none is selected, on one with C{["http/1.1", "h2"]} the
+        first of these the client offers.
+        """
+        curl, openssl = shutil.which("curl"), shutil.which("openssl")
+        if curl is None or openssl is None:
+            raise self.skipTest("needs the curl and openssl commands")
+        document = self.document([("alpha.pem", "alpha.key")])
+        [alpnPort] = [p for p in freePorts(3) if p not in (self.port, self.target)][:1]
+        plain = document["Apps"][0]
+        alpnTLS = {**plain["TLS"], "ALPN": ["http/1.1", "h2"]}
+        document["Apps"].append({**plain, "Name": "alpn", "Ports": [alpnPort], "TLS": alpnTLS})
+        config = self.writeConfig(document)
+        self.httpTarget()
+        self.twistd.start("-n", "--pidfile=", "tcpproxy", "--config", config)
+        self.twistd.waitUntilServing(self.port, alpnPort)
+        ca = os.path.join(self.folder, "ca.pem")
+
+        def curlThrough(port: int) -> subprocess.CompletedProcess:
+            resolve = f"{ALPHA}:{port}:127.0.0.1"
+            return subprocess.run(
+                [curl, "-sS", "-v", "--cacert", ca, "--resolve", resolve, f"https://{ALPHA}:{port}/"],
+                capture_output=True,
+                text=True,
+                timeout=TIMEOUT,
+            )
+
+        def sClient(port: int, *alpn: str) -> subprocess.CompletedProcess:
+            return subprocess.run(
+                [openssl, "s_client", "-connect", f"127.0.0.1:{port}", "-servername", ALPHA, "-CAfile", ca]
+                + list(alpn),
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=TIMEOUT,
+            )
+
+        for port, chosen in ((self.port, None), (alpnPort, "http/1.1")):
+            fetched = curlThrough(port)
+            self.assertEqual((fetched.returncode, fetched.stdout), (0, "ok"), fetched.stderr)
+            for alpn in (("-alpn", "h2,http/1.1"), ("-alpn", "http/1.1"), ()):
+                session = sClient(port, *alpn)
+                self.assertEqual(session.returncode, 0, session.stdout + session.stderr)
+                self.assertIn("Verify return code: 0 (ok)", session.stdout)
+                expected = f"ALPN protocol: {chosen}" if chosen and alpn else "No ALPN negotiated"
+                self.assertIn(expected, session.stdout)
+        self.assertIn("ALPN protocol: h2", sClient(alpnPort, "-alpn", "h2").stdout)
+        self.assertNotIn("Traceback", self.twistd.output())

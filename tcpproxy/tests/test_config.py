@@ -782,3 +782,18 @@ class TLSConfigTests(ConfigFileMixin, TestCase):
             'key "TargetTLS.ServerName"',
             "not a hostname",
         )
+
+    def test_alpn(self) -> None:
+        loaded = parseConfig(document(self.tlsApp(ALPN=["h2", "http/1.1"]), app("plain", Ports=[1])))
+        self.assertEqual(loaded.apps[0].tls.alpn, ("h2", "http/1.1"))
+        self.assertEqual(parseConfig(document(self.tlsApp())).apps[0].tls.alpn, ())
+        for value, fragment in [
+            ([], "is not a non-empty list"),
+            ("h2", "is not a non-empty list"),
+            ([""], '"" is not a protocol name'),
+            ([2], "2 is not a protocol name"),
+            (["h\u00e9"], "printable ASCII"),
+            (["x" * 256], "longer than 255 bytes"),
+            (["h2", "http/1.1", "h2"], '"h2" is listed twice'),
+        ]:
+            self.assertRefused(document(self.tlsApp(ALPN=value)), 'app "web"', 'key "TLS.ALPN"', fragment)

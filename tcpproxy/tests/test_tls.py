@@ -382,6 +382,53 @@ def _buffered(factory) -> int:
     return bufferedBytes(factory)
 
 
+def offering(name: str, *protocols: bytes):
+    """
+    A client TLS creator that verifies C{name} and offers C{protocols} by
+    ALPN, in that order.
+    """
+    return optionsForClientTLS(
+        name, trustRoot=Certificate.loadPEM(pki()["ca.pem"]), acceptableProtocols=list(protocols)
+    )
+
+
+class ALPNTests(TLSServiceMixin, TestCase):
+    """
+    A client offering ALPN completes its handshake: without C{"ALPN"} no
+    protocol is selected; with it, the proxy's first choice among the
+    client's offers (RFC 7301 section 3.2), whatever certificate SNI picks.
+    """
+
+    @inlineCallbacks
+    def negotiated(self, port: int, creator) -> Deferred:
+        client = yield self.echoThrough(port, creator)
+        return client.transport.negotiatedProtocol
+
+    @inlineCallbacks
+    def test_noneSelectedWithoutConfiguration(self):
+        app, port = self.terminating([listen(self, echoFactory())])
+        self.serve([app])
+        self.assertIsNone((yield self.negotiated(port, offering(ALPHA, b"h2", b"http/1.1"))))
+        self.assertIsNone((yield self.negotiated(port, offering(BETA, b"http/1.1"))))
+        yield self.idle()
+        self.assertEqual([e["alpn"] for e in relayEvents(self.events)], [None, None])
+        self.assertEqual([e["sni"] for e in relayEvents(self.events)], [ALPHA, BETA])
+
+    @inlineCallbacks
+    def test_serverPreference(self):
+        app, port = self.terminating([listen(self, echoFactory())], ALPN=["http/1.1", "h2"])
+        self.serve([app])
+        for name in (ALPHA, BETA):  # the default context and an SNI one
+            self.assertEqual((yield self.negotiated(port, offering(name, b"h2", b"http/1.1"))), b"http/1.1")
+            self.assertEqual((yield self.negotiated(port, offering(name, b"spdy/3", b"h2"))), b"h2")
+            self.assertIsNone((yield self.negotiated(port, offering(name, b"imap"))))
+            self.assertIsNone((yield self.negotiated(port, trusting(name))))
+        yield self.idle()
+        self.assertEqual(
+            [e["alpn"] for e in relayEvents(self.events)], ["http/1.1", "h2", None, None] * 2
+        )
+
+
 class TLSBackpressureTests(TLSServiceMixin, TestCase):
     """
     A fast writer towards a slow reader does not grow the proxy's buffers
