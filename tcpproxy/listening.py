@@ -191,7 +191,31 @@ class SocketPort:
                 continue
             sock = wrap(family, socket.SOCK_STREAM, 0, fd)
             sock.setblocking(False)
-            acceptor.socketAccepted(sock, address)
+            try:
+                acceptor.socketAccepted(sock, address)
+            except Exception:
+                self._clientFailed(sock, address)
+
+    def _clientFailed(self, sock: socket.socket, address: tuple) -> None:
+        """
+        Serving one client raised: log it with the client's address, close
+        that client, and go on accepting.
+
+        An exception out of L{doRead} would make the reactor drop this port
+        from its readers for good (its socket still in LISTEN: every later
+        client would connect and hang), so one client's trouble, whatever
+        it is, must end here.  Called from an C{except} block: the failure
+        logged is the one being handled.
+        """
+        self.log.failure(
+            "port {port}: serving client {client} failed; closed it",
+            port=self.getHost().port,
+            client=hostPort(str(address[0]), address[1]) if isinstance(address, tuple) else str(address),
+        )
+        try:
+            sock.close()
+        except OSError:
+            pass
 
     def _shed(self, error: OSError) -> None:
         """
