@@ -300,9 +300,63 @@ def _port(where: _Where, key: str, value: object) -> int:
     return value
 
 
+def normalName(name: str) -> str:
+    """
+    The one form of a DNS name the proxy works with: lower-case, without the
+    trailing dot of a fully qualified name.
+
+    Every name goes through here: targets' hosts and C{TargetTLS.ServerName}
+    when the configuration is read (so resolution, the SNI sent to targets
+    and the check of their certificates all see this form), and both sides
+    of the comparison of a client's SNI with a certificate's names.
+
+    Why this form: DNS names compare without regard to case (RFC 4343);
+    SNI must be sent without the trailing dot (RFC 6066 section 3);
+    certificates carry names without it (RFC 5280 section 4.2.1.6); and the
+    system resolver does not find C{"localhost."} in C{/etc/hosts} though it
+    finds C{"localhost"}.  A name with a dot inside is looked up as written
+    first either way; only a single-label name written with a dot (to keep
+    the resolver's search domains off it) loses that meaning.
+    """
+    return name[:-1].lower() if name.endswith(".") else name.lower()
+
+
+_MAX_LABEL = 63
+_MAX_NAME = 253
+
+
+def dnsNameProblem(name: str) -> str | None:
+    """
+    What makes C{name} (a hostname in its L{normalName} form) no valid DNS
+    name, or C{None}: RFC 1035 section 2.3.4 limits a label to 63 octets and
+    a name to 255 octets on the wire, which is 253 characters written
+    without the trailing dot; a label cannot be empty.  Such a name cannot
+    be resolved (the resolver, and Python's C{idna} codec Twisted uses,
+    refuse it), so the configuration refuses it first.
+    """
+    bare = name
+    if len(bare) > _MAX_NAME:
+        return f"it is {len(bare)} characters long (at most {_MAX_NAME})"
+    for label in bare.split("."):
+        if not label:
+            return "it has an empty label (two dots in a row, or a dot first or last)"
+        if len(label) > _MAX_LABEL:
+            return f"its label {label[:20]!r}... is {len(label)} characters long (at most {_MAX_LABEL})"
+    try:
+        bare.encode("idna")
+    except UnicodeError as e:
+        return f"it cannot be encoded for DNS ({e})"
+    return None
+
+
 def parseTarget(text: str) -> Target:
     """
     Parse C{"host:port"}, C{"1.2.3.4:port"} or C{"[::1]:port"}.
+
+    A hostname is kept in its L{normalName} form.  Refused, because they
+    cannot be dialled: an IPv6 address with a zone id (C{"[fe80::1%eth0]"}:
+    the endpoints do not pass a scope on), and a name L{dnsNameProblem}
+    finds fault with.
 
     @raise ValueError: with a message that says what is wrong with C{text}.
     """
@@ -315,23 +369,32 @@ def parseTarget(text: str) -> Target:
         portText = rest[1:]
         if not isIPv6Address(host):
             raise ValueError(f"has {host!r} in brackets, which is not an IPv6 address")
+        if "%" in host:
+            raise ValueError(
+                f"has {host!r}, an IPv6 address with a zone id, which is not supported "
+                "(give an address that needs no zone)"
+            )
         kind = IPV6
     else:
-        host, sep, portText = text.rpartition(":")
+        written, sep, portText = text.rpartition(":")
         if not sep:
             raise ValueError("has no port (write it as host:port)")
-        if ":" in host:
+        if ":" in written:
             raise ValueError("is an IPv6 address without brackets (write it as [address]:port)")
+        host = normalName(written)
         if not host:
             raise ValueError("has no host before the ':'")
         if isIPAddress(host):
             kind = IPV4
         elif all(label.isdigit() for label in host.split(".")):
-            raise ValueError(f"has {host!r}, which is not a valid IPv4 address")
+            raise ValueError(f"has {written!r}, which is not a valid IPv4 address")
         elif set(host) <= _HOSTNAME_CHARS and not host.startswith(("-", ".")) and ".." not in host:
+            problem = dnsNameProblem(host)
+            if problem is not None:
+                raise ValueError(f"has {written!r}, which is not a valid DNS name: {problem}")
             kind = HOSTNAME
         else:
-            raise ValueError(f"has {host!r}, which is neither a hostname nor an IP address")
+            raise ValueError(f"has {written!r}, which is neither a hostname nor an IP address")
     if not portText.isdigit() or not portText.isascii():
         raise ValueError(f"has {portText!r} as its port, which is not a number")
     port = int(portText)
@@ -573,8 +636,9 @@ def _parseTargetTLS(where: _Where, value: object) -> TargetTLSConfig:
     if serverName is not None:
         try:
             parseTarget(f"{serverName}:1" if isinstance(serverName, str) and ":" not in serverName else "")
-        except ValueError:
-            raise within.error("ServerName", f"{_show(serverName)} is not a hostname") from None
+        except ValueError as e:
+            raise within.error("ServerName", f"{_show(serverName)} is not a hostname ({e})") from None
+        serverName = normalName(serverName)
     if ("Cert" in obj) != ("Key" in obj):
         missing = "Key" if "Cert" in obj else "Cert"
         raise within.error(

@@ -61,7 +61,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tcpproxy.config import AppConfig, ConfigError, Target, TargetTLSConfig, TLSConfig, hostPort
+from tcpproxy.config import AppConfig, ConfigError, Target, TargetTLSConfig, TLSConfig, hostPort, normalName
 
 log = Logger()
 
@@ -151,9 +151,11 @@ def certificateNames(certificate: x509.Certificate) -> list[str]:
 def nameMatches(pattern: str, name: str) -> bool:
     """
     Whether C{name} is covered by a certificate name (a wildcard covers
-    exactly one leftmost label).
+    exactly one leftmost label); both are compared in their L{normalName}
+    form, so a client's SNI in capitals or with a trailing dot still finds
+    its certificate.
     """
-    pattern, name = pattern.lower().rstrip("."), name.lower().rstrip(".")
+    pattern, name = normalName(pattern), normalName(name)
     if pattern.startswith("*."):
         head, _, rest = name.partition(".")
         return bool(head) and rest == pattern[2:]

@@ -474,6 +474,61 @@ class TargetRefusalTests(ConfigFileMixin, TestCase):
     def test_emptyBrackets(self) -> None:
         self.assertTargetRefused("[]:9090", "'' in brackets")
 
+    def test_ipv6Zone(self) -> None:
+        """
+        A zone id cannot be dialled by the endpoints: refused, not left to
+        fail in the accept path.
+        """
+        self.assertTargetRefused(
+            "[::1%lo]:7302", "'::1%lo', an IPv6 address with a zone id, which is not supported"
+        )
+        self.assertTargetRefused("[fe80::1%eth0]:80", "zone id")
+
+    def test_notADNSName(self) -> None:
+        """
+        A label over 63 characters, a name over 253, an empty label: each
+        named in the one-line refusal.
+        """
+        self.assertTargetRefused(
+            "a" * 64 + ".example:80", "not a valid DNS name", "64 characters long (at most 63)"
+        )
+        self.assertTargetRefused(
+            ".".join(["b" * 63] * 4) + ":80", "not a valid DNS name", "255 characters long (at most 253)"
+        )
+        self.assertTargetRefused("backend..internal:80", "'backend..internal', which is neither")
+        self.assertTargetRefused(
+            "backend.internal..:80", "'backend.internal..', which is not a valid DNS name", "empty label"
+        )
+        longest = ".".join(["c" * 63, "c" * 63, "c" * 63, "c" * 61])
+        self.assertEqual(
+            parseConfig(document(app(Targets=[longest + ".:80"]))).apps[0].targets[0].host, longest
+        )
+
+    def test_serverNameNotADNSName(self) -> None:
+        self.assertRefused(
+            document(app(TargetTLS={"ServerName": "x" * 64 + ".test"})),
+            'key "TargetTLS.ServerName"',
+            "64 characters long",
+        )
+
+    def test_namesAsWritten(self) -> None:
+        """
+        Names in capitals or fully qualified (a trailing dot) are the same
+        name: kept lower-case without the dot, and a duplicate of the plain
+        form is refused as one.
+        """
+        loaded = parseConfig(
+            document(
+                app(Targets=["Backend.Internal.:80", "LOCALHOST:81"], TargetTLS={"ServerName": "API.Test."})
+            )
+        )
+        self.assertEqual([str(t) for t in loaded.apps[0].targets], ["backend.internal:80", "localhost:81"])
+        self.assertEqual(loaded.apps[0].targetTLS.serverName, "api.test")
+        self.assertRefused(
+            document(app(Targets=["backend.internal:80", "BACKEND.internal.:80"])),
+            '"BACKEND.internal.:80" is listed twice',
+        )
+
     def test_listedTwice(self) -> None:
         self.assertRefused(
             document(app(Targets=["127.0.0.1:9090", "127.0.0.1:9091", "127.0.0.1:9090"])),

@@ -19,6 +19,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.protocol import Factory
 from twisted.internet.ssl import Certificate, CertificateOptions, PrivateCertificate, optionsForClientTLS
 from twisted.internet.threads import deferToThread
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
@@ -26,7 +27,7 @@ from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
 from tcpproxy.config import ConfigError, loadConfig
-from tcpproxy.demo import echoFactory
+from tcpproxy.demo import Echo, echoFactory
 from tcpproxy.relay import END_DONE, END_NO_TARGET, END_TARGET_LOST
 from tcpproxy.service import APPLIED, REFUSED, ProxyService
 from tcpproxy.tests.certs import ALPHA, BETA, GAMMA, pki, writePKI
@@ -424,9 +425,7 @@ class ALPNTests(TLSServiceMixin, TestCase):
             self.assertIsNone((yield self.negotiated(port, offering(name, b"imap"))))
             self.assertIsNone((yield self.negotiated(port, trusting(name))))
         yield self.idle()
-        self.assertEqual(
-            [e["alpn"] for e in relayEvents(self.events)], ["http/1.1", "h2", None, None] * 2
-        )
+        self.assertEqual([e["alpn"] for e in relayEvents(self.events)], ["http/1.1", "h2", None, None] * 2)
 
 
 class TLSBackpressureTests(TLSServiceMixin, TestCase):
@@ -495,6 +494,68 @@ class TLSBackpressureTests(TLSServiceMixin, TestCase):
         self.assertGreater(len(samples), 50)
         [event] = relayEvents(self.events)
         self.assertEqual((event["bytesOut"], event["end"]), (self.total, END_DONE))
+
+
+@implementer(IHandshakeListener)
+class _NamedEcho(Echo):
+    """
+    An echo that notes the SNI name each client sent (C{None} for none).
+    """
+
+    def handshakeCompleted(self) -> None:
+        self.factory.names.append(self.transport.getHandle().get_servername())
+
+
+class NamesAsWrittenTests(TLSServiceMixin, TestCase):
+    """
+    A name in capitals or with a trailing dot (fully qualified) works
+    wherever names are used: resolving a target, the SNI sent to it
+    (without the dot, RFC 6066 section 3), the check of its certificate,
+    and a client's SNI picking a certificate.
+    """
+
+    def namedBackend(self) -> tuple[int, list]:
+        factory = Factory.forProtocol(_NamedEcho)
+        factory.names = []
+        return tlsBackend(self, factory=factory), factory.names
+
+    @inlineCallbacks
+    def test_targetHostname(self):
+        """
+        A target written C{LOCALHOST.:port} is resolved, sent SNI
+        C{localhost}, and its certificate (for C{localhost}) verified.
+        """
+        backend, names = self.namedBackend()
+        app, port = self.originating([])
+        app["Targets"] = [f"LOCALHOST.:{backend}"]
+        self.serve([app])
+        self.assertEqual((yield OriginationTests.echoPlain(self, port)), b"to a TLS target")
+        yield self.idle()
+        [event] = relayEvents(self.events)
+        self.assertEqual((event["end"], event["target"]), (END_DONE, f"localhost:{backend}"))
+        self.assertEqual(names, [b"localhost"])
+
+    @inlineCallbacks
+    def test_serverName(self):
+        backend, names = self.namedBackend()
+        app, port = self.originating([backend], ServerName="Alpha.TEST.")
+        self.serve([app])
+        self.assertEqual((yield OriginationTests.echoPlain(self, port)), b"to a TLS target")
+        self.assertEqual(names, [ALPHA.encode("ascii")])
+        unverifiedApp, unverifiedPort = self.originating([backend], ServerName="Alpha.TEST.", Verify=False)
+        unverifiedApp["Name"] = "unverified"
+        self.config([app, unverifiedApp])
+        yield self.service.reload()
+        self.assertEqual((yield OriginationTests.echoPlain(self, unverifiedPort)), b"to a TLS target")
+        self.assertEqual(names, [ALPHA.encode("ascii")] * 2)
+
+    @inlineCallbacks
+    def test_clientSNI(self):
+        app, port = self.terminating([listen(self, echoFactory())])
+        self.serve([app])
+        for sent in ("BETA.Test.", "Beta.test"):
+            client = yield self.echoThrough(port, unverified(sent))
+            self.assertEqual(client.peerNames(), [BETA])
 
 
 class OriginationTests(TLSServiceMixin, TestCase):
