@@ -167,10 +167,14 @@ class _FailoverAttempt:
         if target is None:
             self.result.errback(NoTargetAvailable(self._failures))
             return
+        health = self._dialer.health
+        token = health.attemptStarted(target) if health is not None else None
         attempt = self._dialer.endpointFor(target).connect(self._protocolFactory)
         attempt.addTimeout(self._dialer.timeout, self._dialer.clock)
         self._current = attempt
-        attempt.addCallbacks(self._connected, self._failed, callbackArgs=(target,), errbackArgs=(target,))
+        attempt.addCallbacks(
+            self._connected, self._failed, callbackArgs=(target,), errbackArgs=(target, token)
+        )
 
     def _connected(self, protocol: IProtocol, target: Target) -> None:
         self._current = None
@@ -178,7 +182,7 @@ class _FailoverAttempt:
             self._dialer.health.connectSucceeded(target)
         self.result.callback(Dialled(target, protocol, self._failures))
 
-    def _failed(self, reason: Failure, target: Target) -> None:
+    def _failed(self, reason: Failure, target: Target, token: int | None) -> None:
         self._current = None
         if self._cancelled:
             reason.trap(CancelledError, error.ConnectingCancelledError)
@@ -187,7 +191,7 @@ class _FailoverAttempt:
         self._failures.append((target, why))
         if self._dialer.health is not None and not reason.check(error.ConnectBindError):
             # A socket the proxy could not make says nothing of the target.
-            self._dialer.health.connectFailed(target, why)
+            self._dialer.health.connectFailed(target, why, token)
         self._next()
 
     def _cancel(self, result: Deferred[Dialled]) -> None:

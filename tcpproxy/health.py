@@ -4,10 +4,18 @@ fed passively by the dialer (every client connect is a check) and actively
 by a periodic TCP connect when the app has a C{HealthCheck}.
 
   - Passive: a failed connect marks the target down at once.  It is then
-    offered to one client again after a back-off that grows with each
-    failure in a row (L{twisted.application.internet.backoffPolicy}), so a
-    dead target costs one failed attempt per back-off period, not one per
+    offered to clients again after a back-off that grows with each
+    failure in a row (L{twisted.application.internet.backoffPolicy}), and
+    the first client that actually dials it takes the retry, so a dead
+    target costs one failed attempt per back-off period, not one per
     client.  A successful connect marks it up.
+
+    The dialer tells every attempt: L{HealthTracker.attemptStarted} when
+    it dials (which returns a token), then L{HealthTracker.connectFailed}
+    with that token, or L{HealthTracker.connectSucceeded}.  The token makes
+    the attempts already under way when the target went down count once:
+    20 dials in flight to a target that stops answering are one failure
+    (the target is down), not 20 steps of back-off.
 
   - Active: C{Fall} failed checks in a row mark a target down, C{Rise}
     successful ones bring it back.  A target the checks found down is left
@@ -46,9 +54,13 @@ class TargetHealth:
     @ivar up: whether clients are sent to it.
     @ivar successes: active checks passed in a row.
     @ivar failures: active checks failed in a row.
-    @ivar attempts: client connects failed in a row (the back-off step).
+    @ivar attempts: client connects failed in a row (the back-off step),
+        each counted once (see L{epoch}).
     @ivar retryAt: when a down target is next offered to a client;
         infinity when only the active checks may bring it back.
+    @ivar epoch: bumped whenever a failure is counted or the target comes
+        up: an attempt started in an earlier epoch has nothing new to say
+        when it fails.
     """
 
     def __init__(self) -> None:
@@ -57,6 +69,7 @@ class TargetHealth:
         self.failures = 0
         self.attempts = 0
         self.retryAt = 0.0
+        self.epoch = 0
 
 
 class HealthTracker:
@@ -104,9 +117,11 @@ class HealthTracker:
     def usable(self, targets: Sequence[Target]) -> list[Target]:
         """
         The targets of C{targets} (in that order) a client may try now: the
-        ones up, and a down one whose back-off is over, which this client
-        then has to itself until its next back-off period.  All of them if
-        none is usable (fail open).
+        ones up, and a down one whose back-off is over (until a client
+        actually dials it: L{attemptStarted}).  All of them if none is
+        usable (fail open).  Nothing changes here: a client that connects
+        to its first choice leaves the retry of a later one to the next
+        client.
         """
         if not self._down:
             return list(targets)
@@ -114,16 +129,38 @@ class HealthTracker:
         usable = []
         for target in targets:
             state = self.states.get(target)
-            if state is None or state.up:
-                usable.append(target)
-            elif now >= state.retryAt:
-                state.retryAt = now + self.policy(state.attempts)
+            if state is None or state.up or now >= state.retryAt:
                 usable.append(target)
         return usable or list(targets)
 
     # Passive checks, from the dialer.
 
+    def attemptStarted(self, target: Target) -> int:
+        """
+        A client is dialling C{target} now.  Call it for every real dial,
+        just before the connect, and pass what it returns to
+        L{connectFailed}.
+
+        If the target is down and its back-off is over, this dial is its
+        retry: it is offered to no other client until the outcome is known,
+        or, if the dial is abandoned (the client left), until the next
+        back-off period is over.
+
+        @return: a token: which failures in a row the attempt started after.
+        """
+        state = self.states.get(target)
+        if state is None:
+            return 0
+        if not state.up and math.isfinite(state.retryAt):
+            now = self.clock.seconds()
+            if now >= state.retryAt:
+                state.retryAt = now + self.policy(state.attempts)
+        return state.epoch
+
     def connectSucceeded(self, target: Target) -> None:
+        """
+        A dial of C{target} connected: it is up, its back-off starts over.
+        """
         state = self.states.get(target)
         if state is None:
             return
@@ -131,16 +168,50 @@ class HealthTracker:
         if not state.up:
             self._change(target, state, True, "a client connected to it")
 
-    def connectFailed(self, target: Target, why: str) -> None:
+    def connectFailed(self, target: Target, why: str, token: int | None = None) -> None:
+        """
+        A dial of C{target} failed because of the target (not for want of a
+        socket here), for the reason C{why} (a few words, for the log).
+
+        Counted only if nothing was counted since the attempt started
+        (C{token} is still the target's epoch): the first failure marks the
+        target down; a failed retry lengthens its back-off.  Attempts that
+        were already under way fail for the reason already counted, and do
+        not lengthen it again.  Each counted failure is logged with the
+        real time to the next try.
+
+        @param token: what L{attemptStarted} returned for this attempt.
+            C{None}, from a caller that does not report its dials, counts
+            the failure if it could be a retry: the target is up, or its
+            back-off is over.
+        """
         state = self.states.get(target)
         if state is None:
+            return
+        now = self.clock.seconds()
+        if token is None:
+            if not state.up and now < state.retryAt:
+                return
+        elif token != state.epoch:
             return
         delay = self.policy(state.attempts)
         state.attempts += 1
         if math.isfinite(state.retryAt) or state.up:
-            state.retryAt = self.clock.seconds() + delay
+            state.retryAt = now + delay
+            next = f"next try in {delay:.1f}s"
+        else:
+            next = "the active checks decide when it is back"
         if state.up:
-            self._change(target, state, False, f"connect failed ({why}); next try in {delay:.1f}s")
+            self._change(target, state, False, f"connect failed ({why}); {next}")
+        else:
+            state.epoch += 1
+            self.log.info(
+                "app {app}: target {target} is still down: connect failed ({why}); {next}",
+                app=self.app,
+                target=str(target),
+                why=why,
+                next=next,
+            )
 
     # Active checks, from a HealthChecker.
 
@@ -168,6 +239,7 @@ class HealthTracker:
 
     def _change(self, target: Target, state: TargetHealth, up: bool, why: str) -> None:
         state.up = up
+        state.epoch += 1  # what was under way before says nothing of the new state
         if up:
             self._down.discard(target)
         else:

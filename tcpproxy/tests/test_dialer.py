@@ -147,7 +147,10 @@ class FailoverDialerTests(SynchronousTestCase):
         class Health:
             failed: list = []
 
-            def connectFailed(self, target, why):
+            def attemptStarted(self, target):
+                return 0
+
+            def connectFailed(self, target, why, token):
                 self.failed.append(target)
 
         health = Health()

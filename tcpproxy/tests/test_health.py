@@ -91,20 +91,29 @@ class TrackerTests(SynchronousTestCase):
             self.clock.advance(delay - 0.01)
             self.assertEqual(self.health.usable([A, B]), [B])
             self.clock.advance(0.01)
-            # One client gets the trial; the next does not.
+            # Offered until one client dials it; then to no other.
             self.assertEqual(self.health.usable([A, B]), [A, B])
+            self.assertEqual(self.health.usable([A, B]), [A, B])
+            token = self.health.attemptStarted(A)
             self.assertEqual(self.health.usable([A, B]), [B])
-            self.health.connectFailed(A, "connection refused")
+            self.health.connectFailed(A, "connection refused", token)
         self.clock.advance(8)
         self.assertEqual(self.health.usable([A, B]), [A, B])
+        self.health.attemptStarted(A)
         self.health.connectSucceeded(A)
         self.assertTrue(self.health.isUp(A))
-        self.health.connectFailed(A, "connection refused")
+        self.health.connectFailed(A, "connection refused", self.health.attemptStarted(A))
         self.clock.advance(1)
         self.assertEqual(self.health.usable([A, B]), [A, B])
         down = "app web: target 127.0.0.1:7001 is down: connect failed (connection refused); next try in 1.0s"
+        still = (
+            "app web: target 127.0.0.1:7001 is still down: "
+            "connect failed (connection refused); next try in {}s"
+        )
         up = "app web: target 127.0.0.1:7001 is up: a client connected to it"
-        self.assertEqual(self.messages(), [down, up, down])
+        self.assertEqual(
+            self.messages(), [down, still.format("2.0"), still.format("4.0"), still.format("8.0"), up, down]
+        )
 
     def test_failOpen(self):
         for target in (A, B, C):
@@ -116,6 +125,75 @@ class TrackerTests(SynchronousTestCase):
         self.health.update("web", (A, C), 1, 1)
         self.assertFalse(self.health.isUp(A))
         self.assertEqual(list(self.health.states), [A, C])
+
+
+class RecoveryTests(SynchronousTestCase):
+    """
+    How soon a target that failed is tried again, through the balancer and
+    the dialer as clients use them (no active checks): the back-off counts
+    one failure per thing learnt, and only a client that dials the target
+    spends its retry.
+    """
+
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.events = captureEvents(self, "tcpproxy.health")
+        self.health = HealthTracker("web", (A, B), self.reactor, policy=doubling)
+        self.balancer = RoundRobin((A, B), self.health)
+        self.dialer = FailoverDialer(self.reactor, 5, health=self.health)
+        self.factory = Factory.forProtocol(Protocol)
+
+    def client(self):
+        return self.dialer.dial(self.factory, self.balancer.order())
+
+    def dialled(self) -> list:
+        """
+        The targets dialled so far, by port, in order.
+        """
+        return [port for _, port, _, _, _ in self.reactor.tcpClients]
+
+    def test_inFlightFailuresCountOnce(self):
+        """
+        20 clients are dialling A when it stops answering: their 20 failures
+        are one failure, so A is tried again after the first back-off (1 s,
+        as logged), not after 2**19 s.
+        """
+        for _ in range(20):
+            self.client()
+            self.balancer.order()  # the next client's first choice is B: keep A first
+        self.assertEqual(self.dialled(), [7001] * 20)
+        for index in range(20):
+            refuse(self.reactor, index)
+        for index in range(20, 40):
+            accept(self.reactor, index)  # each failed over to B
+        self.assertEqual(self.dialled()[20:], [7002] * 20)
+        self.assertEqual(
+            [e["why"] for e in self.events], ["connect failed (connection refused); next try in 1.0s"]
+        )
+        self.reactor.advance(1)
+        self.client()
+        self.assertEqual(self.dialled()[-1], 7001, "A is tried again once its logged back-off is over")
+
+    def test_onlyARealDialSpendsTheRetry(self):
+        """
+        A down target whose back-off is over stays on offer while clients
+        connect to their first choice without dialling it; the first client
+        that dials it takes the retry.
+        """
+        self.client()  # order [A, B]: A refused (down for 1 s), B answers
+        refuse(self.reactor, 0)
+        accept(self.reactor, 1)
+        self.reactor.advance(1)
+        self.client()  # order [B, A]: B answers, A is never dialled
+        accept(self.reactor, 2)
+        self.assertEqual(self.dialled(), [7001, 7002, 7002])
+        self.client()  # order [A, B]: A is dialled, its retry
+        self.assertEqual(self.dialled()[-1], 7001, "the retry was spent by a client that never dialled A")
+        self.assertEqual(
+            self.health.usable([A, B]), [B], "offered to another client while the retry is under way"
+        )
+        accept(self.reactor, 3)
+        self.assertTrue(self.health.isUp(A))
 
 
 class BalancerTests(SynchronousTestCase):
