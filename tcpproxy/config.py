@@ -71,12 +71,13 @@ _DEFAULTS_KEYS = tuple(
     key for key in _APP_KEYS if key not in ("Name", "Ports", "Targets", "TLS", "TargetTLS")
 )
 _HEALTH_KEYS = ("Interval", "Timeout", "Rise", "Fall")
-_TLS_KEYS = ("Certificates", "MinVersion", "HandshakeTimeout", "ALPN")
+_TLS_KEYS = ("Certificates", "MinVersion", "HandshakeTimeout", "ALPN", "MaxPendingHandshakes")
 _CERTIFICATE_KEYS = ("Cert", "Key")
 _TARGET_TLS_KEYS = ("CA", "ServerName", "Cert", "Key", "Verify")
 TLS_VERSIONS = ("1.2", "1.3")
 DEFAULT_MIN_TLS_VERSION = "1.2"
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+DEFAULT_MAX_PENDING_HANDSHAKES = 1000
 _HOSTNAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._")
 
 
@@ -129,12 +130,15 @@ class TLSConfig:
     @ivar handshakeTimeout: seconds a client has to complete its handshake.
     @ivar alpn: the ALPN protocol names (RFC 7301) the proxy may select for
         a client, in the proxy's order of preference; empty to select none.
+    @ivar maxPendingHandshakes: clients of the app whose handshake is under
+        way at most (each holds some 60 KiB of TLS state).
     """
 
     certificates: tuple[tuple[str, str], ...]
     minVersion: str = DEFAULT_MIN_TLS_VERSION
     handshakeTimeout: float = DEFAULT_HANDSHAKE_TIMEOUT
     alpn: tuple[str, ...] = ()
+    maxPendingHandshakes: int = DEFAULT_MAX_PENDING_HANDSHAKES
 
 
 @dataclass(frozen=True)
@@ -595,7 +599,10 @@ def _parseTLS(where: _Where, value: object) -> TLSConfig:
     if "HandshakeTimeout" in obj:
         handshakeTimeout = _duration(within, "HandshakeTimeout", obj["HandshakeTimeout"], positive=True)
     alpn = _alpn(within, obj["ALPN"]) if "ALPN" in obj else ()
-    return TLSConfig(tuple(certificates), minVersion, handshakeTimeout, alpn)
+    maxPending = DEFAULT_MAX_PENDING_HANDSHAKES
+    if "MaxPendingHandshakes" in obj:
+        maxPending = _count(within, "MaxPendingHandshakes", obj["MaxPendingHandshakes"])
+    return TLSConfig(tuple(certificates), minVersion, handshakeTimeout, alpn, maxPending)
 
 
 def _alpn(within: _Where, value: object) -> tuple[str, ...]:

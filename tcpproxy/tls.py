@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import datetime
 import json
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -235,6 +236,11 @@ def selectALPN(context: SSL.Context, protocols: Sequence[bytes]) -> None:
     @param protocols: protocol names, the proxy's preferred first.
     """
     preferred = tuple(protocols)
+    # Not about ALPN, but set here as it is on every server context before
+    # its first connection: OpenSSL frees a connection's read and write
+    # buffers (some 34 KiB) whenever they are empty.  Twisted sets it too;
+    # saying so here keeps it if that default changes.
+    context.set_mode(SSL.MODE_RELEASE_BUFFERS)
 
     def select(connection: SSL.Connection, offered: list[bytes]) -> bytes | object:
         for protocol in preferred:
@@ -287,7 +293,6 @@ class _HandshakeGate(Protocol):
     """
 
     factory: _GateFactory
-    timer = None
     passedOn = False
     reported = False
 
@@ -295,20 +300,21 @@ class _HandshakeGate(Protocol):
         self.addr = addr
 
     def connectionMade(self) -> None:
-        timeout = self.factory.handshakeTimeout
-        if timeout is not None:
-            self.timer = self.factory.clock.callLater(timeout, self._timedOut)
+        if self.factory.pending is not None:
+            self.factory.pending.add(self)
 
-    def _timedOut(self) -> None:
-        self.timer = None
+    def drop(self, why: str) -> None:
+        """
+        Give up on this client's handshake (L{PendingHandshakes} says so):
+        log C{why} and abort the connection.
+        """
         self.reported = True  # Here, not again by connectionLost.
-        self.factory.handshakeFailed(self, f"no TLS handshake within {self.factory.handshakeTimeout:g}s")
+        self.factory.handshakeFailed(self, why)
         self.transport.abortConnection()
 
     def handshakeCompleted(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        if self.factory.pending is not None:
+            self.factory.pending.remove(self)
         transport = self.transport
         if transport.disconnecting:
             # Verification failed inside the handshake: connectionLost follows.
@@ -329,11 +335,97 @@ class _HandshakeGate(Protocol):
         raise AssertionError("application data before the TLS handshake completed")
 
     def connectionLost(self, reason: Failure) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        if self.factory.pending is not None:
+            self.factory.pending.remove(self)
         if not self.passedOn and not self.reported:
             self.factory.handshakeFailed(self, describeTLSFailure(reason), reason)
+
+
+class PendingHandshakes:
+    """
+    The TLS handshakes under way at one app's ports: capped in number, and
+    expired by one timer rather than one per client.
+
+    Each holds some 60 KiB of OpenSSL state once its ClientHello has been
+    answered (measured with OpenSSL 3.0 and C{SSL_MODE_RELEASE_BUFFERS},
+    which Twisted sets and L{serverOptions} makes sure of), so a flood of
+    clients that never finish would hold memory without bound: at
+    C{maxPending}, the oldest handshake is dropped for the newcomer.  The
+    oldest rather than the newcomer, because a client that completes its
+    handshake does so in a few round trips, so under a flood the ones that
+    wait longest are the least likely to be real; turning newcomers away
+    would let a flood that keeps C{maxPending} clients stalled refuse every
+    real one.
+
+    Handshakes that run out of time are dropped by one timer, at most
+    L{BATCH} per turn of the reactor: thousands of clients of a flood,
+    connected in the same second, would otherwise time out in one turn, and
+    dropping each (an abort and a log line, some 0.1 ms) stalled every
+    other connection of the proxy for that long.
+
+    All handshakes get the same timeout, so the order they started in is the
+    order they expire in: an L{OrderedDict} of gate to deadline is the whole
+    schedule (its oldest entry found, and removed, in constant time).
+    """
+
+    BATCH = 64
+    """
+    Handshakes dropped per turn of the reactor at most.
+    """
+
+    def __init__(self, clock: IReactorTime, timeout: float, maxPending: int | None) -> None:
+        """
+        @param timeout: seconds a handshake may take.
+        @param maxPending: handshakes under way at most, or C{None}.
+        """
+        self.clock = clock
+        self.timeout = timeout
+        self.maxPending = maxPending
+        self._deadlines: OrderedDict[_HandshakeGate, float] = OrderedDict()
+        self._timer = None
+
+    def __len__(self) -> int:
+        return len(self._deadlines)
+
+    def add(self, gate: _HandshakeGate) -> None:
+        """
+        A handshake starts; if that makes one too many, the oldest is
+        dropped.
+        """
+        if self.maxPending is not None and len(self._deadlines) >= self.maxPending:
+            oldest = next(iter(self._deadlines))
+            self.remove(oldest)
+            oldest.drop(f"{self.maxPending} TLS handshakes under way (MaxPendingHandshakes), this the oldest")
+        self._deadlines[gate] = self.clock.seconds() + self.timeout
+        if self._timer is None:
+            self._timer = self.clock.callLater(self.timeout, self._sweep)
+
+    def remove(self, gate: _HandshakeGate) -> None:
+        """
+        A handshake is over (done, failed or dropped); unknown gates are
+        ignored.  The timer stays while a handshake is left (when it fires
+        it finds the next deadline), and goes with the last one.
+        """
+        self._deadlines.pop(gate, None)
+        if not self._deadlines and self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _sweep(self) -> None:
+        self._timer = None
+        now = self.clock.seconds()
+        dropped = 0
+        while self._deadlines:
+            gate, deadline = next(iter(self._deadlines.items()))
+            if deadline > now:
+                self._timer = self.clock.callLater(deadline - now, self._sweep)
+                return
+            if dropped == self.BATCH:
+                self._timer = self.clock.callLater(0, self._sweep)  # the rest next turn
+                return
+            dropped += 1
+            del self._deadlines[gate]
+            gate.drop(f"no TLS handshake within {self.timeout:g}s")
 
 
 class _GateFactory(Factory):
@@ -349,10 +441,20 @@ class _GateFactory(Factory):
         wrappedFactory: IProtocolFactory,
         clock: IReactorTime,
         handshakeTimeout: float | None,
+        maxPending: int | None = None,
     ) -> None:
+        """
+        @param handshakeTimeout: seconds a handshake may take, or C{None}
+            for no limit (then C{maxPending} is ignored too).
+        @param maxPending: handshakes under way at most (see
+            L{PendingHandshakes}), or C{None} for no cap.
+        """
         self.wrappedFactory = wrappedFactory
         self.clock = clock
         self.handshakeTimeout = handshakeTimeout
+        self.pending: PendingHandshakes | None = None
+        if handshakeTimeout is not None:
+            self.pending = PendingHandshakes(clock, handshakeTimeout, maxPending)
 
     def buildProtocol(self, addr) -> _HandshakeGate:
         gate = _HandshakeGate(addr)
@@ -415,14 +517,19 @@ class TLSHandshakeFailed(Exception):
 
 
 def serverTLSFactory(
-    creator, wrappedFactory: IProtocolFactory, clock: IReactorTime, handshakeTimeout: float
+    creator,
+    wrappedFactory: IProtocolFactory,
+    clock: IReactorTime,
+    handshakeTimeout: float,
+    maxPending: int | None = None,
 ) -> TLSMemoryBIOFactory:
     """
     A factory that terminates TLS with C{creator} and hands each client
     whose handshake completes within C{handshakeTimeout} seconds to
-    C{wrappedFactory}'s protocol.
+    C{wrappedFactory}'s protocol, with at most C{maxPending} handshakes
+    under way (see L{PendingHandshakes}).
     """
-    gates = _ServerGateFactory(wrappedFactory, clock, handshakeTimeout)
+    gates = _ServerGateFactory(wrappedFactory, clock, handshakeTimeout, maxPending)
     return TLSMemoryBIOFactory(creator, False, gates, clock)
 
 
@@ -503,6 +610,7 @@ class AppTLS:
     server: CertificateOptions | None = None
     handshakeTimeout: float = 10.0
     client: Callable[[Target], object] | None = None
+    maxPendingHandshakes: int | None = None
 
     def serverFactory(self, wrappedFactory: IProtocolFactory, clock: IReactorTime) -> IProtocolFactory:
         """
@@ -510,7 +618,9 @@ class AppTLS:
         """
         if self.server is None:
             return wrappedFactory
-        return serverTLSFactory(self.server, wrappedFactory, clock, self.handshakeTimeout)
+        return serverTLSFactory(
+            self.server, wrappedFactory, clock, self.handshakeTimeout, self.maxPendingHandshakes
+        )
 
     def endpointFactory(self, endpointForTarget, clock: IReactorTime):
         """
@@ -608,6 +718,7 @@ def loadAppTLS(app: AppConfig, source: str, now: datetime.datetime | None = None
     result = AppTLS()
     if app.tls is not None:
         result.server, result.handshakeTimeout = _serverSide(source, app.name, app.tls, now)
+        result.maxPendingHandshakes = app.tls.maxPendingHandshakes
     if app.targetTLS is not None:
         result.client = _clientSide(source, app.name, app.targetTLS, now)
     return result

@@ -16,14 +16,15 @@ import socket
 import ssl
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.interfaces import IHandshakeListener
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, CertificateOptions, PrivateCertificate, optionsForClientTLS
+from twisted.internet.testing import Clock
 from twisted.internet.threads import deferToThread
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from tcpproxy.config import ConfigError, loadConfig
@@ -40,7 +41,7 @@ from tcpproxy.tests.loopback import (
     listen,
 )
 from tcpproxy.tests.test_relay_loopback import _Pusher, _SlowReader
-from tcpproxy.tls import _UnverifiedClientCreator, certificateNames, closeTLS, loadAppTLS
+from tcpproxy.tls import PendingHandshakes, _UnverifiedClientCreator, certificateNames, closeTLS, loadAppTLS
 
 MiB = 1024 * 1024
 
@@ -426,6 +427,200 @@ class ALPNTests(TLSServiceMixin, TestCase):
             self.assertIsNone((yield self.negotiated(port, trusting(name))))
         yield self.idle()
         self.assertEqual([e["alpn"] for e in relayEvents(self.events)], ["http/1.1", "h2", None, None] * 2)
+
+
+def clientHello(name: str = ALPHA) -> bytes:
+    """
+    The first flight of a TLS client (its ClientHello), made by Python's
+    C{ssl} in memory: what a client that then stalls has sent.
+    """
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    connection = context.wrap_bio(incoming, outgoing, server_hostname=name)
+    try:
+        connection.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()
+
+
+class _StalledClient(Protocol):
+    """
+    Sends a ClientHello and never goes on: C{answered} fires when the
+    proxy's answer (its first flight) arrives; C{lost} when it is closed.
+    """
+
+    def __init__(self, hello: bytes) -> None:
+        self.hello = hello
+        self.answered: Deferred = Deferred()
+        self.lost: Deferred = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.hello)
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.answered.called:
+            self.answered.callback(self)
+
+    def connectionLost(self, reason) -> None:
+        self.lost.callback(None)
+
+
+def _residentKiB() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+class _FakeGate:
+    def __init__(self, dropped: list) -> None:
+        self.dropped = dropped
+
+    def drop(self, why: str) -> None:
+        self.dropped.append((self, why))
+
+
+class _TurnClock(Clock):
+    """
+    A L{Clock} whose C{advance} is one turn of the real reactor: it runs the
+    calls due when it starts, not those they schedule for now (which the
+    reactor leaves to its next turn).
+    """
+
+    def advance(self, amount: float) -> None:
+        self.rightNow += amount
+        for call in [c for c in self.calls if c.getTime() <= self.rightNow]:
+            self.calls.remove(call)
+            call.called = 1
+            call.func(*call.args, **call.kw)
+
+
+class PendingHandshakesTests(SynchronousTestCase):
+    """
+    L{PendingHandshakes} on a L{Clock}: the cap drops the oldest, and
+    handshakes timing out together are dropped a batch per reactor turn.
+    """
+
+    def test_capDropsTheOldest(self):
+        clock, dropped = Clock(), []
+        pending = PendingHandshakes(clock, 10, 3)
+        gates = [_FakeGate(dropped) for _ in range(5)]
+        for gate in gates[:3]:
+            pending.add(gate)
+        self.assertEqual(dropped, [])
+        pending.remove(gates[1])
+        pending.add(gates[3])
+        pending.add(gates[4])
+        why = "3 TLS handshakes under way (MaxPendingHandshakes), this the oldest"
+        self.assertEqual(dropped, [(gates[0], why)])
+        self.assertEqual(len(pending), 3)
+
+    def test_expiryInBatches(self):
+        """
+        200 handshakes that started together time out together: each turn
+        of the reactor drops at most L{PendingHandshakes.BATCH} of them, so
+        other connections are served between batches; one timer in all.
+        """
+        clock, dropped = _TurnClock(), []
+        pending = PendingHandshakes(clock, 10, None)
+        for _ in range(200):
+            pending.add(_FakeGate(dropped))
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        clock.advance(9.99)
+        self.assertEqual(dropped, [])
+        clock.advance(0.01)
+        batch = PendingHandshakes.BATCH
+        self.assertEqual(len(dropped), batch)
+        self.assertEqual({why for _, why in dropped}, {"no TLS handshake within 10s"})
+        for turn in range(2, 5):
+            clock.advance(0)
+            self.assertEqual(len(dropped), min(200, batch * turn))
+        self.assertEqual((len(pending), clock.getDelayedCalls()), (0, []))
+
+    def test_timerFollowsTheOldest(self):
+        clock, dropped = Clock(), []
+        pending = PendingHandshakes(clock, 10, None)
+        first, second = _FakeGate(dropped), _FakeGate(dropped)
+        pending.add(first)
+        clock.advance(4)
+        pending.add(second)
+        pending.remove(first)
+        clock.advance(6)
+        self.assertEqual(dropped, [])
+        clock.advance(4)
+        self.assertEqual(dropped, [(second, "no TLS handshake within 10s")])
+        pending.remove(second)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class HandshakeFloodTests(TLSServiceMixin, TestCase):
+    """
+    Clients that send a ClientHello and stall: capped, and each costs a
+    bounded amount of memory.
+    """
+
+    def stalled(self, port: int, hello: bytes) -> Deferred:
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5)
+        return connectProtocol(endpoint, _StalledClient(hello))
+
+    @inlineCallbacks
+    def test_capDropsTheOldestStalled(self):
+        """
+        With C{MaxPendingHandshakes} 3, a fourth stalled client closes the
+        first (logged as such); a real client still gets served.
+        """
+        app, port = self.terminating([listen(self, echoFactory())], MaxPendingHandshakes=3)
+        self.serve([app])
+        hello = clientHello()
+        stalled = []
+        for _ in range(3):
+            client = yield self.stalled(port, hello)
+            yield client.answered
+            stalled.append(client)
+        firstAddress = f"127.0.0.1:{stalled[0].transport.getHost().port}"
+        fourth = yield self.stalled(port, hello)
+        yield stalled[0].lost
+        yield fourth.answered
+        self.assertEqual([c.lost.called for c in stalled + [fourth]], [True, False, False, False])
+        [dropped] = [e for e in self.events if e.get("event") == "tls-handshake-failed"]
+        self.assertEqual(dropped["client"], firstAddress)
+        self.assertEqual(dropped["why"], "3 TLS handshakes under way (MaxPendingHandshakes), this the oldest")
+        yield self.echoThrough(port, trusting(ALPHA))
+        self.assertEqual(sum(c.lost.called for c in stalled + [fourth]), 2)
+        for client in stalled[1:] + [fourth]:
+            client.transport.abortConnection()
+            yield client.lost
+
+    @inlineCallbacks
+    def test_memoryPerPendingHandshake(self):
+        """
+        200 clients whose ClientHello was answered and who then stall cost
+        under 80 KiB each (the proxy's TLS state, some 55 KiB with OpenSSL
+        3.0, and the test's own client): resident memory measured before
+        and after, in this process.
+        """
+        if _residentKiB() is None:
+            raise SkipTest("needs /proc/self/status (Linux)")
+        app, port = self.terminating([listen(self, echoFactory())])
+        self.serve([app])
+        hello = clientHello()
+        warm = yield self.stalled(port, hello)  # OpenSSL's one-time set-up
+        yield warm.answered
+        before = _residentKiB()
+        clients = yield gatherResults([self.stalled(port, hello) for _ in range(200)])
+        yield gatherResults([c.answered for c in clients])
+        perHandshake = (_residentKiB() - before) / 200
+        for client in clients + [warm]:
+            client.transport.abortConnection()
+        yield gatherResults([c.lost for c in clients + [warm]])
+        self.assertLess(perHandshake, 80, f"{perHandshake:.1f} KiB per pending handshake")
 
 
 class TLSBackpressureTests(TLSServiceMixin, TestCase):
