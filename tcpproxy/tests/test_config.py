@@ -852,3 +852,14 @@ class TLSConfigTests(ConfigFileMixin, TestCase):
             (["h2", "http/1.1", "h2"], '"h2" is listed twice'),
         ]:
             self.assertRefused(document(self.tlsApp(ALPN=value)), 'app "web"', 'key "TLS.ALPN"', fragment)
+
+    def test_maxPendingHandshakes(self) -> None:
+        self.assertEqual(parseConfig(document(self.tlsApp())).apps[0].tls.maxPendingHandshakes, 1000)
+        loaded = parseConfig(document(self.tlsApp(MaxPendingHandshakes=50)))
+        self.assertEqual(loaded.apps[0].tls.maxPendingHandshakes, 50)
+        for value in (0, -1, 2.5, "10", True):
+            self.assertRefused(
+                document(self.tlsApp(MaxPendingHandshakes=value)),
+                'key "TLS.MaxPendingHandshakes"',
+                "is not a whole number of 1 or more",
+            )
