@@ -39,6 +39,8 @@ from dataclasses import dataclass
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 
+from tcpproxy.describe import hostPort
+
 DEFAULT_DRAIN_TIMEOUT = 10.0
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_BIND_ADDRESS = "0.0.0.0"
@@ -79,13 +81,6 @@ DEFAULT_MIN_TLS_VERSION = "1.2"
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_MAX_PENDING_HANDSHAKES = 1000
 _HOSTNAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._")
-
-
-def hostPort(host: str, port: int) -> str:
-    """
-    C{host:port} as a user writes it: an IPv6 address in brackets.
-    """
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class ConfigError(Exception):

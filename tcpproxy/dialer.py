@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from tcpproxy.config import IPV4, IPV6, Target
+from tcpproxy.deadlines import Deadlines, IExpiring
 
 
 def endpointForTarget(reactor: IReactorTCP, target: Target) -> IStreamClientEndpoint:
@@ -139,13 +140,18 @@ class IDialer(Interface):
         """
 
 
+@implementer(IExpiring)
 class _FailoverAttempt:
     """
     One client's walk along the target list.
 
     A class rather than closures because cancellation must be seen before the
     cancelled attempt's errback runs, or that errback would dial the next target.
+
+    @ivar timedOut: the attempt under way was cancelled by its deadline.
     """
+
+    _expired = False
 
     def __init__(
         self,
@@ -170,24 +176,42 @@ class _FailoverAttempt:
         health = self._dialer.health
         token = health.attemptStarted(target) if health is not None else None
         attempt = self._dialer.endpointFor(target).connect(self._protocolFactory)
-        attempt.addTimeout(self._dialer.timeout, self._dialer.clock)
         self._current = attempt
+        if not attempt.called:
+            self._dialer.deadlines.add(self, self._dialer.timeout)
         attempt.addCallbacks(
             self._connected, self._failed, callbackArgs=(target,), errbackArgs=(target, token)
         )
 
-    def _connected(self, protocol: IProtocol, target: Target) -> None:
+    def timedOut(self) -> None:
+        """
+        The attempt under way took longer than the dialer's timeout.
+        """
+        self._expired = True
+        self._current.cancel()
+
+    def _settled(self) -> None:
         self._current = None
+        self._dialer.deadlines.remove(self, self._dialer.timeout)
+
+    def _connected(self, protocol: IProtocol, target: Target) -> None:
+        self._settled()
         if self._dialer.health is not None:
             self._dialer.health.connectSucceeded(target)
         self.result.callback(Dialled(target, protocol, self._failures))
 
     def _failed(self, reason: Failure, target: Target, token: int | None) -> None:
-        self._current = None
+        self._settled()
         if self._cancelled:
             reason.trap(CancelledError, error.ConnectingCancelledError)
             return
-        why = describeFailure(reason, self._dialer.timeout)
+        if self._expired:
+            # Cut short by our deadline, whatever the stage (a lookup, the
+            # TCP handshake, TLS): a timeout, not what the cancel raised.
+            self._expired = False
+            why = describeError(errno.ETIMEDOUT, self._dialer.timeout)
+        else:
+            why = describeFailure(reason, self._dialer.timeout)
         self._failures.append((target, why))
         if self._dialer.health is not None and not reason.check(error.ConnectBindError):
             # A socket the proxy could not make says nothing of the target.
@@ -225,6 +249,7 @@ class FailoverDialer:
         self._reactor = reactor
         self.timeout = timeout
         self.clock = clock if clock is not None else reactor
+        self.deadlines = Deadlines(self.clock)
         self._endpointFactory = endpointFactory
         self._endpoints: dict[Target, IStreamClientEndpoint] = {}
 

@@ -36,27 +36,41 @@ app, port, target, failed attempts, bytes each way, duration and how it ended
 
 from __future__ import annotations
 
-from twisted.internet import tcp
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from typing import TYPE_CHECKING
+
+from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IDelayedCall,
     IHalfCloseableProtocol,
     IPushProducer,
-    IReactorTime,
+    ISSLTransport,
     ITCPTransport,
 )
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import Attribute, implementer
+from zope.interface import implementer
 
-from tcpproxy.balancer import IBalancer
-from tcpproxy.config import AppConfig
-from tcpproxy.dialer import Dialled, IDialer, NoTargetAvailable
-from tcpproxy.idle import IdleSweeper, IIdleWatched
-from tcpproxy.limits import REFUSED_DENIED, ConnectionCounter, Throttle, TokenBucket, permitted
-from tcpproxy.tls import cancelCloseTimer, closeTLS, describeAddress, isTLS, unflushed
+if TYPE_CHECKING:
+    from tcpproxy.app import ProxyServerFactory
+
+from tcpproxy.access import (
+    END_ABORTED,
+    END_CLIENT_LEFT,
+    END_CLIENT_LOST,
+    END_DONE,
+    END_IDLE,
+    END_NO_TARGET,
+    END_TARGET_LOST,
+    IConnectionRecord,
+)
+from tcpproxy.describe import describeAddress
+from tcpproxy.dialer import Dialled, NoTargetAvailable
+from tcpproxy.idle import IIdleWatched
+from tcpproxy.limits import Throttle, TokenBucket
+from tcpproxy.tls import TLSCloser
+from tcpproxy.transport.tcp import ISplicing
 
 PREDIAL_BUFFER = 64 * 1024
 """
@@ -70,33 +84,11 @@ Seconds a side whose peer is gone may take to send its EOF, while what it
 still sends is read and dropped (a lingering close), before it is reset.
 """
 
-# How a relayed connection ended, as written in the access log.
-END_DONE = "done"
-END_CLIENT_LOST = "client reset"
-END_TARGET_LOST = "target reset"
-END_CLIENT_LEFT = "client left while dialling"
-END_NO_TARGET = "no target"
-END_ABORTED = "aborted"
-END_IDLE = "idle timeout"
-
-
-class IRelayed(IIdleWatched):
+class IRelayed(IConnectionRecord, IIdleWatched):
     """
-    One client's connection, as its app's factory keeps it while it is open
-    and logs it when it ends: relayed by Twisted (L{ProxyServerProtocol}) or
-    by the plain-TCP fast path (L{tcpproxy.fastpath}).
+    One client's connection, as its app keeps it while it is open and
+    records it when it ends.
     """
-
-    clientAddress = Attribute("The client's address, as the log writes it.")
-    clientHost = Attribute("The client's IP address, as counted by the limits.")
-    port = Attribute("The proxy's port the client connected to.")
-    started = Attribute("When the client connected (the factory's clock).")
-    target = Attribute("The L{Target} that was connected, or C{None}.")
-    failures = Attribute("C{(target, reason text)} of each target that failed to connect.")
-    bytesIn = Attribute("Bytes read from the client.")
-    bytesOut = Attribute("Bytes read from the target.")
-    end = Attribute("How it ended (C{END_*}), or C{None} for a clean end.")
-    tlsFields = Attribute("TLS version, cipher and SNI name for the log; empty without TLS.")
 
     def abort() -> None:
         """
@@ -135,19 +127,21 @@ def _drop(data: bytes) -> None:
 
 def _noDelay(transport) -> None:
     """
-    Turn Nagle's algorithm off: the relay writes whole chunks as they come,
-    and must not hold back a small reply waiting for an ACK.
+    Turn Nagle's algorithm off (on the TCP transport under a TLS one): the
+    relay writes whole chunks as they come, and must not hold back a small
+    reply waiting for an ACK.
     """
+    if _isTLS(transport):
+        transport = transport.transport
     if ITCPTransport.providedBy(transport):
         transport.setTcpNoDelay(True)
 
 
-def _isPlainTCP(transport) -> bool:
+def _isTLS(transport) -> bool:
     """
-    Whether C{transport} is a plain (not TLS) TCP socket transport of
-    Twisted's own, whose buffer L{_RelaySide.writeToPeer} may look into.
+    Whether C{transport} is a TLS one (which has no half-close).
     """
-    return type(transport) in (tcp.Server, tcp.Client) and not transport.TLS
+    return ISSLTransport.providedBy(transport)
 
 
 @implementer(IHalfCloseableProtocol)
@@ -161,10 +155,12 @@ class _RelaySide(Protocol):
     @ivar writeDone: this side's transport was shut for writing, so its
         remote end has seen EOF.
     @ivar closed: C{connectionLost} was called.
-    @ivar received: bytes read from this side's remote end.
-    @ivar writeThrough: the peer is a plain TCP socket: see L{writeToPeer}.
+    @ivar received: bytes read from this side's remote end (spliced ones
+        included).
     @ivar lingerCall: while in a lingering close (L{linger}), the reset
         that ends it if it takes too long.
+    @ivar closer: while a TLS transport of this side is being closed, the
+        L{TLSCloser} that aborts it if its peer stops answering.
     @ivar throttle: with a bandwidth limit, the L{Throttle} this side's
         transport produces through (told of every chunk read); else C{None}.
     """
@@ -172,7 +168,7 @@ class _RelaySide(Protocol):
     peer: _RelaySide | None = None
     throttle: Throttle | None = None
     lingerCall: IDelayedCall | None = None
-    writeThrough = False
+    closer: TLSCloser | None = None
     feeding = False
     readDone = False
     writeDone = False
@@ -183,37 +179,14 @@ class _RelaySide(Protocol):
         self.received += len(data)
         if self.throttle is not None:
             self.throttle.consumed(len(data))
-        self.writeToPeer(data)
+        self.peer.transport.write(data)
 
-    def writeToPeer(self, data: bytes) -> None:
+    def spliced(self, size: int) -> None:
         """
-        Write to the peer's transport, sending at once when it can.
-
-        C{transport.write} only buffers and asks the reactor to watch the
-        socket for writability: two C{epoll_ctl} calls and a loop turn for
-        every chunk relayed, most of a small request's cost.  When the peer
-        is a plain TCP socket with nothing buffered, sending right away
-        cannot reorder bytes; whatever the kernel does not take (or an
-        error) goes through C{transport.write} as usual, so backpressure
-        (pausing the producer when the buffer fills) and error handling stay
-        Twisted's own.
+        C{size} bytes went from this side to the peer inside the kernel
+        (L{ISplicing}): counted as if read.
         """
-        transport = self.peer.transport
-        if (
-            self.writeThrough
-            and transport.connected
-            and not transport._tempDataLen
-            and transport.offset == len(transport.dataBuffer)
-        ):
-            try:
-                sent = transport.socket.send(data)
-            except OSError:
-                # Would block, or an error the transport's doWrite will meet.
-                sent = 0
-            if sent == len(data):
-                return
-            data = data[sent:]
-        transport.write(data)
+        self.received += size
 
     def stopFeeding(self) -> None:
         """
@@ -247,15 +220,17 @@ class _RelaySide(Protocol):
         side goes on reading (and relaying) until its peer answers.
         """
         peer = self.peer
-        if not isTLS(peer.transport):
+        if not _isTLS(peer.transport):
             peer.transport.loseWriteConnection()
+            return
+        if peer.closer is not None:
             return
 
         def activity() -> object:
-            return (peer.received, unflushed(peer.transport), unflushed(self.transport))
+            return (peer.received, TLSCloser.unsent(peer.transport), TLSCloser.unsent(self.transport))
 
         # Still this side's producer if it feeds it: not resumed by force.
-        closeTLS(peer.transport, self.relay.factory.clock, activity, resume=False)
+        peer.closer = TLSCloser(peer.transport, self.relay.factory.clock, activity, resume=False)
 
     def closePeer(self) -> None:
         """
@@ -265,8 +240,9 @@ class _RelaySide(Protocol):
         """
         peer = self.peer
         transport = peer.transport
-        if isTLS(transport):
-            closeTLS(transport, self.relay.factory.clock)
+        if _isTLS(transport):
+            if peer.closer is None:
+                peer.closer = TLSCloser(transport, self.relay.factory.clock)
         elif peer.readDone:
             transport.loseConnection()
         else:
@@ -292,7 +268,8 @@ class _RelaySide(Protocol):
 
     def connectionLost(self, reason: Failure) -> None:
         self.closed = True
-        cancelCloseTimer(self.transport)
+        if self.closer is not None:
+            self.closer.cancel()
         if self.lingerCall is not None and self.lingerCall.active():
             self.lingerCall.cancel()
         if self.throttle is not None:
@@ -313,7 +290,9 @@ class _RelaySide(Protocol):
 
         With a C{bandwidthLimit} (bytes per second, each direction), each
         transport produces through a L{Throttle} of its own, which pauses
-        it for backpressure or for its token bucket.
+        it for backpressure or for its token bucket.  Without one, two
+        transports that can splice (L{ISplicing}) may move bulk data
+        inside the kernel, each direction on its own.
         """
         self.peer = peer
         peer.peer = self
@@ -323,8 +302,10 @@ class _RelaySide(Protocol):
         self.transport.registerProducer(_Feed(peer.throttle or peer.transport), True)
         peer.transport.registerProducer(_Feed(self.throttle or self.transport), True)
         self.feeding = peer.feeding = True
-        self.writeThrough = _isPlainTCP(peer.transport)
-        peer.writeThrough = _isPlainTCP(self.transport)
+        mine, theirs = self.transport, peer.transport
+        if not bandwidthLimit and ISplicing.providedBy(mine) and ISplicing.providedBy(theirs):
+            mine.spliceTo(theirs, self.spliced)
+            theirs.spliceTo(mine, peer.spliced)
 
 
 class ProxyClientProtocol(_RelaySide):
@@ -416,12 +397,7 @@ class ProxyServerProtocol(_RelaySide):
         self.failures = dialled.failures
         client = self.client = dialled.protocol
         client.relay = self
-        transport = client.transport
-        if type(transport) is tcp.Client and transport.protocol is not client:
-            # The endpoint's wrapping protocol only forwards calls from here
-            # on; a call less per chunk is worth it on the relay's hot path.
-            transport.protocol = client
-        _noDelay(transport)
+        _noDelay(client.transport)
         pending, self._pending = self._pending, None
         app = self.app
         self.pairWith(client, app.bandwidthLimit, self.factory.clock)
@@ -534,158 +510,3 @@ class ProxyServerProtocol(_RelaySide):
     @property
     def bytesOut(self) -> int:
         return 0 if self.client is None else self.client.received
-
-
-_connectionLog = Logger(namespace="tcpproxy.relay.ProxyServerProtocol")
-"""
-Where the access-log and refusal lines go, whichever relay the connection
-went through: the namespace they have always had (they were the protocol's).
-"""
-
-
-class ProxyServerFactory(Factory):
-    """
-    Accepts an app's clients (on every one of its ports) and relays each to
-    a target the balancer picks, through the dialer.
-
-    @ivar relays: the connections open now (L{IRelayed}), so that shutdown
-        can drain them.
-    @ivar counter: the app's L{ConnectionCounter} (open and refused clients).
-    @ivar gate: the proxy-wide L{tcpproxy.limits.AcceptGate}, if any.
-    @ivar health: the app's L{tcpproxy.health.HealthTracker}, if any.
-    """
-
-    noisy = False
-    protocol = ProxyServerProtocol
-    tlsFront: Factory | None = None
-    """
-    What the app's ports hand new clients to when the app terminates TLS:
-    this factory behind TLS (set by the service).
-    """
-    health = None
-    fastPath = None
-    """
-    The L{tcpproxy.fastpath.FastPath} that relays this app's clients, or
-    C{None} when this factory's protocols do (set by the service).
-    """
-
-    def __init__(self, app: AppConfig, balancer: IBalancer, dialer: IDialer, clock: IReactorTime) -> None:
-        self.app = app
-        self.balancer = balancer
-        self.dialer = dialer
-        self.clock = clock
-        self.relays: set[ProxyServerProtocol] = set()
-        self.counter = ConnectionCounter()
-        self.gate = None
-        self._idleWaiters: list[Deferred[None]] = []
-        self.idleSweeper = IdleSweeper(clock, lambda: self.relays)
-        self.clientFactory = Factory.forProtocol(ProxyClientProtocol)
-        self.clientFactory.noisy = False
-
-    def reconfigure(self, app: AppConfig, balancer: IBalancer, dialer: IDialer) -> None:
-        """
-        Serve new clients with C{app}'s settings (a configuration reload).
-
-        Only a new connection reads these attributes, when it is made; a
-        relay already open keeps the target it has (and one being dialled
-        keeps the list and dialer it started with).  C{relays} is untouched:
-        the connections are still this app's to drain.
-        """
-        self.app = app
-        self.balancer = balancer
-        self.dialer = dialer
-
-    def admit(self, host: str) -> str | None:
-        """
-        Count a new client from C{host} in, or say why it is refused
-        (C{Allow}/C{Deny}, C{MaxConnections}, C{MaxConnectionsPerClient}).
-        """
-        app = self.app
-        if not permitted(host, app.allow, app.deny):
-            self.counter.refusals[REFUSED_DENIED] += 1
-            return REFUSED_DENIED
-        refused = self.counter.tryOpen(host, app.maxConnections, app.maxConnectionsPerClient)
-        if refused is None and self.gate is not None:
-            self.gate.connectionOpened()
-        return refused
-
-    def released(self, host: str) -> None:
-        """
-        A connection counted in by L{admit} has ended.
-        """
-        self.counter.close(host)
-        if self.gate is not None:
-            self.gate.connectionClosed()
-
-    def logRefusal(self, clientAddress: str, port: int, reason: str) -> None:
-        """
-        Log a client refused by L{admit} (and closed) on C{port}.
-        """
-        _connectionLog.warn(
-            "{client} -> {app}:{port}: refused ({reason})",
-            client=clientAddress,
-            app=self.app.name,
-            port=port,
-            reason=reason,
-            refusals=dict(self.counter.refusals),
-        )
-
-    def relayEnded(self, relay: IRelayed) -> None:
-        """
-        A connection admitted by L{admit} has ended, both sides closed: count
-        it out, write its access-log line, and wake whoever waits for the
-        app to be idle.
-        """
-        self.relays.discard(relay)
-        self.released(relay.clientHost)
-        end = relay.end or END_DONE
-        # A connection nobody could serve is worth a warning whatever the
-        # AccessLog switch; the text then lists every target's reason.
-        if self.app.accessLog or end == END_NO_TARGET:
-            self._logRelay(relay, end)
-        if not self.relays:
-            self.idleSweeper.stop()
-            waiters, self._idleWaiters = self._idleWaiters, []
-            for d in waiters:
-                d.callback(None)
-
-    def _logRelay(self, relay: IRelayed, end: str) -> None:
-        failures = [f"{target}: {why}" for target, why in relay.failures]
-        emit = _connectionLog.warn if end == END_NO_TARGET else _connectionLog.info
-        tlsFields = relay.tlsFields
-        tls = ""
-        if tlsFields:
-            sni = "SNI {sni}" if tlsFields.get("sni") else "no SNI"
-            tls = " ({tlsVersion} {cipher}, " + sni + ")"
-        emit(
-            "{client} -> {app}:{port}" + tls + " -> {target}: {end} after {duration:.3f}s, "
-            "{bytesIn} bytes in, {bytesOut} bytes out" + ("; failed: {failed}" if failures else ""),
-            client=relay.clientAddress,
-            app=self.app.name,
-            port=relay.port,
-            target=None if relay.target is None else str(relay.target),
-            failures=failures,
-            failed="; ".join(failures),
-            bytesIn=relay.bytesIn,
-            bytesOut=relay.bytesOut,
-            duration=self.clock.seconds() - relay.started,
-            end=end,
-            **tlsFields,
-        )
-
-    def whenIdle(self) -> Deferred[None]:
-        """
-        A L{Deferred} that fires once no connection of this app is open.
-        """
-        if not self.relays:
-            return succeed(None)
-        d: Deferred[None] = Deferred(self._idleWaiters.remove)
-        self._idleWaiters.append(d)
-        return d
-
-    def abortAll(self) -> None:
-        """
-        Drop every open connection of this app at once.
-        """
-        for relay in list(self.relays):
-            relay.abort()

@@ -16,10 +16,10 @@ listening socket (a client is never refused in between).
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 
 from tcpproxy.config import AppConfig, ProxyConfig
+from tcpproxy.describe import quoted
 
 _KEYS = {
     "ports": "Ports",
@@ -40,13 +40,6 @@ def keyOf(field: str) -> str:
     The configuration key an L{AppConfig} field is read from.
     """
     return _KEYS.get(field) or field[:1].upper() + field[1:]
-
-
-def quoted(name: str) -> str:
-    """
-    An app's name as messages show it: as JSON, like configuration errors.
-    """
-    return json.dumps(name)
 
 
 @dataclass(frozen=True)

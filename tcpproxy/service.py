@@ -15,21 +15,19 @@ from dataclasses import dataclass
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
-from twisted.internet.interfaces import IAddress, IListeningPort, IReactorSocket
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from tcpproxy.balancer import RoundRobin
+from tcpproxy.app import ProxyServerFactory, buildApp, buildDialer
 from tcpproxy.config import AppConfig, ConfigError, ProxyConfig, loadConfig
-from tcpproxy.dialer import FailoverDialer, endpointForTarget
-from tcpproxy.fastpath import FastPath, canRelay
-from tcpproxy.health import HealthChecker, HealthTracker
+from tcpproxy.describe import quoted
+from tcpproxy.health import HealthChecker
 from tcpproxy.limits import AcceptGate, raiseFileLimit
 from tcpproxy.listening import ISocketAcceptor, ListenError, SocketPort, bindAll
-from tcpproxy.relay import ProxyServerFactory
-from tcpproxy.reload import ReloadPlan, planReload, quoted, withoutPorts
+from tcpproxy.reload import ReloadPlan, planReload, withoutPorts
 from tcpproxy.tls import AppTLS, loadAppTLS
+from tcpproxy.transport.engine import IEngine, defaultEngine
 from tcpproxy.triggers import IReloadTrigger
 
 APPLIED = "applied"
@@ -49,7 +47,7 @@ def _owner(name: str) -> str:
 
 
 @implementer(ISocketAcceptor)
-class _PortFactory(Factory):
+class _PortFactory:
     """
     What a listening port keeps for as long as it listens: it hands each
     new client to the app that owns the port now.
@@ -62,34 +60,17 @@ class _PortFactory(Factory):
     @ivar port: the port number.
     """
 
-    noisy = False
-
-    def __init__(self, appFactory: ProxyServerFactory, port: int, reactor: IReactorSocket) -> None:
+    def __init__(self, appFactory: ProxyServerFactory, port: int, engine: IEngine) -> None:
         self.appFactory = appFactory
         self.port = port
-        self._reactor = reactor
+        self._engine = engine
 
     def socketAccepted(self, sock: socket.socket, address: tuple) -> None:
         """
-        Relay the client on the fast path if its app can be, else hand its
-        socket to Twisted, which then asks L{buildProtocol} for the protocol.
+        Serve the client on the engine, with the app's protocol (behind TLS
+        termination if the app has it).
         """
-        appFactory = self.appFactory
-        fastPath = appFactory.fastPath
-        if fastPath is not None:
-            fastPath.relay(appFactory, sock, address, self.port)
-            return
-        try:
-            self._reactor.adoptStreamConnection(sock.fileno(), sock.family, self)
-        except OSError:
-            pass  # the client is already gone
-        finally:
-            sock.close()
-
-    def buildProtocol(self, addr: IAddress) -> Protocol | None:
-        # The app's factory behind TLS termination if the app has it.
-        front = getattr(self.appFactory, "tlsFront", None) or self.appFactory
-        return front.buildProtocol(addr)
+        self._engine.adopt(sock, address, self.appFactory.front)
 
 
 @dataclass(frozen=True)
@@ -137,17 +118,20 @@ class ProxyService(Service):
         reactor,
         configPath: str | None = None,
         triggers: Sequence[IReloadTrigger] = (),
+        engine: IEngine | None = None,
     ) -> None:
         """
         @param configPath: the file L{reload} reads; by default the one
             C{config} was read from.
         @param triggers: what calls L{reload} while the service runs
             (L{tcpproxy.triggers}).
+        @param engine: where connections run (L{tcpproxy.transport.engine});
+            by default the fast one where the platform has it.
         """
         self.config = config
         self.configPath = configPath if configPath is not None else config.source
         self._reactor = reactor
-        self._fastPath = FastPath(reactor)
+        self._engine = engine if engine is not None else defaultEngine(reactor)
         self._triggers = tuple(triggers)
         self.gate = AcceptGate(config.maxConnections, lambda: list(self.listeningPorts.values()))
         self._checkers: dict[str, HealthChecker] = {}
@@ -166,35 +150,7 @@ class ProxyService(Service):
         """
         if tls is None:
             tls = loadAppTLS(app, self.config.source)
-        check = app.healthCheck
-        health = HealthTracker(
-            app.name, app.targets, self._reactor, *((check.rise, check.fall) if check else ())
-        )
-        factory = ProxyServerFactory(
-            app,
-            RoundRobin(app.targets, health),
-            self._newDialer(app, tls, health),
-            self._reactor,
-        )
-        factory.health = health
-        factory.gate = self.gate
-        self._setTLS(factory, tls)
-        return factory
-
-    def _setPath(self, factory: ProxyServerFactory) -> None:
-        """
-        Whether the app's next clients are relayed on the fast path (see
-        L{tcpproxy.fastpath.canRelay}) or by Twisted's transports.
-        """
-        factory.fastPath = self._fastPath if canRelay(factory.app) else None
-
-    def _newDialer(self, app: AppConfig, tls: AppTLS, health: HealthTracker) -> FailoverDialer:
-        return FailoverDialer(
-            self._reactor,
-            app.connectTimeout,
-            endpointFactory=tls.endpointFactory(endpointForTarget, self._reactor),
-            health=health,
-        )
+        return buildApp(app, tls, self._engine, self._reactor, self.gate)
 
     def _startChecks(self, app: AppConfig) -> None:
         """
@@ -211,14 +167,6 @@ class ProxyService(Service):
         checker = self._checkers.pop(name, None)
         if checker is not None:
             checker.stop()
-
-    def _setTLS(self, factory: ProxyServerFactory, tls: AppTLS) -> None:
-        """
-        What a port of the app's hands new clients to: the app's factory,
-        behind TLS termination if the app has it (see L{_PortFactory}).
-        """
-        factory.tlsFront = tls.serverFactory(factory, self._reactor) if tls.server is not None else None
-        self._setPath(factory)
 
     def bind(self) -> None:
         """
@@ -249,7 +197,7 @@ class ProxyService(Service):
         self.bind()
         raiseFileLimit(self.log)
         Service.startService(self)
-        self._fastPath.start()
+        self._engine.start()
         for app, port in self.config.listeners():
             self._listen(port, self.factories[app.name], self._sockets.pop(port))
         for app in self.config.apps:
@@ -269,7 +217,7 @@ class ProxyService(Service):
             trigger.start(self.reload)
 
     def _listen(self, port: int, appFactory: ProxyServerFactory, sock: socket.socket) -> None:
-        portFactory = self._portFactories[port] = _PortFactory(appFactory, port, self._reactor)
+        portFactory = self._portFactories[port] = _PortFactory(appFactory, port, self._engine)
         self.listeningPorts[port] = SocketPort(self._reactor, sock, portFactory)
         self.gate.portAdded(self.listeningPorts[port])
 
@@ -371,8 +319,7 @@ class ProxyService(Service):
                 factory.health.update(app.name, app.targets, *((check.rise, check.fall) if check else (2, 3)))
                 restartChecks = (factory.app.targets, factory.app.healthCheck) != (app.targets, check)
                 dialer = self._dialerFor(factory, app, tls[app.name])
-                factory.reconfigure(app, self._balancerFor(factory, app), dialer)
-                self._setTLS(factory, tls[app.name])
+                factory.reconfigure(app, self._balancerFor(factory, app), dialer, tls[app.name])
                 if restartChecks:
                     self._startChecks(app)
         for app in plan.removedApps:
@@ -459,7 +406,7 @@ class ProxyService(Service):
         same = (factory.app.connectTimeout, factory.app.targetTLS) == (app.connectTimeout, app.targetTLS)
         if same and tls.client is None:
             return factory.dialer
-        return self._newDialer(app, tls, factory.health)
+        return buildDialer(app, tls, self._engine, factory.health)
 
     def _retire(self, factory: ProxyServerFactory) -> None:
         """
@@ -515,7 +462,7 @@ class ProxyService(Service):
         """
         for trigger in self._triggers:
             trigger.stop()
-        self._fastPath.stop()
+        self._engine.stop()
         return result
 
     def _drain(self) -> Deferred[None]:

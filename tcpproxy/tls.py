@@ -18,7 +18,7 @@ as just another transport.  What this module adds:
     does not verify is a failed connect attempt, so the dialer fails over to
     the next target as it does for a refused connection.
 
-  - L{closeTLS}: how to close a TLS transport for certain (resumed first,
+  - L{TLSCloser}: how to close a TLS transport for certain (resumed first,
     aborted if the peer never answers C{close_notify}).
 """
 
@@ -58,11 +58,13 @@ from twisted.internet.ssl import (
     trustRootFromCertificates,
 )
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tcpproxy.config import AppConfig, ConfigError, Target, TargetTLSConfig, TLSConfig, hostPort, normalName
+from tcpproxy.config import AppConfig, ConfigError, Target, TargetTLSConfig, TLSConfig, normalName
+from tcpproxy.describe import describeAddress
+from tcpproxy.transport.tcp import IWriteBuffer
 
 log = Logger()
 
@@ -774,87 +776,66 @@ def describeTLSFailure(reason: Failure) -> str:
     return f"connection lost during the TLS handshake ({reason.getErrorMessage()})"
 
 
-def describeAddress(address) -> str:
-    """
-    A peer's address for the log, as targets are written (IPv6 in brackets).
-    """
-    host = getattr(address, "host", None)
-    if host is None:
-        return str(address)
-    return hostPort(host, address.port)
-
-
 # Closing
 
 
-def isTLS(transport) -> bool:
+class TLSCloser:
     """
-    Whether C{transport} is a TLS transport (which has no half-close).
-    """
-    return isinstance(transport, TLSMemoryBIOProtocol)
-
-
-def unflushed(transport) -> int:
-    """
-    Bytes a TCP transport (or the TCP transport under a TLS one) still has
-    to send.
-    """
-    if isTLS(transport):
-        transport = transport.transport
-    if transport is None or not hasattr(transport, "dataBuffer"):
-        return 0
-    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
-
-
-def closeTLS(
-    transport,
-    clock: IReactorTime,
-    activity: Callable[[], object] | None = None,
-    resume: bool = True,
-    timeout: float = CLOSE_TIMEOUT,
-) -> None:
-    """
-    Close a TLS transport for certain.
+    Closes a TLS transport for certain.
 
     Unless told otherwise it is resumed first: a paused TLS transport never
     reads the peer's C{close_notify}, so it would never finish closing
     (Twisted #8901).  Then it is aborted if the peer has not answered
     C{close_notify} within C{timeout} seconds (#7926) of the last sign of
     life: the clock restarts whenever C{activity()} (by default, what is
-    left to flush to the peer) changes, so a slow reader still gets every
-    byte.
+    left to send under the TLS transport, L{unsent}) changes, so a slow
+    reader still gets every byte.
     """
-    if getattr(transport, "_tlsCloseTimer", None) is not None:
-        return
-    if activity is None:
 
-        def activity() -> object:
-            return unflushed(transport)
+    def __init__(
+        self,
+        transport,
+        clock: IReactorTime,
+        activity: Callable[[], object] | None = None,
+        resume: bool = True,
+        timeout: float = CLOSE_TIMEOUT,
+    ) -> None:
+        self._transport = transport
+        self._clock = clock
+        self._timeout = timeout
+        self._activity = activity if activity is not None else (lambda: self.unsent(transport))
+        self._call = None
+        if resume:
+            transport.resumeProducing()
+        transport.loseConnection()
+        if transport.connected:
+            self._last = self._activity()
+            self._call = clock.callLater(timeout, self._check)
 
-    if resume:
-        transport.resumeProducing()
-    transport.loseConnection()
-    if not transport.connected:
-        return
-    last = [activity()]
+    @staticmethod
+    def unsent(transport) -> int:
+        """
+        Bytes the transport under a TLS transport still has to send, where
+        it says (L{IWriteBuffer}: the fast engine's); 0 where it does not.
+        """
+        under = getattr(transport, "transport", None)
+        return under.bufferedBytes if IWriteBuffer.providedBy(under) else 0
 
-    def check() -> None:
-        if not transport.connected:
+    def _check(self) -> None:
+        self._call = None
+        if not self._transport.connected:
             return
-        now = activity()
-        if now != last[0]:
-            last[0] = now
-            transport._tlsCloseTimer = clock.callLater(timeout, check)
+        now = self._activity()
+        if now != self._last:
+            self._last = now
+            self._call = self._clock.callLater(self._timeout, self._check)
             return
-        transport.abortConnection()
+        self._transport.abortConnection()
 
-    transport._tlsCloseTimer = clock.callLater(timeout, check)
-
-
-def cancelCloseTimer(transport) -> None:
-    """
-    The transport is gone: forget its L{closeTLS} deadline.
-    """
-    timer = getattr(transport, "_tlsCloseTimer", None)
-    if timer is not None and timer.active():
-        timer.cancel()
+    def cancel(self) -> None:
+        """
+        The transport is gone: no abort is due.
+        """
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None

@@ -1,6 +1,6 @@
 """
-Readiness for the plain-TCP relay (L{tcpproxy.fastpath}): an epoll set of
-its own, watched by the reactor as one reader.
+Readiness for the fast engine's transports (L{tcpproxy.transport.tcp}): an
+epoll set of its own, watched by the reactor as one reader.
 
 Why not register each socket with the reactor: every readiness event a
 reactor delivers goes through C{callWithLogger} and a log context, and every
@@ -25,7 +25,7 @@ from zope.interface import implementer
 AVAILABLE = hasattr(select, "epoll")
 """
 Whether this platform has epoll (Linux); without it there is no fast path
-and every app is relayed by Twisted's transports.
+and every connection runs on Twisted's own transports.
 """
 
 READ = getattr(select, "EPOLLIN", 1)
@@ -62,7 +62,35 @@ class Poller:
         self._epoll = select.epoll()
         self._handlers: dict[int, Callable[[int], None]] = {}
         self._stale: set[int] = set()
+        self._soon: list[tuple[Callable, tuple]] = []
+        self._inBatch = False
+        self._soonCall = None
         reactor.addReader(self)
+
+    def soon(self, f: Callable, *args) -> None:
+        """
+        Call C{f(*args)} once the events being handled are done (or on the
+        reactor's next turn, outside a batch): what a transport must not do
+        from inside a call its protocol made, such as C{connectionLost}
+        from C{loseConnection}, without a L{DelayedCall} each.
+        """
+        self._soon.append((f, args))
+        if not self._inBatch and self._soonCall is None:
+            self._soonCall = self._reactor.callLater(0, self._runSoon)
+
+    def _runSoon(self) -> None:
+        self._soonCall = None
+        inBatch, self._inBatch = self._inBatch, True
+        try:
+            while self._soon:
+                calls, self._soon = self._soon, []
+                for f, args in calls:
+                    try:
+                        f(*args)
+                    except Exception:
+                        self.log.failure("closing a connection failed")
+        finally:
+            self._inBatch = inBatch
 
     def register(self, fd: int, events: int, handler: Callable[[int], None]) -> None:
         self._epoll.register(fd, events)
@@ -72,6 +100,12 @@ class Poller:
         self._epoll.modify(fd, events)
         if handler is not None:
             self._handlers[fd] = handler
+
+    def handOver(self, fd: int, handler: Callable[[int], None]) -> None:
+        """
+        Give C{fd}'s events, with the interest it has, to another handler.
+        """
+        self._handlers[fd] = handler
 
     def unregister(self, fd: int) -> None:
         del self._handlers[fd]
@@ -97,6 +131,9 @@ class Poller:
         self._reactor.removeReader(self)
         self._handlers.clear()
         self._epoll.close()
+        if self._soonCall is not None and self._soonCall.active():
+            self._soonCall.cancel()
+        self._soonCall = None
 
     # IReadDescriptor
 
@@ -109,24 +146,30 @@ class Poller:
         # batch for the same number is the old socket's, even if a new socket
         # got that number meanwhile (its own readiness comes next turn).
         stale = self._stale = set()
-        for fd, events in self._epoll.poll(0, BATCH):
-            if fd in stale:
-                continue
-            handler = handlers.get(fd)
-            if handler is None:
-                continue
-            try:
-                handler(events)
-            except Exception:
-                # A bug, not a network event: drop that connection, not the proxy.
-                self.log.failure("relay handler failed; dropping its connection")
-                owner = getattr(handler, "__self__", None)
-                abort = getattr(owner, "abort", None)
-                if abort is not None:
-                    try:
-                        abort()
-                    except Exception:
-                        self.log.failure("dropping the connection failed too")
+        self._inBatch = True
+        try:
+            for fd, events in self._epoll.poll(0, BATCH):
+                if fd in stale:
+                    continue
+                handler = handlers.get(fd)
+                if handler is None:
+                    continue
+                try:
+                    handler(events)
+                except Exception:
+                    # A bug, not a network event: drop that connection, not the proxy.
+                    self.log.failure("connection handler failed; dropping its connection")
+                    owner = getattr(handler, "__self__", None)
+                    abort = getattr(owner, "abortConnection", None)
+                    if abort is not None:
+                        try:
+                            abort()
+                        except Exception:
+                            self.log.failure("dropping the connection failed too")
+        finally:
+            self._inBatch = False
+        if self._soon:
+            self._runSoon()
 
     def connectionLost(self, reason: Failure) -> None:
         # The reactor dropped its readers (it is stopping).

@@ -1,0 +1,175 @@
+"""
+One app at run time: who is admitted, how many are open, which are open
+(to drain them), and the record of each connection when it ends.
+
+L{buildApp} makes the whole of it from an app's configuration -- health,
+balancer, dialer, TLS front -- in one place; the service only asks for it,
+and a reload gives it new settings with L{ProxyServerFactory.reconfigure}.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IProtocolFactory, IReactorTime
+from twisted.internet.protocol import Factory
+
+from tcpproxy import access
+from tcpproxy.access import END_DONE, END_NO_TARGET
+from tcpproxy.balancer import IBalancer, RoundRobin
+from tcpproxy.config import AppConfig
+from tcpproxy.dialer import FailoverDialer, IDialer, endpointForTarget
+from tcpproxy.health import HealthTracker
+from tcpproxy.idle import IdleSweeper
+from tcpproxy.limits import REFUSED_DENIED, AcceptGate, ConnectionCounter, permitted
+from tcpproxy.relay import IRelayed, ProxyClientProtocol, ProxyServerProtocol
+from tcpproxy.tls import AppTLS
+from tcpproxy.transport.engine import IEngine
+
+
+class ProxyServerFactory(Factory):
+    """
+    Accepts an app's clients (on every one of its ports) and relays each to
+    a target the balancer picks, through the dialer.
+
+    @ivar front: what the app's ports hand new clients to: this factory,
+        or this factory behind TLS termination.
+    @ivar relays: the connections open now (L{IRelayed}), so that shutdown
+        can drain them.
+    @ivar counter: the app's L{ConnectionCounter} (open and refused clients).
+    @ivar gate: the proxy-wide L{AcceptGate}, if any.
+    @ivar health: the app's L{HealthTracker}, if any.
+    """
+
+    noisy = False
+    protocol = ProxyServerProtocol
+
+    def __init__(
+        self,
+        app: AppConfig,
+        balancer: IBalancer,
+        dialer: IDialer,
+        clock: IReactorTime,
+        tls: AppTLS | None = None,
+        health: HealthTracker | None = None,
+        gate: AcceptGate | None = None,
+    ) -> None:
+        self.clock = clock
+        self.health = health
+        self.gate = gate
+        self.relays: set[IRelayed] = set()
+        self.counter = ConnectionCounter()
+        self._idleWaiters: list[Deferred[None]] = []
+        self.idleSweeper = IdleSweeper(clock, lambda: self.relays)
+        self.clientFactory = Factory.forProtocol(ProxyClientProtocol)
+        self.clientFactory.noisy = False
+        self.reconfigure(app, balancer, dialer, tls)
+
+    def reconfigure(self, app: AppConfig, balancer: IBalancer, dialer: IDialer, tls: AppTLS | None) -> None:
+        """
+        Serve new clients with C{app}'s settings (a configuration reload).
+
+        Only a new connection reads these attributes, when it is made; a
+        relay already open keeps the target it has (and one being dialled
+        keeps the list and dialer it started with).  C{relays} is untouched:
+        the connections are still this app's to drain.
+        """
+        self.app = app
+        self.balancer = balancer
+        self.dialer = dialer
+        self.front: IProtocolFactory = self
+        if tls is not None and tls.server is not None:
+            self.front = tls.serverFactory(self, self.clock)
+
+    def admit(self, host: str) -> str | None:
+        """
+        Count a new client from C{host} in, or say why it is refused
+        (C{Allow}/C{Deny}, C{MaxConnections}, C{MaxConnectionsPerClient}).
+        """
+        app = self.app
+        if not permitted(host, app.allow, app.deny):
+            self.counter.refusals[REFUSED_DENIED] += 1
+            return REFUSED_DENIED
+        refused = self.counter.tryOpen(host, app.maxConnections, app.maxConnectionsPerClient)
+        if refused is None and self.gate is not None:
+            self.gate.connectionOpened()
+        return refused
+
+    def logRefusal(self, clientAddress: str, port: int, reason: str) -> None:
+        """
+        Log a client refused by L{admit} (and closed) on C{port}.
+        """
+        access.logRefusal(self.app.name, clientAddress, port, reason, self.counter.refusals)
+
+    def relayEnded(self, relay: IRelayed) -> None:
+        """
+        A connection admitted by L{admit} has ended, both sides closed: count
+        it out, write its access-log line, and wake whoever waits for the
+        app to be idle.
+        """
+        self.relays.discard(relay)
+        self.counter.close(relay.clientHost)
+        if self.gate is not None:
+            self.gate.connectionClosed()
+        end = relay.end or END_DONE
+        # A connection nobody could serve is worth a warning whatever the
+        # AccessLog switch.
+        if self.app.accessLog or end == END_NO_TARGET:
+            access.logConnection(self.app.name, relay, end, self.clock.seconds() - relay.started)
+        if not self.relays:
+            self.idleSweeper.stop()
+            waiters, self._idleWaiters = self._idleWaiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def whenIdle(self) -> Deferred[None]:
+        """
+        A L{Deferred} that fires once no connection of this app is open.
+        """
+        if not self.relays:
+            return succeed(None)
+        d: Deferred[None] = Deferred(self._idleWaiters.remove)
+        self._idleWaiters.append(d)
+        return d
+
+    def abortAll(self) -> None:
+        """
+        Drop every open connection of this app at once.
+        """
+        for relay in list(self.relays):
+            relay.abort()
+
+
+def buildDialer(app: AppConfig, tls: AppTLS, engine: IEngine, health: HealthTracker | None) -> FailoverDialer:
+    """
+    The dialer of C{app}: an endpoint per target on C{engine}'s reactor
+    (wrapped in TLS if the app originates it), C{ConnectTimeout} per attempt.
+    """
+    reactor = engine.reactor
+    return FailoverDialer(
+        reactor,
+        app.connectTimeout,
+        endpointFactory=tls.endpointFactory(endpointForTarget, reactor),
+        health=health,
+    )
+
+
+def buildApp(
+    app: AppConfig, tls: AppTLS, engine: IEngine, clock: IReactorTime, gate: AcceptGate | None = None
+) -> ProxyServerFactory:
+    """
+    The whole runtime of C{app}: its targets' health, the balancer over
+    them, the dialer, TLS, and the factory that admits and records.
+
+    @param tls: C{app}'s TLS, loaded (L{tcpproxy.tls.loadAppTLS}).
+    """
+    check = app.healthCheck
+    health = HealthTracker(app.name, app.targets, clock, *((check.rise, check.fall) if check else ()))
+    return ProxyServerFactory(
+        app,
+        RoundRobin(app.targets, health),
+        buildDialer(app, tls, engine, health),
+        clock,
+        tls=tls,
+        health=health,
+        gate=gate,
+    )

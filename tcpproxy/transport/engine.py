@@ -1,0 +1,338 @@
+"""
+Engines: what serves an accepted socket, and the reactor that client
+endpoints dial through.
+
+The relay, TLS and the dialer speak only Twisted's interfaces; an engine
+decides which transports they run on:
+
+  - L{FastEngine} (Linux): the project's own L{SocketTransport} on an epoll
+    set of its own (L{Poller}), both for clients (L{FastEngine.adopt}) and
+    for targets: it provides the L{IReactorTCP} that
+    L{twisted.internet.endpoints.TCP4ClientEndpoint} and its kin call, so a
+    dial through an endpoint gets a fast transport too.
+  - L{TwistedEngine}: Twisted's own TCP transports, through the reactor
+    (other platforms, or C{--engine twisted}); the same protocols run on it.
+
+Both resolve host names with L{NameResolver} (no thread per lookup).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+
+from twisted.internet import error
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import (
+    IConnector,
+    IProtocolFactory,
+    IReactorPluggableNameResolver,
+    IReactorTCP,
+    IReactorTime,
+)
+from twisted.python.failure import Failure
+from zope.interface import Attribute, Interface, implementer
+
+from tcpproxy.deadlines import Deadlines
+from tcpproxy.resolve import NameResolver
+from tcpproxy.transport.poller import AVAILABLE, GONE, WRITE, Poller
+from tcpproxy.transport.tcp import SocketTransport
+
+
+class IEngine(Interface):
+    """
+    Where connections run.
+    """
+
+    reactor = Attribute(
+        "What client endpoints are given: an L{IReactorTCP}, L{IReactorTime} and "
+        "L{IReactorPluggableNameResolver}."
+    )
+
+    def start() -> None:
+        """
+        Start serving (before the first L{adopt}).
+        """
+
+    def stop() -> None:
+        """
+        Stop, once no connection is left.
+        """
+
+    def adopt(sock: socket.socket, address: tuple, factory: IProtocolFactory) -> None:
+        """
+        Serve an accepted, non-blocking socket with a protocol of
+        C{factory}'s; the socket is the engine's from now on.
+
+        @param address: the peer address as C{accept} gave it.
+        """
+
+
+def peerAddress(family: int, address: tuple) -> IPv4Address | IPv6Address:
+    """
+    A socket address as Twisted writes it.
+    """
+    if family == socket.AF_INET6:
+        return IPv6Address("TCP", address[0], address[1])
+    return IPv4Address("TCP", address[0], address[1])
+
+
+@implementer(IReactorTCP, IReactorTime, IReactorPluggableNameResolver)
+class _EngineReactor:
+    """
+    The reactor's time and TCP, and a resolver of our own.
+    """
+
+    def __init__(self, reactor, nameResolver=None) -> None:
+        self._reactor = reactor
+        self.nameResolver = nameResolver if nameResolver is not None else NameResolver(reactor=reactor)
+
+    def installNameResolver(self, resolver):
+        previous, self.nameResolver = self.nameResolver, resolver
+        return previous
+
+    def seconds(self) -> float:
+        return self._reactor.seconds()
+
+    def callLater(self, delay, callable, *args, **kw):
+        return self._reactor.callLater(delay, callable, *args, **kw)
+
+    def getDelayedCalls(self):
+        return self._reactor.getDelayedCalls()
+
+    def listenTCP(self, port, factory, backlog=50, interface=""):
+        return self._reactor.listenTCP(port, factory, backlog, interface)
+
+    def connectTCP(self, host, port, factory, timeout=30, bindAddress=None):
+        return self._reactor.connectTCP(host, port, factory, timeout, bindAddress)
+
+
+@implementer(IEngine)
+class TwistedEngine(_EngineReactor):
+    """
+    Twisted's own TCP transports, from the reactor.
+    """
+
+    name = "twisted"
+
+    @property
+    def reactor(self):
+        return self
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def adopt(self, sock: socket.socket, address: tuple, factory: IProtocolFactory) -> None:
+        try:
+            self._reactor.adoptStreamConnection(sock.fileno(), sock.family, factory)
+        except OSError:
+            pass  # the client is already gone
+        finally:
+            sock.close()
+
+
+@implementer(IEngine)
+class FastEngine(_EngineReactor):
+    """
+    The project's own transports, on an epoll set of its own.
+
+    @ivar poller: the L{Poller} while started, else C{None}.
+    @ivar deadlines: the connect deadlines of the dials under way.
+    """
+
+    name = "fast"
+
+    def __init__(self, reactor, nameResolver=None) -> None:
+        _EngineReactor.__init__(self, reactor, nameResolver)
+        self.poller: Poller | None = None
+        self.deadlines = Deadlines(reactor)
+
+    @property
+    def reactor(self):
+        return self
+
+    def start(self) -> None:
+        if self.poller is None:
+            self.poller = Poller(self._reactor)
+
+    def stop(self) -> None:
+        if self.poller is not None:
+            self.poller.close()
+            self.poller = None
+
+    def adopt(self, sock: socket.socket, address: tuple, factory: IProtocolFactory) -> None:
+        peer = peerAddress(sock.family, address)
+        protocol = factory.buildProtocol(peer)
+        if protocol is None:
+            sock.close()
+            return
+        # TCP_NODELAY is the listening socket's, inherited (see bindTCP).
+        SocketTransport(self.poller, sock, protocol, peer, noDelay=True).startReading()
+
+    def connectTCP(self, host, port, factory, timeout=30, bindAddress=None) -> IConnector:
+        """
+        Dial C{host} (an IP address: endpoints resolve names before they
+        get here) on the engine's epoll set.
+        """
+        connector = Connector(self, host, port, factory, timeout, bindAddress)
+        connector.connect()
+        return connector
+
+
+@implementer(IConnector)
+class Connector:
+    """
+    One non-blocking connect, as Twisted's client connectors report it to
+    their factory: C{startedConnecting}, then C{buildProtocol} or
+    C{clientConnectionFailed}, and C{clientConnectionLost} at the end.
+    """
+
+    __slots__ = (
+        "_engine",
+        "host",
+        "port",
+        "factory",
+        "timeout",
+        "bindAddress",
+        "_sock",
+        "state",
+        "transport",
+    )
+
+    def __init__(self, engine: FastEngine, host: str, port: int, factory, timeout, bindAddress) -> None:
+        self._engine = engine
+        self.host = host
+        self.port = port
+        self.factory = factory
+        self.timeout = timeout
+        self.bindAddress = bindAddress
+        self._sock: socket.socket | None = None
+        self.state = "disconnected"
+        self.transport: SocketTransport | None = None
+
+    def getDestination(self) -> IPv4Address | IPv6Address:
+        kind = IPv6Address if isIPv6Address(self.host) else IPv4Address
+        return kind("TCP", self.host, self.port)
+
+    def connect(self) -> None:
+        self.state = "connecting"
+        self.factory.doStart()
+        self.factory.startedConnecting(self)
+        if self.state != "connecting":
+            return  # stopped at once
+        host = self.host
+        if isIPv6Address(host):
+            family = socket.AF_INET6
+        elif isIPAddress(host):
+            family = socket.AF_INET
+        else:
+            self._failed(error.DNSLookupError(f"{host} is not an IP address"))
+            return
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        except OSError as e:
+            self._failed(error.ConnectBindError(e.errno, e.strerror))
+            return
+        try:
+            if self.bindAddress is not None:
+                sock.bind(self.bindAddress)
+            code = sock.connect_ex((host, self.port))
+        except OSError as e:
+            sock.close()
+            self._failed(error.ConnectBindError(e.errno, e.strerror))
+            return
+        if code not in (0, errno.EINPROGRESS):
+            sock.close()
+            self._failed(error.getConnectError((code, os.strerror(code))))
+            return
+        self._sock = sock
+        self._engine.poller.register(sock.fileno(), WRITE, self._ready)
+        if self.timeout:
+            self._engine.deadlines.add(self, self.timeout)
+
+    def _ready(self, events: int) -> None:
+        sock = self._sock
+        # Writable alone is connected; with error or hang-up, ask which error.
+        code = 0 if events == WRITE else sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if not code and not events & (WRITE | GONE):
+            return  # nothing happened yet
+        if code or not events & WRITE:
+            code = code or errno.ECONNREFUSED
+            self._abandon()
+            self._failed(error.getConnectError((code, os.strerror(code))))
+            return
+        self._stopTimer()
+        self._sock = None
+        self.state = "connected"
+        address = self.getDestination()
+        protocol = self.factory.buildProtocol(address)
+        if protocol is None:
+            self._engine.poller.forget(sock.fileno())
+            sock.close()
+            self.state = "disconnected"
+            self.factory.doStop()
+            return
+        self.transport = SocketTransport(
+            self._engine.poller, sock, protocol, address, onClose=self._closed, watched=WRITE
+        )
+        self.transport.startReading()
+
+    def _closed(self, reason: Failure) -> None:
+        self.state = "disconnected"
+        self.transport = None
+        self.factory.clientConnectionLost(self, reason)
+        self.factory.doStop()
+
+    def timedOut(self) -> None:
+        """
+        No answer within C{timeout} (called by the engine's L{Deadlines}).
+        """
+        self._abandon(timer=False)
+        self._failed(error.TimeoutError())
+
+    def _stopTimer(self) -> None:
+        if self.timeout:
+            self._engine.deadlines.remove(self, self.timeout)
+
+    def _abandon(self, timer: bool = True) -> None:
+        if timer:
+            self._stopTimer()
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            self._engine.poller.forget(sock.fileno())
+            sock.close()
+
+    def _failed(self, reason: Exception) -> None:
+        self.state = "disconnected"
+        self.factory.clientConnectionFailed(self, Failure(reason))
+        self.factory.doStop()
+
+    def stopConnecting(self) -> None:
+        """
+        Abandon the attempt (a cancelled endpoint connect).
+        """
+        if self.state != "connecting":
+            raise error.NotConnectingError("not connecting")
+        self._abandon()
+        self._failed(error.UserError())
+
+    def disconnect(self) -> None:
+        if self.state == "connecting":
+            self.stopConnecting()
+        elif self.transport is not None:
+            self.transport.loseConnection()
+
+
+def defaultEngine(reactor, nameResolver=None) -> IEngine:
+    """
+    The fast engine where the platform has it (epoll and C{splice}), else
+    Twisted's; C{TCPPROXY_ENGINE=twisted} chooses Twisted's anywhere.
+    """
+    if AVAILABLE and os.environ.get("TCPPROXY_ENGINE", "fast") != "twisted":
+        return FastEngine(reactor, nameResolver)
+    return TwistedEngine(reactor, nameResolver)

@@ -1,0 +1,617 @@
+"""
+The fast engine's TCP transport: L{ITCPTransport}, L{IPushProducer} and
+L{IConsumer} on a bare non-blocking socket, dispatched from the engine's
+epoll set (L{tcpproxy.transport.poller}).
+
+It keeps the promises of Twisted's own TCP transport that the relay and
+L{twisted.protocols.tls.TLSMemoryBIOProtocol} rely on -- C{dataReceived}
+per chunk read, half-close for an L{IHalfCloseableProtocol}
+(C{readConnectionLost}, C{loseWriteConnection} and C{writeConnectionLost}),
+a registered producer paused while written bytes wait, C{connectionLost}
+once, never from inside a call the protocol made -- and does less work for
+them:
+
+  - C{write} sends at once when nothing is waiting (no loop turn and no two
+    C{epoll_ctl} calls per chunk, as a buffering transport pays); what the
+    kernel does not take waits, and the producer is paused until it is
+    sent, so a direction holds one chunk at most.
+  - Interest is changed only when it really changes, on the engine's own
+    epoll set, without the reactor's per-event logging context.
+  - L{ISplicing}: two of these transports can move a direction's bytes
+    socket to socket inside the kernel (C{splice(2)} through a pipe) once
+    the direction carries bulk data, with the byte counts still reported.
+
+Errors are Twisted's: a reset ends in L{ConnectionLost}, an orderly close
+in L{ConnectionDone}, C{abortConnection} in L{ConnectionAborted} and a
+reset sent to the peer.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import struct
+from collections.abc import Callable, Iterable
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import (
+    IConsumer,
+    IHalfCloseableProtocol,
+    IProtocol,
+    IPushProducer,
+    ISystemHandle,
+    ITCPTransport,
+)
+from twisted.python.failure import Failure
+from zope.interface import Attribute, Interface, implementer
+
+from tcpproxy.transport.poller import AVAILABLE, GONE, READ, WRITE, Poller
+
+CHUNK = 64 * 1024
+"""
+Bytes read at once: Twisted's own read size.
+"""
+
+SPLICE = AVAILABLE and hasattr(os, "splice")
+"""
+Whether this platform can splice (Linux).
+"""
+
+PIPE_SIZE = 256 * 1024
+"""
+The pipe a spliced direction asks for (the kernel may give less); it bounds
+what that direction holds, in the kernel, when the receiver is slow.
+"""
+
+_SPLICE_FLAGS = (os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK) if SPLICE else 0
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_WOULD_BLOCK = (BlockingIOError, InterruptedError)
+_RESET = struct.pack("ii", 1, 0)
+"""
+C{SO_LINGER} on, with no time to linger: the close sends a reset.
+"""
+
+
+class ISplicing(Interface):
+    """
+    A transport whose bytes can go to another such transport without
+    passing through user space.
+    """
+
+    def spliceTo(consumer: ISplicing, counted: Callable[[int], None]) -> bool:
+        """
+        Allow this transport to move what it reads straight to C{consumer},
+        once the direction carries bulk data (a full chunk read at once).
+        From then on its protocol's C{dataReceived} is not called for those
+        bytes: C{counted(n)} is, for every C{n} bytes moved, and EOF and
+        errors arrive as before.  It ends when either transport closes.
+
+        @return: whether splicing is possible between the two.
+        """
+
+
+class IWriteBuffer(Interface):
+    """
+    A transport that says how much it still has to send.
+    """
+
+    bufferedBytes = Attribute("Bytes written to the transport and not yet taken by the kernel.")
+
+
+def _lostReason(error: OSError | None) -> Failure:
+    if error is None:
+        return Failure(ConnectionDone())
+    return Failure(ConnectionLost(error.strerror or str(error)))
+
+
+@implementer(ITCPTransport, ISystemHandle, IPushProducer, IConsumer, ISplicing, IWriteBuffer)
+class SocketTransport:
+    """
+    A connected socket, relayed by the fast engine.
+
+    @ivar protocol: the protocol it delivers to.
+    @ivar connected: true until the socket is closed.
+    @ivar disconnecting: C{loseConnection} was called.
+    """
+
+    __slots__ = (
+        "_poller",
+        "socket",
+        "_fd",
+        "protocol",
+        "_halfClose",
+        "_host",
+        "_peer",
+        "_mask",
+        "_buffer",
+        "_buffered",
+        "_producer",
+        "_streaming",
+        "_producerPaused",
+        "_paused",
+        "_readDone",
+        "_shutRequested",
+        "_writeShut",
+        "disconnecting",
+        "connected",
+        "_closeReason",
+        "_spliceOut",
+        "_spliceIn",
+        "_spliceTo",
+        "_onClose",
+        "_noDelay",
+    )
+
+    def __init__(
+        self,
+        poller: Poller,
+        sock: socket.socket,
+        protocol: IProtocol,
+        peer: IPv4Address | IPv6Address,
+        host: IPv4Address | IPv6Address | None = None,
+        onClose: Callable[[Failure], None] | None = None,
+        watched: int = 0,
+        noDelay: bool | None = None,
+    ) -> None:
+        """
+        @param onClose: called with the reason after the protocol's
+            C{connectionLost} (a client connector tells its factory).
+        @param watched: the interest C{sock} is registered with in C{poller}
+            already (by the connector that dialled it), whose handler this
+            transport takes over.
+        @param noDelay: whether C{TCP_NODELAY} is known to be set (an
+            accepted socket inherits the listening socket's), or C{None}.
+        """
+        self._poller = poller
+        self.socket = sock
+        self._fd = sock.fileno()
+        self.protocol = protocol
+        self._halfClose = IHalfCloseableProtocol.providedBy(protocol)
+        self._peer = peer
+        self._host = host
+        self._mask = 0
+        self._buffer: list = []
+        self._buffered = 0
+        self._producer: IPushProducer | None = None
+        self._streaming = False
+        self._producerPaused = False
+        self._paused = False
+        self._readDone = False
+        self._shutRequested = False
+        self._writeShut = False
+        self.disconnecting = False
+        self.connected = True
+        self._closeReason: Failure | None = None
+        self._spliceOut: _Splice | None = None
+        self._spliceIn: _Splice | None = None
+        self._spliceTo = None
+        self._onClose = onClose
+        self._noDelay = noDelay
+        if watched:
+            poller.handOver(self._fd, self._ready)
+            self._mask = watched
+
+    def startReading(self) -> None:
+        """
+        Connect the protocol and start reading (called once, by the engine).
+        """
+        self.protocol.makeConnection(self)
+        if self.connected:
+            self._update()
+
+    # Readiness
+
+    def _ready(self, events: int) -> None:
+        mask = self._mask
+        acted = False
+        if events & WRITE and mask & WRITE:
+            acted = True
+            self._doWrite()
+        if self.connected and events & ~WRITE and mask & READ and self._mask & READ:
+            # Readable, or in error or hung up: the read says which.
+            acted = True
+            self._doRead()
+        if not acted and events & GONE and self.connected:
+            # Error or hang-up on a socket that is neither read nor written now.
+            error = self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            self._lost(OSError(error, os.strerror(error)) if error else None)
+            return
+        if self.connected:
+            self._update()
+
+    def _update(self) -> None:
+        """
+        Ask the epoll set for the events this socket needs now.
+        """
+        mask = 0
+        if not (self._paused or self._readDone or self.disconnecting):
+            splice = self._spliceOut
+            if splice is None or not splice.inPipe:
+                mask = READ
+        if self._buffer or (self._spliceIn is not None and self._spliceIn.inPipe):
+            mask |= WRITE
+        old = self._mask
+        if mask == old:
+            return
+        self._mask = mask
+        if not mask:
+            # Hang-up would be reported for ever: stop watching instead.
+            self._poller.unregister(self._fd)
+        elif not old:
+            self._poller.register(self._fd, mask, self._ready)
+        else:
+            self._poller.modify(self._fd, mask)
+
+    def _doRead(self) -> None:
+        if self._spliceOut is not None:
+            self._spliceOut.pull()
+            return
+        try:
+            data = self.socket.recv(CHUNK)
+        except _WOULD_BLOCK:
+            return
+        except OSError as e:
+            self._lost(e)
+            return
+        if not data:
+            self._readEOF()
+            return
+        self.protocol.dataReceived(data)
+        if len(data) == CHUNK and self._spliceTo is not None and self.connected:
+            self._startSplice()
+
+    def _readEOF(self) -> None:
+        """
+        The peer sent EOF: a half-closeable protocol is told and may go on
+        writing; any other is closed, as Twisted does.
+        """
+        if not self._halfClose:
+            self._lost(None)
+            return
+        self._readDone = True
+        self.protocol.readConnectionLost()
+
+    def _doWrite(self) -> None:
+        splice = self._spliceIn
+        if splice is not None and splice.inPipe:
+            splice.push()
+            if not self.connected or splice.inPipe:
+                return
+        if self._buffer:
+            data = self._buffer[0] if len(self._buffer) == 1 else b"".join(self._buffer)
+            try:
+                sent = self.socket.send(data)
+            except _WOULD_BLOCK:
+                return
+            except OSError as e:
+                self._lost(e)
+                return
+            if sent < len(data):
+                self._buffer = [memoryview(data)[sent:]]
+                self._buffered = len(data) - sent
+                return
+            self._buffer = []
+            self._buffered = 0
+        self._flushed()
+
+    def _flushed(self) -> None:
+        """
+        Nothing is left to send: resume the producer, and do the close or
+        the shutdown asked for meanwhile.
+        """
+        if self._producer is not None and self._producerPaused:
+            self._producerPaused = False
+            self._producer.resumeProducing()
+            if not self.connected or self._buffered:
+                return
+        if self._shutRequested and not self._writeShut:
+            self._shutWrite()
+        if self.disconnecting and self._closeReason is None:
+            self._close(None)
+
+    def _shutWrite(self) -> None:
+        self._writeShut = True
+        try:
+            self.socket.shutdown(socket.SHUT_WR)
+        except OSError as e:
+            self._lost(e)
+            return
+        if self._halfClose:
+            self._poller.soon(self._writeConnectionLost)
+
+    def _writeConnectionLost(self) -> None:
+        if self.connected:
+            self.protocol.writeConnectionLost()
+
+    # ITransport
+
+    def write(self, data: bytes) -> None:
+        if not self.connected or self._shutRequested or self._closeReason is not None or not data:
+            return
+        if not self._buffer and (self._spliceIn is None or not self._spliceIn.inPipe):
+            try:
+                sent = self.socket.send(data)
+            except _WOULD_BLOCK:
+                sent = 0
+            except OSError:
+                # The error is met again, and handled, when the socket is
+                # written next (from the event loop, not from the caller).
+                sent = 0
+            if sent == len(data):
+                return
+            if sent:
+                data = memoryview(data)[sent:]
+        self._buffer.append(data)
+        self._buffered += len(data)
+        producer = self._producer
+        if producer is not None and not self._producerPaused:
+            self._producerPaused = True
+            producer.pauseProducing()
+        if self.connected and not self._mask & WRITE:
+            self._update()
+
+    def writeSequence(self, data: Iterable[bytes]) -> None:
+        self.write(b"".join(data))
+
+    def loseConnection(self) -> None:
+        """
+        Close once what was written has been sent.
+        """
+        if not self.connected or self.disconnecting:
+            return
+        self.disconnecting = True
+        if not self._buffer and (self._spliceIn is None or not self._spliceIn.inPipe):
+            self._poller.soon(self._closeIfConnected, None)
+        else:
+            self._update()
+
+    def loseWriteConnection(self) -> None:
+        """
+        Send EOF once what was written has been sent; the peer may go on
+        sending.
+        """
+        if not self.connected or self._shutRequested:
+            return
+        self._shutRequested = True
+        if not self._buffer and (self._spliceIn is None or not self._spliceIn.inPipe):
+            self._shutWrite()
+
+    def abortConnection(self) -> None:
+        """
+        Close at once with a reset, dropping what is not sent: a peer cut off
+        mid-stream must not take the close for an orderly end.
+        """
+        if not self.connected or self._closeReason is not None:
+            return
+        try:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+        except OSError:
+            pass
+        self._buffer = []
+        self._buffered = 0
+        self._closeReason = Failure(ConnectionAborted())
+        # Nothing more is read or written; the close comes from the loop.
+        self.disconnecting = True
+        self._update()
+        self._poller.soon(self._closeIfConnected, self._closeReason)
+
+    def _closeIfConnected(self, reason: Failure | None) -> None:
+        if self.connected:
+            self._close(reason)
+
+    def _lost(self, error: OSError | None) -> None:
+        self._close(_lostReason(error))
+
+    def _close(self, reason: Failure | None) -> None:
+        """
+        Close the socket and tell the protocol (and the producer, as a
+        Twisted transport does) that the connection is gone.
+        """
+        if not self.connected:
+            return
+        self.connected = False
+        if reason is None:
+            reason = self._closeReason or Failure(ConnectionDone())
+        if self._mask:
+            self._poller.forget(self._fd)
+            self._mask = 0
+        for splice in (self._spliceOut, self._spliceIn):
+            if splice is not None:
+                splice.close()
+        self._buffer = []
+        self._buffered = 0
+        self.socket.close()
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            producer.stopProducing()
+        try:
+            self.protocol.connectionLost(reason)
+        finally:
+            if self._onClose is not None:
+                self._onClose(reason)
+
+    def getPeer(self) -> IPv4Address | IPv6Address:
+        return self._peer
+
+    def getHost(self) -> IPv4Address | IPv6Address:
+        if self._host is None:
+            host, port = self.socket.getsockname()[:2]
+            kind = IPv6Address if self.socket.family == socket.AF_INET6 else IPv4Address
+            self._host = kind("TCP", host, port)
+        return self._host
+
+    # ITCPTransport
+
+    def getTcpNoDelay(self) -> bool:
+        return bool(self.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        # A system call saved per connection where the state is known.
+        if self._noDelay is not bool(enabled):
+            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, enabled)
+            self._noDelay = bool(enabled)
+
+    def getTcpKeepAlive(self) -> bool:
+        return bool(self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE))
+
+    def setTcpKeepAlive(self, enabled: bool) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, enabled)
+
+    # ISystemHandle
+
+    def getHandle(self) -> socket.socket:
+        return self.socket
+
+    # IPushProducer
+
+    def pauseProducing(self) -> None:
+        if not self._paused:
+            self._paused = True
+            if self.connected and self._mask & READ:
+                self._update()
+
+    def resumeProducing(self) -> None:
+        if self._paused:
+            self._paused = False
+            if self.connected:
+                self._update()
+
+    def stopProducing(self) -> None:
+        self.loseConnection()
+
+    # IConsumer
+
+    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
+        if self._producer is not None:
+            raise RuntimeError(f"Cannot register producer {producer!r}: {self._producer!r} is registered")
+        if not self.connected:
+            producer.stopProducing()
+            return
+        self._producer = producer
+        self._streaming = streaming
+        self._producerPaused = bool(self._buffer)
+        if self._producerPaused:
+            producer.pauseProducing()
+        elif not streaming:
+            producer.resumeProducing()
+
+    def unregisterProducer(self) -> None:
+        self._producer = None
+        self._producerPaused = False
+
+    # IWriteBuffer
+
+    @property
+    def bufferedBytes(self) -> int:
+        splice = self._spliceIn
+        return self._buffered + (splice.inPipe if splice is not None else 0)
+
+    # ISplicing
+
+    def spliceTo(self, consumer: ISplicing, counted: Callable[[int], None]) -> bool:
+        if not SPLICE or not isinstance(consumer, SocketTransport):
+            return False
+        self._spliceTo = (consumer, counted)
+        return True
+
+    def _startSplice(self) -> None:
+        """
+        Bulk: from now on, move this direction's bytes with C{splice}, if
+        the consumer is still there and has nothing of ours waiting.
+        """
+        consumer, counted = self._spliceTo
+        self._spliceTo = None
+        if not consumer.connected or consumer._buffer or consumer._shutRequested:
+            return
+        try:
+            pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return  # out of descriptors: copying works as well
+        try:
+            fcntl.fcntl(pipe[1], _F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            pass  # over the user's pipe budget: the default size works too
+        self._spliceOut = consumer._spliceIn = _Splice(self, consumer, pipe, counted)
+
+    def logPrefix(self) -> str:
+        return "tcpproxy"
+
+
+class _Splice:
+    """
+    One direction moved by C{splice(2)}: from C{src}'s socket into a pipe,
+    from the pipe to C{dst}'s socket.
+
+    @ivar inPipe: bytes in the pipe not yet sent to C{dst}.
+    """
+
+    __slots__ = ("src", "dst", "pipe", "inPipe", "counted")
+
+    def __init__(self, src: SocketTransport, dst: SocketTransport, pipe: tuple[int, int], counted) -> None:
+        self.src = src
+        self.dst = dst
+        self.pipe = pipe
+        self.inPipe = 0
+        self.counted = counted
+
+    def pull(self) -> None:
+        """
+        C{src} is readable: move what it has into the pipe, then on.
+        """
+        src = self.src
+        try:
+            size = os.splice(src._fd, self.pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
+        except _WOULD_BLOCK:
+            return
+        except OSError as e:
+            src._lost(e)
+            return
+        if not size:
+            src._readEOF()
+            return
+        self.inPipe = size
+        self.counted(size)
+        self.push()
+        dst = self.dst
+        if not dst.connected:
+            return
+        if self.inPipe:
+            dst._update()
+        elif not dst._buffer:
+            # A shutdown or close asked for while the pipe held bytes.
+            dst._flushed()
+
+    def push(self) -> None:
+        """
+        Send what the pipe holds to C{dst}.
+        """
+        dst = self.dst
+        try:
+            while self.inPipe:
+                self.inPipe -= os.splice(self.pipe[0], dst._fd, self.inPipe, flags=_SPLICE_FLAGS)
+        except _WOULD_BLOCK:
+            return
+        except OSError as e:
+            dst._lost(e)
+            return
+        src = self.src
+        if src.connected:
+            src._update()
+
+    def close(self) -> None:
+        """
+        Either side is gone: whatever the pipe still held is lost with it.
+        """
+        if self.pipe is None:
+            return
+        os.close(self.pipe[0])
+        os.close(self.pipe[1])
+        self.pipe = None
+        self.inPipe = 0
+        self.src._spliceOut = None
+        self.dst._spliceIn = None
+        for side in (self.src, self.dst):
+            if side.connected:
+                side._update()
