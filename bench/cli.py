@@ -70,6 +70,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--haproxy", metavar="PATH", help="the haproxy binary (default: found on PATH or /usr/sbin)"
     )
+    p.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="also measure tcpproxy from another checkout (say, a worktree of the commit before a change)"
+        ' as proxy "baseline", in the same run',
+    )
     return p
 
 
@@ -92,7 +98,12 @@ def main(argv: list[str] | None = None) -> int:
         folder = os.path.dirname(os.path.abspath(options.json))
         if not os.path.isdir(folder):
             parser().error(f"--json {options.json!r}: no directory {folder!r}")
-    proxies = sorted(set(options.only or PROXY_NAMES) | {"direct"}, key=PROXY_NAMES.index)
+    if options.baseline and not os.path.isdir(os.path.join(options.baseline, "tcpproxy")):
+        parser().error(f"--baseline {options.baseline!r} is not a tcpproxy checkout")
+    wanted = set(options.only or PROXY_NAMES) | {"direct"}
+    if not options.baseline:
+        wanted.discard("baseline")
+    proxies = sorted(wanted, key=PROXY_NAMES.index)
     repeat = options.repeat or (1 if options.quick else 3)
     budget = QUICK if options.quick else FULL
 
@@ -113,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             workdir,
             quick=options.quick,
             haproxyBinary=options.haproxy or findHAProxy(),
+            baselineRoot=options.baseline,
         )
         try:
             summary = run.run()

@@ -267,15 +267,25 @@ class TcpProxy(_ProxyProcess):
 
     name = "tcpproxy"
 
+    def __init__(self, workdir: str, cpus: frozenset[int] | None, root: str | None = None) -> None:
+        """
+        @param root: the checkout to run (another commit's, to compare
+            before and after a change in the same run); by default this one.
+        """
+        if root is not None:
+            self.name = "baseline"
+        _ProxyProcess.__init__(self, workdir, cpus)
+        self._root = root or checkoutRoot()
+
     @property
     def description(self) -> str:
         shape = "one app, one port, one target; TLS on a second port"
-        return f"twistd -n tcpproxy --config ({shape}), from {checkoutRoot()}"
+        return f"twistd -n tcpproxy --config ({shape}), from {self._root}"
 
     def environment(self) -> dict[str, str]:
-        # Measure this checkout's sources, as trial tests them, not
+        # Measure the checkout's sources, as trial tests them, not
         # whatever version was last pip-installed.
-        return checkoutEnvironment()
+        return checkoutEnvironment(self._root)
 
     def command(self, port: int, backend: Address) -> list[str]:
         certPath, keyPath = writeSelfSigned(self._workdir)

@@ -24,7 +24,10 @@ from bench.report import Measurement
 from bench.scenarios import Budget, Scenario
 from bench.system import CpuPlan, CpuWatch, allowedCpus, describeMachine
 
-PROXY_NAMES = ("direct", "tcpproxy", "haproxy", "portforward")
+PROXY_NAMES = ("direct", "tcpproxy", "baseline", "haproxy", "portforward")
+"""
+C{baseline} is tcpproxy from another checkout (C{--baseline DIR}).
+"""
 """
 Every proxy under test, in the order they are measured and shown.
 """
@@ -52,6 +55,7 @@ class BenchmarkRun:
         quick: bool,
         haproxyBinary: str | None = None,
         progress: TextIO = sys.stderr,
+        baselineRoot: str | None = None,
     ) -> None:
         self.scenarios = scenarios
         self.proxyNames = [name for name in PROXY_NAMES if name in proxyNames]
@@ -61,6 +65,7 @@ class BenchmarkRun:
         self.workdir = workdir
         self.quick = quick
         self.haproxyBinary = haproxyBinary
+        self.baselineRoot = baselineRoot
         self.progress = progress
         self.notes: list[str] = []
         self.failures: list[str] = []
@@ -78,6 +83,8 @@ class BenchmarkRun:
             cpus = self.plan.proxy
             if name == "tcpproxy":
                 proxy = TcpProxy(where, cpus)
+            elif name == "baseline":
+                proxy = TcpProxy(where, cpus, root=self.baselineRoot)
             elif name == "haproxy":
                 proxy = HAProxy(where, cpus, self.haproxyBinary)
             else:

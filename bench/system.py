@@ -107,14 +107,15 @@ def checkoutRoot() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def checkoutEnvironment() -> dict[str, str]:
+def checkoutEnvironment(root: str | None = None) -> dict[str, str]:
     """
-    This process's environment with the checkout first on C{PYTHONPATH}, so
-    that a child imports this checkout's C{bench} and C{tcpproxy} (and
-    C{twistd} finds its plugin) even when started in another directory.
+    This process's environment with a checkout (by default this one) first
+    on C{PYTHONPATH}, so that a child imports that checkout's C{bench} and
+    C{tcpproxy} (and C{twistd} finds its plugin) even when started in
+    another directory.
     """
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [checkoutRoot(), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root or checkoutRoot(), env.get("PYTHONPATH")]))
     return env
 
 
