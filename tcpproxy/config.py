@@ -32,6 +32,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import difflib
+import hashlib
 import ipaddress
 import json
 import math
@@ -150,11 +151,15 @@ class TLSConfig:
         client whose SNI name no certificate covers.
     @ivar minVersion: the lowest TLS version accepted, C{"1.2"} or C{"1.3"}.
     @ivar handshakeTimeout: seconds a client has to complete its handshake.
+    @ivar digest: the L{filesDigest} of every file, when the configuration
+        was read: a certificate renewed in place changes the value, so a
+        reload applies it.
     """
 
     certificates: tuple[tuple[str, str], ...]
     minVersion: str = DEFAULT_MIN_TLS_VERSION
     handshakeTimeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    digest: str = ""
 
 
 @dataclass(frozen=True)
@@ -168,6 +173,7 @@ class TargetTLSConfig:
         target's host.
     @ivar cert: a client certificate to present (path), with L{key}.
     @ivar verify: C{False} to skip verification (logged as a warning).
+    @ivar digest: the L{filesDigest} of L{ca}, L{cert} and L{key}.
     """
 
     ca: str | None = None
@@ -175,6 +181,7 @@ class TargetTLSConfig:
     cert: str | None = None
     key: str | None = None
     verify: bool = True
+    digest: str = ""
 
 
 @dataclass(frozen=True)
@@ -569,6 +576,30 @@ def _encodable(text: str) -> bool:
     return True
 
 
+def filesDigest(paths: list[str | None]) -> str:
+    """
+    A digest of the contents of the files at C{paths} (C{None} skipped), as
+    they are now: it changes when one of them is rewritten in place, so
+    that a reload sees a renewed certificate as a change of its app.
+
+    A file that cannot be read counts by the reason: it is
+    L{tcpproxy.tls.loadAppTLS} that refuses it, with its message.
+
+    @return: a hexadecimal SHA-256.
+    """
+    digest = hashlib.sha256()
+    for path in paths:
+        if path is None:
+            continue
+        digest.update(path.encode("utf-8") + b"\0")
+        try:
+            with open(path, "rb") as f:
+                digest.update(hashlib.sha256(f.read()).digest())
+        except OSError as e:
+            digest.update(f"unreadable: {e.errno}".encode())
+    return digest.hexdigest()
+
+
 def _object(where: _Where, key: str, value: object, what: str) -> dict:
     if not isinstance(value, dict):
         raise where.error(key, f"{_show(value)} is not an object of {what}")
@@ -595,7 +626,8 @@ def _parseTLS(where: _Where, value: object) -> TLSConfig:
     handshakeTimeout = DEFAULT_HANDSHAKE_TIMEOUT
     if "HandshakeTimeout" in obj:
         handshakeTimeout = _duration(within, "HandshakeTimeout", obj["HandshakeTimeout"], positive=True)
-    return TLSConfig(tuple(certificates), minVersion, handshakeTimeout)
+    files = [path for pair in certificates for path in pair]
+    return TLSConfig(tuple(certificates), minVersion, handshakeTimeout, filesDigest(files))
 
 
 def _parseTargetTLS(where: _Where, value: object) -> TargetTLSConfig:
@@ -619,7 +651,7 @@ def _parseTargetTLS(where: _Where, value: object) -> TargetTLSConfig:
     verify = obj.get("Verify", True)
     if not isinstance(verify, bool):
         raise within.error("Verify", f"{_show(verify)} is not true or false")
-    return TargetTLSConfig(ca, serverName, cert, key, verify)
+    return TargetTLSConfig(ca, serverName, cert, key, verify, filesDigest([ca, cert, key]))
 
 
 def parseConfig(document: object, source: str = "<config>") -> ProxyConfig:
