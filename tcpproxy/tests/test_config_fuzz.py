@@ -188,8 +188,9 @@ def mutate(rng: random.Random, document: dict) -> object:
                     return pairs
             else:
                 value = target[key]
-                if isinstance(value, list) and value:
-                    target[key] = value * rng.choice([2, 1000, 70000 // len(value)])
+                if isinstance(value, list) and 0 < len(value) < 100:
+                    # As long as the longest a list can be (65,535 ports), not longer.
+                    target[key] = value * rng.choice([2, 100, 70000 // len(value)])
         elif isinstance(target, list):
             if action <= 2 and target:
                 target[rng.randrange(len(target))] = randomValue(rng)
