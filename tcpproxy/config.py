@@ -99,7 +99,7 @@ The range of C{BandwidthLimit}, in bytes per second.
 MAX_DEPTH = 16
 """
 How deeply objects and lists may nest in a configuration file; a valid one
-needs 5 levels (top, "Apps", an app, "TLS", "Certificates", a certificate).
+needs 6 levels (top, "Apps", an app, "TLS", "Certificates", a certificate).
 """
 _HOSTNAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._")
 
