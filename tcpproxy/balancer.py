@@ -73,10 +73,11 @@ class RoundRobin:
         """
         following = RoundRobin(targets, self.health)
         old = self._targets
-        kept = following._targets
+        # Index by target, so that a reload of a long list takes linear time.
+        position = {target: index for index, target in enumerate(following._targets)}
         for step in range(len(old)):
-            target = old[(self._next + step) % len(old)]
-            if target in kept:
-                following._next = kept.index(target)
+            index = position.get(old[(self._next + step) % len(old)])
+            if index is not None:
+                following._next = index
                 break
         return following

@@ -29,12 +29,15 @@ the whole proxy.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import difflib
+import hashlib
 import ipaddress
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -80,6 +83,27 @@ TLS_VERSIONS = ("1.2", "1.3")
 DEFAULT_MIN_TLS_VERSION = "1.2"
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_MAX_PENDING_HANDSHAKES = 1000
+
+MIN_DURATION = 0.01
+"""
+The shortest duration (seconds) any key accepts, besides an C{IdleTimeout}
+or C{DrainTimeout} of 0: a timer or check more frequent than this would only
+keep a core busy.
+"""
+MAX_DURATION = 604800.0
+"""
+The longest duration (seconds, one week) any key accepts.
+"""
+MIN_BANDWIDTH = 1.0
+MAX_BANDWIDTH = 1e12
+"""
+The range of C{BandwidthLimit}, in bytes per second.
+"""
+MAX_DEPTH = 16
+"""
+How deeply objects and lists may nest in a configuration file; a valid one
+needs 6 levels (top, "Apps", an app, "TLS", "Certificates", a certificate).
+"""
 _HOSTNAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._")
 
 
@@ -127,6 +151,9 @@ class TLSConfig:
         a client, in the proxy's order of preference; empty to select none.
     @ivar maxPendingHandshakes: clients of the app whose handshake is under
         way at most (each holds some 60 KiB of TLS state).
+    @ivar digest: the L{filesDigest} of every file, when the configuration
+        was read: a certificate renewed in place changes the value, so a
+        reload applies it.
     """
 
     certificates: tuple[tuple[str, str], ...]
@@ -134,6 +161,7 @@ class TLSConfig:
     handshakeTimeout: float = DEFAULT_HANDSHAKE_TIMEOUT
     alpn: tuple[str, ...] = ()
     maxPendingHandshakes: int = DEFAULT_MAX_PENDING_HANDSHAKES
+    digest: str = ""
 
 
 @dataclass(frozen=True)
@@ -147,6 +175,7 @@ class TargetTLSConfig:
         target's host.
     @ivar cert: a client certificate to present (path), with L{key}.
     @ivar verify: C{False} to skip verification (logged as a warning).
+    @ivar digest: the L{filesDigest} of L{ca}, L{cert} and L{key}.
     """
 
     ca: str | None = None
@@ -154,6 +183,7 @@ class TargetTLSConfig:
     cert: str | None = None
     key: str | None = None
     verify: bool = True
+    digest: str = ""
 
 
 @dataclass(frozen=True)
@@ -282,12 +312,36 @@ def _checkKeys(where: _Where, obj: dict, allowed: tuple[str, ...], required: tup
             raise where.error(key, "missing required key")
 
 
+def _seconds(value: float) -> str:
+    return f"{value:g}"
+
+
 def _duration(where: _Where, key: str, value: object, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    """
+    A number of seconds, from L{MIN_DURATION} to L{MAX_DURATION}; with
+    C{positive} false, 0 is accepted too (it means "off" or "at once").
+
+    An integer too large for a float is compared as the integer it is, so
+    it is refused as out of range, not with an C{OverflowError}.
+
+    @raise ConfigError: C{value} is not a number, or is out of range.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise where.error(key, f"{_show(value)} is not a number of seconds")
+    if isinstance(value, float) and not math.isfinite(value):
         raise where.error(key, f"{_show(value)} is not a number of seconds")
     if value < 0 or (positive and value == 0):
         bound = "greater than 0" if positive else "0 or more"
         raise where.error(key, f"{_show(value)} must be {bound} seconds")
+    if value == 0:
+        return 0.0
+    if value < MIN_DURATION or value > MAX_DURATION:
+        zero = "" if positive else "0 or "
+        raise where.error(
+            key,
+            f"{_show(value)} is outside the range {zero}{_seconds(MIN_DURATION)}-{_seconds(MAX_DURATION)}"
+            " seconds (10 ms to one week)",
+        )
     return float(value)
 
 
@@ -437,6 +491,8 @@ def _healthCheck(where: _Where, value: object) -> HealthCheckConfig | None:
         return None
     if not isinstance(value, dict):
         raise where.error("HealthCheck", f'{_show(value)} is not an object like {{"Interval": 5}}')
+    for key in getattr(value, "duplicates", ()):
+        raise where.error(f"HealthCheck.{key}", "written twice in the same object; keep one")
     for key in value:
         if key not in _HEALTH_KEYS:
             raise where.error(
@@ -481,11 +537,16 @@ def _parseSettings(where: _Where, obj: dict) -> dict:
         if (
             isinstance(limit, bool)
             or not isinstance(limit, (int, float))
-            or not math.isfinite(limit)
-            or limit < 1
+            or (isinstance(limit, float) and not math.isfinite(limit))
+            or limit < MIN_BANDWIDTH
         ):
             raise where.error(
                 "BandwidthLimit", f"{_show(limit)} is not a number of bytes per second (1 or more)"
+            )
+        if limit > MAX_BANDWIDTH:
+            raise where.error(
+                "BandwidthLimit",
+                f"{_show(limit)} is more than the largest limit, {MAX_BANDWIDTH:g} bytes per second",
             )
         settings["bandwidthLimit"] = float(limit)
     for key, field in (("Allow", "allow"), ("Deny", "deny")):
@@ -517,14 +578,15 @@ def _parseApp(where: _Where, index: int, obj: object, defaults: dict | None = No
     where = where.forApp(name)
     _checkKeys(where, obj, _APP_KEYS, ("Ports", "Targets"))
 
-    ports: list[int] = []
+    # Lists are checked in linear time: a set remembers what was seen.
+    ports: dict[int, None] = {}
     for value in _nonEmptyList(where, "Ports", obj["Ports"], "ports"):
         port = _port(where, "Ports", value)
         if port in ports:
             raise where.error("Ports", f"{port} is listed twice")
-        ports.append(port)
+        ports[port] = None
 
-    targets: list[Target] = []
+    targets: dict[Target, None] = {}
     for value in _nonEmptyList(where, "Targets", obj["Targets"], '"host:port" targets'):
         if not isinstance(value, str):
             raise where.error("Targets", f'{_show(value)} is not a "host:port" string')
@@ -534,7 +596,7 @@ def _parseApp(where: _Where, index: int, obj: object, defaults: dict | None = No
             raise where.error("Targets", f"{_show(value)} {e}") from None
         if target in targets:
             raise where.error("Targets", f"{_show(value)} is listed twice")
-        targets.append(target)
+        targets[target] = None
 
     # "Defaults" was checked on its own, so a refusal here is the app's value.
     settings = _parseSettings(where, {**(defaults or {}), **obj})
@@ -563,8 +625,44 @@ def _path(where: _Where, key: str, value: object) -> str:
     """
     if not isinstance(value, str) or not value.strip():
         raise where.error(key, f"{_show(value)} is not a file path")
+    if "\0" in value:
+        raise where.error(key, f"{_show(value)} holds a NUL character, which no file path can")
+    if not _encodable(value):
+        raise where.error(key, f"{_show(value)} holds a lone surrogate escape, which no file path can")
     base = os.path.dirname(os.path.abspath(where.source)) if where.source != "<config>" else os.getcwd()
     return os.path.join(base, os.path.expanduser(value))
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def filesDigest(paths: list[str | None]) -> str:
+    """
+    A digest of the contents of the files at C{paths} (C{None} skipped), as
+    they are now: it changes when one of them is rewritten in place, so
+    that a reload sees a renewed certificate as a change of its app.
+
+    A file that cannot be read counts by the reason: it is
+    L{tcpproxy.tls.loadAppTLS} that refuses it, with its message.
+
+    @return: a hexadecimal SHA-256.
+    """
+    digest = hashlib.sha256()
+    for path in paths:
+        if path is None:
+            continue
+        digest.update(path.encode("utf-8") + b"\0")
+        try:
+            with open(path, "rb") as f:
+                digest.update(hashlib.sha256(f.read()).digest())
+        except OSError as e:
+            digest.update(f"unreadable: {e.errno}".encode())
+    return digest.hexdigest()
 
 
 def _object(where: _Where, key: str, value: object, what: str) -> dict:
@@ -597,7 +695,10 @@ def _parseTLS(where: _Where, value: object) -> TLSConfig:
     maxPending = DEFAULT_MAX_PENDING_HANDSHAKES
     if "MaxPendingHandshakes" in obj:
         maxPending = _count(within, "MaxPendingHandshakes", obj["MaxPendingHandshakes"])
-    return TLSConfig(tuple(certificates), minVersion, handshakeTimeout, alpn, maxPending)
+    files = [path for pair in certificates for path in pair]
+    return TLSConfig(
+        tuple(certificates), minVersion, handshakeTimeout, alpn, maxPending, filesDigest(files)
+    )
 
 
 def _alpn(within: _Where, value: object) -> tuple[str, ...]:
@@ -635,7 +736,7 @@ def _parseTargetTLS(where: _Where, value: object) -> TargetTLSConfig:
     _checkKeys(within, obj, _TARGET_TLS_KEYS, ())
     ca = _path(within, "CA", obj["CA"]) if "CA" in obj else None
     serverName = obj.get("ServerName")
-    if serverName is not None:
+    if "ServerName" in obj:
         try:
             parseTarget(f"{serverName}:1" if isinstance(serverName, str) and ":" not in serverName else "")
         except ValueError as e:
@@ -651,7 +752,7 @@ def _parseTargetTLS(where: _Where, value: object) -> TargetTLSConfig:
     verify = obj.get("Verify", True)
     if not isinstance(verify, bool):
         raise within.error("Verify", f"{_show(verify)} is not true or false")
-    return TargetTLSConfig(ca, serverName, cert, key, verify)
+    return TargetTLSConfig(ca, serverName, cert, key, verify, filesDigest([ca, cert, key]))
 
 
 def parseConfig(document: object, source: str = "<config>") -> ProxyConfig:
@@ -671,9 +772,10 @@ def parseConfig(document: object, source: str = "<config>") -> ProxyConfig:
 
     apps: list[AppConfig] = []
     owner: dict[int, str] = {}
+    names: set[str] = set()
     for index, obj in enumerate(appsValue):
         app = _parseApp(where, index, obj, defaults)
-        if any(other.name == app.name for other in apps):
+        if app.name in names:
             raise where.forApp(app.name).error("Name", f"{_show(app.name)} is the name of another app too")
         for port in app.ports:
             if port in owner:
@@ -681,6 +783,7 @@ def parseConfig(document: object, source: str = "<config>") -> ProxyConfig:
                     "Ports", f"{port} is already a port of app {json.dumps(owner[port])}"
                 )
             owner[port] = app.name
+        names.add(app.name)
         apps.append(app)
 
     bindAddress = document.get("BindAddress", DEFAULT_BIND_ADDRESS)
@@ -708,9 +811,52 @@ def _noteDuplicateKeys(pairs: list[tuple[str, object]]) -> _JSONObject:
     return result
 
 
+_TOKENS = re.compile(r'("(?:[^"\\]|\\.)*")\s*:|"(?:[^"\\]|\\.)*"|[\[\]{}]')
+"""
+What the nesting check of L{_checkDepth} looks at: a key (group 1), any
+other string (skipped whole, so a bracket inside it does not count), or a
+bracket.
+"""
+
+
+def _checkDepth(path: str, text: str) -> None:
+    """
+    Refuse a document nested deeper than L{MAX_DEPTH}, before it is decoded:
+    Python's decoder would raise C{RecursionError} at about 1,000 levels,
+    and anything deeper than a configuration can be is a mistake anyway.
+    One pass over the text with a regular expression: linear in its size.
+
+    @raise ConfigError: naming the top-level key under which it goes too
+        deep, and where.
+    """
+    depth = 0
+    topKey = None
+    for match in _TOKENS.finditer(text):
+        token = match.group()
+        if match.group(1) is not None:
+            if depth == 1:
+                topKey = match.group(1)
+        elif token in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                start = match.start()
+                line = text.count("\n", 0, start) + 1
+                column = start - text.rfind("\n", 0, start)
+                key = f"key {_show(json.loads(topKey))}: " if topKey is not None else ""
+                raise ConfigError(
+                    f"{path}: {key}nested more than {MAX_DEPTH} levels deep (at line {line} column {column});"
+                    " a configuration needs 6 at most"
+                )
+        elif token in "]}":
+            depth -= 1
+
+
 def loadConfig(path: str) -> ProxyConfig:
     """
     Read, decode and validate the configuration file at C{path}.
+
+    A UTF-8 byte-order mark at the start of the file is ignored (RFC 8259
+    allows a parser to).
 
     @raise ConfigError: if the file cannot be read, is not JSON, or is refused.
     """
@@ -719,12 +865,16 @@ def loadConfig(path: str) -> ProxyConfig:
             raw = f.read()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the configuration file: {e.strerror or e}") from None
+    bom = 3 if raw.startswith(codecs.BOM_UTF8) else 0
     try:
-        document = json.loads(raw.decode("utf-8"), object_pairs_hook=_noteDuplicateKeys)
+        text = raw[bom:].decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text: {e.reason} at byte {e.start}") from None
+        raise ConfigError(f"{path}: not UTF-8 text: {e.reason} at byte {e.start + bom}") from None
+    _checkDepth(path, text)
+    try:
+        document = json.loads(text, object_pairs_hook=_noteDuplicateKeys)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise ConfigError(f"{path}: invalid JSON: {e}") from None
     return parseConfig(document, path)

@@ -17,10 +17,11 @@ from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
 from tcpproxy.config import ConfigError, loadConfig, parseTarget
-from tcpproxy.demo import DemoBackendsService
-from tcpproxy.listening import ListenError
-from tcpproxy.service import ProxyService
-from tcpproxy.triggers import ReloadOnChange, ReloadOnSignal, fileSignature
+from tcpproxy.triggers import EarlySignal, ReloadOnChange, ReloadOnSignal, fileSignature
+
+# The relay, TLS and the demo backends (OpenSSL, cryptography: a tenth of a
+# second to import) are imported by buildService, after makeService has
+# caught SIGHUP: this module is what twistd imports first.
 
 
 class Options(usage.Options):
@@ -63,13 +64,20 @@ class Options(usage.Options):
             raise usage.UsageError("--demo-down only makes sense with --demo-backends")
 
 
-def buildService(options: Options, reactor=None) -> IService:
+def buildService(options: Options, reactor=None, early: EarlySignal | None = None) -> IService:
     """
     Read the configuration and bind every port.
+
+    @param early: the C{SIGHUP} caught since start-up, handed over to the
+        reload trigger (see L{EarlySignal}).
 
     @raise ConfigError: the configuration is refused.
     @raise ListenError: a port cannot be bound.
     """
+    from tcpproxy.demo import DemoBackendsService
+    from tcpproxy.listening import ListenError
+    from tcpproxy.service import ProxyService
+
     if reactor is None:
         from twisted.internet import reactor
     # Absolute, so a reload still finds the file whatever the working directory.
@@ -77,7 +85,7 @@ def buildService(options: Options, reactor=None) -> IService:
     # Taken before reading: an edit made from now on is reloaded by --watch.
     seen = fileSignature(path)
     config = loadConfig(options["config"])
-    triggers = [ReloadOnSignal(reactor, signal.SIGHUP)]
+    triggers = [ReloadOnSignal(reactor, signal.SIGHUP, early)]
     if options["watch"]:
         triggers.append(ReloadOnChange(path, reactor, seen=seen))
     proxy = ProxyService(config, reactor, path, triggers)
@@ -106,10 +114,21 @@ def makeService(options: Options) -> IService:
     """
     The C{twistd} entry point: L{buildService}, with a refusal shown as one
     line on standard error and exit status 1, not as a traceback.
+
+    The first thing it does is catch C{SIGHUP} (L{EarlySignal}): from then
+    on the signal never ends the process, and one that comes before the
+    proxy serves is applied once it does.
     """
+    early = EarlySignal(signal.SIGHUP)
+    from tcpproxy.listening import ListenError
+
     try:
-        return buildService(options)
+        return buildService(options, early=early)
     except (ConfigError, ListenError) as e:
+        early.release()
         sys.stderr.write(f"tcpproxy: error: {e}\n")
         sys.stderr.flush()
         raise SystemExit(1) from None
+    except BaseException:
+        early.release()
+        raise

@@ -112,7 +112,7 @@ def _read(refuse: _Refuse, path: str) -> bytes:
 
 def _loadCertificates(refuse: _Refuse, path: str) -> list[x509.Certificate]:
     """
-    The certificates of a PEM file, leaf first (a chain file works).
+    The certificates of a PEM file, in the file's order (a chain file works).
     """
     data = _read(refuse, path)
     try:
@@ -192,15 +192,38 @@ class _KeyPair:
 
 
 def _loadKeyPair(refuse: _Refuse, certPath: str, keyPath: str, now: datetime.datetime) -> _KeyPair:
-    chain = _loadCertificates(refuse, certPath)
+    """
+    A certificate file and its key.  The leaf is the certificate that
+    matches the key, wherever it is in the file (some tools write the
+    intermediates first); the others follow it, in the file's order, as
+    its chain.
+
+    @raise ConfigError: a file cannot be read or is not PEM, or the key
+        matches no certificate of the file.
+    """
+    certificates = _loadCertificates(refuse, certPath)
     key = _loadKey(refuse, keyPath)
     try:
-        matches = _publicBytes(key.public_key()) == _publicBytes(chain[0].public_key())
+        public = _publicBytes(key.public_key())
     except (AttributeError, ValueError):
-        matches = False
-    if not matches:
-        raise refuse(keyPath, f"is not the private key of the certificate {certPath}")
-    expires = chain[0].not_valid_after_utc
+        public = None
+    leaf = None
+    for certificate in certificates:
+        try:
+            if public is not None and _publicBytes(certificate.public_key()) == public:
+                leaf = certificate
+                break
+        except (UnsupportedAlgorithm, ValueError):
+            continue
+    if leaf is None:
+        if len(certificates) == 1:
+            raise refuse(keyPath, f"is not the private key of the certificate {certPath}")
+        raise refuse(
+            keyPath,
+            f"is not the private key of any of the {len(certificates)} certificates in {certPath}",
+        )
+    chain = [leaf, *(c for c in certificates if c is not leaf)]
+    expires = leaf.not_valid_after_utc
     if expires < now:
         log.warn(
             "{where}: {path}: the certificate expired on {expires}; clients will refuse it",
@@ -208,7 +231,7 @@ def _loadKeyPair(refuse: _Refuse, certPath: str, keyPath: str, now: datetime.dat
             path=certPath,
             expires=expires.strftime("%Y-%m-%d %H:%M UTC"),
         )
-    return _KeyPair(chain, key, certificateNames(chain[0]))
+    return _KeyPair(chain, key, certificateNames(leaf))
 
 
 # Server side

@@ -35,6 +35,46 @@ class IReloadTrigger(Interface):
         """
 
 
+class EarlySignal:
+    """
+    Catch a signal from the first moment of start-up until a
+    L{ReloadOnSignal} takes it over.
+
+    Without a handler, C{SIGHUP} ends the process; C{twistd} installs none,
+    and the reload handler can only be installed once the service starts,
+    after the configuration is read, the ports bound, logging set up (and,
+    for a daemon, the fork).  A C{SIGHUP} in between (C{systemctl reload}
+    right after C{start}) would kill the proxy.  This handler only notes
+    that one came; the L{ReloadOnSignal} given this object reloads once for
+    it, as soon as the proxy serves.
+
+    @ivar pending: a signal came that nobody has acted on yet.
+    """
+
+    def __init__(self, signum: int = signal.SIGHUP) -> None:
+        self.signum = signum
+        self.pending = False
+        self._previous = signal.signal(signum, self._received)
+
+    def _received(self, signum: int, frame: object) -> None:
+        self.pending = True
+
+    def take(self) -> bool:
+        """
+        Whether a signal came since the last call (or since start-up).
+        """
+        pending, self.pending = self.pending, False
+        return pending
+
+    def release(self) -> None:
+        """
+        Put back the handler this one replaced (start-up failed: nobody
+        will take the signal over).
+        """
+        if signal.getsignal(self.signum) == self._received:
+            signal.signal(self.signum, signal.SIG_DFL if self._previous is None else self._previous)
+
+
 @implementer(IReloadTrigger)
 class ReloadOnSignal:
     """
@@ -46,17 +86,32 @@ class ReloadOnSignal:
     to the reactor with C{callFromThread}, the one reactor call that is safe
     from a signal handler: the handler may run between any two bytecodes of
     the reactor's own work.
+
+    Given an L{EarlySignal}, a signal that came during start-up is acted on
+    once, when this trigger starts: the file is then reloaded as if the
+    signal came now.
     """
 
-    def __init__(self, reactor: IReactorFromThreads, signum: int = signal.SIGHUP) -> None:
+    log = Logger()
+
+    def __init__(
+        self, reactor: IReactorFromThreads, signum: int = signal.SIGHUP, early: EarlySignal | None = None
+    ) -> None:
         self._reactor = reactor
         self._signum = signum
+        self._early = early
         self._reload: Callable[[], object] | None = None
         self._previous = None
 
     def start(self, reload: Callable[[], object]) -> None:
         self._reload = reload
         self._previous = signal.signal(self._signum, self._received)
+        if self._early is not None and self._early.take():
+            self.log.info(
+                "{signal} received during start-up: reloading the configuration now",
+                signal=signal.Signals(self._signum).name,
+            )
+            self._reactor.callFromThread(reload)
 
     def _received(self, signum: int, frame: object) -> None:
         self._reactor.callFromThread(self._reload)

@@ -9,10 +9,11 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import time
 
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.support import accepts, connect, echoThrough, freePorts, processGone, receive, waitUntil
+from tests.support import TIMEOUT, accepts, connect, echoThrough, freePorts, processGone, receive, waitUntil
 from tests.test_twistd import TwoAppsMixin, linesWith
 
 
@@ -115,3 +116,74 @@ class ForegroundReloadTests(ReloadMixin, TestCase):
 
         self.twistd.process.send_signal(signal.SIGTERM)
         self.assertShutDownBy(signal.SIGTERM)
+
+
+def catches(pid: int, signum: int) -> bool:
+    """
+    Whether process C{pid} has a handler installed for C{signum} (its
+    C{SigCgt} mask in C{/proc}).
+    """
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) & (1 << (signum - 1)))
+    except OSError:
+        pass
+    return False
+
+
+def loaded(pid: int, library: str) -> bool:
+    """
+    Whether process C{pid} has mapped a shared library whose path contains
+    C{library}.
+    """
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return library in f.read()
+    except OSError:
+        return False
+
+
+class StartUpSignalTests(TwoAppsMixin, TestCase):
+    """
+    C{SIGHUP} while C{twistd tcpproxy} is starting (C{systemctl reload}
+    right after C{start}) never kills it.
+    """
+
+    def whenStarting(self, process) -> None:
+        """
+        Return as soon as C{process} is in tcpproxy's start-up: it catches
+        C{SIGHUP}, or has loaded the TLS library (the relay's modules are
+        being imported), or has bound its first port; polling without a
+        pause, since each of these moments may be short.
+        """
+        deadline = time.monotonic() + TIMEOUT
+        while not (
+            catches(process.pid, signal.SIGHUP)
+            or loaded(process.pid, "_rust.abi3")
+            or accepts(self.alphaPorts[0])
+        ):
+            self.twistd.assertRunning()
+            self.assertLess(time.monotonic(), deadline, "twistd did not start")
+
+    def test_sighupDuringStartUp(self) -> None:
+        """
+        A SIGHUP sent as soon as the proxy has its first port bound, or
+        catches the signal, whichever is first -- before it serves: the
+        process lives, serves every port, and says it reloads once for it.
+        A few runs, since where start-up is when the signal lands varies.
+        """
+        if not os.path.exists("/proc/self/status"):
+            raise SkipTest("needs /proc to see when start-up is under way")
+        config = self.twistd.writeConfig(self.document())
+        for _ in range(3):
+            process = self.twistd.start("-n", "--pidfile=", "tcpproxy", "--config", config, "--demo-backends")
+            self.whenStarting(process)
+            os.kill(process.pid, signal.SIGHUP)
+            self.twistd.waitUntilServing(*self.alphaPorts, self.betaPort)
+            self.waitForLine(self.twistd.stdout, "SIGHUP received during start-up")
+            self.waitForLine(self.twistd.stdout, "reload of ", ": no change")
+            self.assertEqual(echoThrough(self.betaPort, b"after HUP")[0], b"after HUP")
+            process.send_signal(signal.SIGTERM)
+            self.assertShutDownBy(signal.SIGTERM)

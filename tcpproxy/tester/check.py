@@ -12,6 +12,10 @@ output, the summary and the exit status are trial's.  For every port:
   - after the tester half-closes, the rest of the echo still arrives and the
     proxy then closes its side cleanly.
 
+Every connection a check opens is ended cleanly (EOF, then close once the
+proxy has closed its side), so a healthy run leaves one "done" line per
+connection in the proxy's log, never a reset.
+
 With C{anyReply} (for targets that are not echo servers) a reply need only
 be non-empty.  Every failure message starts with the app and port, so a
 broken port is named in trial's summary.
@@ -29,7 +33,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from twisted.internet import defer, reactor
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.endpoints import connectProtocol
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol
@@ -242,9 +246,25 @@ class PortCheck(TestCase):
         return conversation
 
     def _hangUp(self, conversation: Conversation) -> Deferred[None]:
-        if conversation.lost is None:
-            conversation.transport.abortConnection()
-        return conversation.whenClosed()
+        """
+        End a check's connection as a well-behaved client does, so that the
+        proxy logs it as done, not as a reset: send EOF, read what is left
+        until the proxy closes its side, then close.  Only a proxy that has
+        not closed within the timeout is reset.
+        """
+        if conversation.lost is not None:
+            return succeed(None)
+        closed = conversation.whenClosed()
+        if not conversation.eof:
+            conversation.transport.loseWriteConnection()
+        deadline = reactor.callLater(self.settings.timeout, conversation.transport.abortConnection)
+
+        def disarm(result: object) -> object:
+            if deadline.active():
+                deadline.cancel()
+            return result
+
+        return closed.addBoth(disarm)
 
     async def _receive(self, conversation: Conversation, count: int, what: str) -> bytes:
         waiting = conversation.waitFor(count)

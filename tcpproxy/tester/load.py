@@ -176,12 +176,11 @@ class LoadRun:
         attempt.addCallbacks(self._connected, self._notConnected, errbackArgs=(connection,))
 
     def _connected(self, connection: LoadProtocol) -> None:
-        del self._attempts[connection]
-        self._opened[connection.where.app] += 1
+        # Counted already, by connectionReady.
         self._settled()
 
     def _notConnected(self, reason: Failure, connection: LoadProtocol) -> None:
-        del self._attempts[connection]
+        self._attempts.pop(connection, None)
         connection.state = CLOSED
         if not (reason.check(CancelledError) and self._phase not in ("connecting", "running")):
             why = describeFailure(reason, self._settings.connectTimeout)
@@ -226,6 +225,13 @@ class LoadRun:
         self._checkFinished()
 
     def connectionReady(self, connection: LoadProtocol) -> None:
+        # Connected: from now on it is an open connection, never an attempt
+        # to cancel.  (Its attempt's Deferred fires only after this returns,
+        # and what the connection sends here may end the run, which cancels
+        # the attempts still pending: cancelling this one would raise
+        # NotConnectingError and lose the connection's message.)
+        if self._attempts.pop(connection, None) is not None:
+            self._opened[connection.where.app] += 1
         if self._phase in ("connecting", "running"):
             self._pacer.connectionReady(connection)
         else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import FrozenInstanceError
 
 from twisted.trial.unittest import SkipTest, TestCase
@@ -863,3 +864,273 @@ class TLSConfigTests(ConfigFileMixin, TestCase):
                 'key "TLS.MaxPendingHandshakes"',
                 "is not a whole number of 1 or more",
             )
+
+
+BIG = 10**400
+"""
+An integer with 401 digits: valid JSON, too large for a float.
+"""
+
+
+class NoTracebackTests(ConfigFileMixin, TestCase):
+    """
+    Inputs that once escaped as Python exceptions (C{OverflowError},
+    C{RecursionError}, C{ValueError}) get the one-line refusal.
+    """
+
+    def test_hugeIntegerForEveryNumber(self) -> None:
+        """
+        An integer too large for a float, for any key that holds seconds or
+        a rate, is refused as out of range, naming the key.
+        """
+        cases = [
+            (document(app(ConnectTimeout=BIG)), 'key "ConnectTimeout"'),
+            (document(app(IdleTimeout=BIG)), 'key "IdleTimeout"'),
+            (document(DrainTimeout=BIG), 'key "DrainTimeout"'),
+            (document(app(HealthCheck={"Interval": BIG})), 'key "HealthCheck.Interval"'),
+            (document(app(HealthCheck={"Timeout": BIG})), 'key "HealthCheck.Timeout"'),
+            (document(app(BandwidthLimit=BIG)), 'key "BandwidthLimit"'),
+            (document(Defaults={"ConnectTimeout": BIG}), '"Defaults": key "ConnectTimeout"'),
+            (
+                document(app(TLS={"Certificates": [{"Cert": "c", "Key": "k"}], "HandshakeTimeout": BIG})),
+                'key "TLS.HandshakeTimeout"',
+            ),
+        ]
+        for content, key in cases:
+            message = self.assertRefused(content, key, "1000000000")
+            self.assertTrue("outside the range" in message or "more than the largest" in message, message)
+
+    def test_deeplyNested(self) -> None:
+        """
+        JSON nested a thousand levels deep (or a hundred thousand) is
+        refused, naming the key it is under and where it goes too deep.
+        """
+        for depth in (1000, 100_000):
+            deep = "[" * depth + "]" * depth
+            self.assertRefused(
+                '{"Apps": [{"Name": "web", "Ports": [1], "Targets": ["h:1"], "ConnectTimeout": '
+                + deep
+                + "}]}",
+                'key "Apps"',
+                "nested more than 16 levels deep (at line 1 column",
+            )
+        self.assertRefused('{"Defaults": ' + "{" * 1000, 'key "Defaults"', "nested more than")
+
+    def test_bracketsInStringsDoNotCount(self) -> None:
+        """
+        The nesting check skips strings: brackets in a name are just text.
+        """
+        config = loadConfig(self.writeConfig(document(app("[[[[" * 20 + '\\"{{' * 20))))
+        self.assertEqual(config.apps[0].name, "[[[[" * 20 + '\\"{{' * 20)
+
+    def test_nulInPath(self) -> None:
+        """
+        A NUL character in a TLS file path is refused in the configuration,
+        before any file is opened.
+        """
+        self.assertRefused(
+            document(app(TLS={"Certificates": [{"Cert": "a\u0000.pem", "Key": "k.pem"}]})),
+            'app "web": key "TLS.Certificates[1].Cert": "a\\u0000.pem" holds a NUL character',
+        )
+        self.assertRefused(
+            document(app(TargetTLS={"CA": "ca\u0000.pem"})),
+            'key "TargetTLS.CA": "ca\\u0000.pem" holds a NUL character',
+        )
+
+    def test_loneSurrogateInPath(self) -> None:
+        self.assertRefused(
+            '{"Apps": [{"Name": "web", "Ports": [1], "Targets": ["h:1"], "TargetTLS": {"CA": "\\ud800"}}]}',
+            'key "TargetTLS.CA": "\\ud800" holds a lone surrogate',
+        )
+
+
+class NestedDuplicateTests(ConfigFileMixin, TestCase):
+    """
+    A key written twice is refused in every object, not only at the top
+    level and in an app.
+    """
+
+    def test_healthCheck(self) -> None:
+        self.assertRefused(
+            '{"Apps": [{"Name": "web", "Ports": [1], "Targets": ["h:1"],'
+            ' "HealthCheck": {"Interval": 1, "Interval": 2}}]}',
+            'app "web": key "HealthCheck.Interval": written twice',
+        )
+
+    def test_defaultsHealthCheck(self) -> None:
+        self.assertRefused(
+            '{"Defaults": {"HealthCheck": {"Rise": 1, "Rise": 2}},'
+            ' "Apps": [{"Name": "web", "Ports": [1], "Targets": ["h:1"]}]}',
+            '"Defaults": key "HealthCheck.Rise": written twice',
+        )
+
+    def test_defaults(self) -> None:
+        self.assertRefused(
+            '{"Defaults": {"IdleTimeout": 1, "IdleTimeout": 2},'
+            ' "Apps": [{"Name": "web", "Ports": [1], "Targets": ["h:1"]}]}',
+            '"Defaults": key "IdleTimeout": written twice',
+        )
+
+    def test_tlsObjects(self) -> None:
+        prefix = '{"Apps": [{"Name": "web", "Ports": [1], "Targets": ["h:1"], '
+        self.assertRefused(
+            prefix + '"TLS": {"Certificates": [{"Cert": "a", "Key": "b"}], "MinVersion": "1.2",'
+            ' "MinVersion": "1.3"}}]}',
+            'key "TLS.MinVersion": written twice',
+        )
+        self.assertRefused(
+            prefix + '"TLS": {"Certificates": [{"Cert": "a", "Key": "b", "Key": "c"}]}}]}',
+            'key "TLS.Certificates[1].Key": written twice',
+        )
+        self.assertRefused(
+            prefix + '"TargetTLS": {"Verify": true, "Verify": false}}]}',
+            'key "TargetTLS.Verify": written twice',
+        )
+
+
+class RangeTests(ConfigFileMixin, TestCase):
+    """
+    Every duration is 10 ms to one week (IdleTimeout and DrainTimeout may
+    also be 0), every BandwidthLimit 1 to 10^12 bytes per second.
+    """
+
+    def test_tooShort(self) -> None:
+        for content, key in [
+            (document(app(HealthCheck={"Interval": 1e-300})), 'key "HealthCheck.Interval": 1e-300'),
+            (document(app(HealthCheck={"Timeout": 0.001})), 'key "HealthCheck.Timeout": 0.001'),
+            (document(app(ConnectTimeout=0.009)), 'key "ConnectTimeout": 0.009'),
+            (document(app(IdleTimeout=1e-9)), 'key "IdleTimeout": 1e-09'),
+            (document(DrainTimeout=0.001), 'key "DrainTimeout": 0.001'),
+        ]:
+            self.assertRefused(content, key, "is outside the range", "10 ms to one week")
+
+    def test_tooLong(self) -> None:
+        self.assertRefused(
+            document(app(IdleTimeout=604801)),
+            'key "IdleTimeout": 604801 is outside the range 0 or 0.01-604800 seconds',
+        )
+        self.assertRefused(
+            document(app(ConnectTimeout=1e7)),
+            'key "ConnectTimeout": 10000000.0 is outside the range 0.01-604800 seconds',
+        )
+        self.assertRefused(
+            document(app(BandwidthLimit=2e12)),
+            'key "BandwidthLimit": 2000000000000.0 is more than the largest limit, 1e+12 bytes per second',
+        )
+
+    def test_bounds(self) -> None:
+        """
+        The ends of each range are accepted, and 0 where it means off.
+        """
+        config = loadConfig(
+            self.writeConfig(
+                document(
+                    app(
+                        ConnectTimeout=0.01,
+                        IdleTimeout=0,
+                        HealthCheck={"Interval": 0.01, "Timeout": 604800},
+                        BandwidthLimit=1e12,
+                    ),
+                    DrainTimeout=0,
+                )
+            )
+        )
+        app0 = config.apps[0]
+        self.assertEqual(
+            (app0.connectTimeout, app0.idleTimeout, app0.healthCheck.interval, app0.bandwidthLimit),
+            (0.01, 0.0, 0.01, 1e12),
+        )
+        self.assertEqual(config.drainTimeout, 0.0)
+
+
+class NullTests(ConfigFileMixin, TestCase):
+    """
+    C{null} means "no limit" for the keys that can be off (MaxConnections,
+    MaxConnectionsPerClient, BandwidthLimit, HealthCheck), and in an app it
+    overrides a "Defaults" value; for every other key it is refused.
+    """
+
+    def test_offForLimits(self) -> None:
+        config = loadConfig(
+            self.writeConfig(
+                document(
+                    app(MaxConnections=None, BandwidthLimit=None),
+                    Defaults={"MaxConnectionsPerClient": 5, "HealthCheck": {"Interval": 1}},
+                    MaxConnections=None,
+                )
+            )
+        )
+        self.assertIsNone(config.maxConnections)
+        self.assertEqual(config.apps[0].maxConnectionsPerClient, 5)
+        overridden = loadConfig(
+            self.writeConfig(
+                '{"Defaults": {"MaxConnectionsPerClient": 5, "HealthCheck": {"Interval": 1},'
+                ' "BandwidthLimit": 1000},'
+                ' "Apps": [{"Name": "web", "Ports": [1], "Targets": ["h:1"],'
+                ' "MaxConnectionsPerClient": null, "HealthCheck": null, "BandwidthLimit": null}]}'
+            )
+        ).apps[0]
+        self.assertEqual(
+            (overridden.maxConnectionsPerClient, overridden.healthCheck, overridden.bandwidthLimit),
+            (None, None, None),
+        )
+
+    def test_refusedElsewhere(self) -> None:
+        prefix = '{"Apps": [{"Name": "web", "Ports": [1], "Targets": ["h:1"], '
+        for text, fragment in [
+            (prefix + '"TargetTLS": {"ServerName": null}}]}', 'key "TargetTLS.ServerName": null is not'),
+            (prefix + '"ConnectTimeout": null}]}', 'key "ConnectTimeout": null is not'),
+            (prefix + '"IdleTimeout": null}]}', 'key "IdleTimeout": null is not'),
+            (prefix + '"AccessLog": null}]}', 'key "AccessLog": null is not'),
+            (
+                '{"DrainTimeout": null, "Apps": [{"Name": "w", "Ports": [1], "Targets": ["h:1"]}]}',
+                'key "DrainTimeout": null is not',
+            ),
+        ]:
+            self.assertRefused(text, fragment)
+
+
+class ByteOrderMarkTests(ConfigFileMixin, TestCase):
+    def test_accepted(self) -> None:
+        """
+        A file saved with a UTF-8 byte-order mark (as some Windows editors
+        do) is read as if it had none.
+        """
+        config = loadConfig(self.writeConfig(b"\xef\xbb\xbf" + json.dumps(document()).encode()))
+        self.assertEqual(config.apps[0].name, "web")
+
+    def test_badByteCountedFromTheFileStart(self) -> None:
+        self.assertRefused(b'\xef\xbb\xbf{"Apps": [{"Name": "caf\xe9"}]}', "not UTF-8 text", "at byte 26")
+
+
+class LinearTimeTests(ConfigFileMixin, TestCase):
+    """
+    Checking takes time linear in the size of the file: the largest lists a
+    configuration can hold are checked in well under a second.  (The bound
+    asserted is loose, for a busy machine; the quadratic checks took 21 s
+    and 7 s.)
+    """
+
+    def assertQuick(self, content: object, refused: str | None = None) -> None:
+        path = self.writeConfig(content)
+        started = time.monotonic()
+        if refused is None:
+            loadConfig(path)
+        else:
+            self.assertRefusedFile(path, refused)
+        elapsed = time.monotonic() - started
+        self.assertLess(elapsed, 2.0, f"checking took {elapsed:.1f}s")
+
+    def test_everyPort(self) -> None:
+        self.assertQuick(document(app(Ports=list(range(1, 65536)))))
+        self.assertQuick(document(app(Ports=list(range(1, 65536)) + [1])), "1 is listed twice")
+
+    def test_manyTargets(self) -> None:
+        targets = [f"10.{i // 65536}.{i // 256 % 256}.{i % 256}:80" for i in range(20_000)]
+        self.assertQuick(document(app(Targets=targets)))
+        self.assertQuick(document(app(Targets=targets + targets[:1])), "is listed twice")
+
+    def test_manyApps(self) -> None:
+        apps = [app(f"app{i}", Ports=[i + 1], Targets=[f"127.0.0.1:{i + 1}"]) for i in range(20_000)]
+        self.assertQuick(document(*apps))
+        self.assertQuick(document(*apps, app("app0", Ports=[30000])), "is the name of another app too")

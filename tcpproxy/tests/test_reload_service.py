@@ -93,6 +93,44 @@ class ReloadTests(SynchronousTestCase):
         self.assertEqual(self.service.listeningPorts, ports)
         self.assertEqual([p.listening for p in ports.values()], [True, True, True])
 
+    def test_tracebackInputsRefusedInOneLine(self):
+        """
+        What once escaped as an exception ("failed unexpectedly") is refused
+        like any other mistake: a number too large for a float, JSON nested
+        a thousand deep, a NUL in a TLS path.  Nothing changes.
+        """
+        before = self.service.config
+        for edit, fragment in [
+            (lambda app: app.update(ConnectTimeout=10**400), 'app "one": key "ConnectTimeout": 1000'),
+            (lambda app: app.update(HealthCheck={"Interval": 10**400}), 'key "HealthCheck.Interval": 1000'),
+            (lambda app: app.update(IdleTimeout=[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]), "nested more than"),
+            (
+                lambda app: app.update(TLS={"Certificates": [{"Cert": "a\0b", "Key": "k"}]}),
+                'key "TLS.Certificates[1].Cert": "a\\u0000b" holds a NUL character',
+            ),
+        ]:
+            document = self.apps(("one", self.p[:2], [9, 10]), ("two", self.p[2:3], [11]))
+            edit(document["Apps"][0])
+            self.write(document)
+            result = self.reload()
+            self.assertEqual(result.status, REFUSED)
+            [error] = result.errors
+            self.assertIn(fragment, error)
+            self.assertTrue(error.startswith(self.path + ": "), error)
+            self.assertEqual(self.summary()["error"], error)
+            self.assertIs(self.service.config, before)
+
+    def test_byteOrderMark(self):
+        """
+        A file saved with a UTF-8 byte-order mark is reloaded like any other.
+        """
+        document = json.dumps(self.apps(("one", self.p[:1], [9, 10]), ("two", self.p[2:3], [11])))
+        with open(self.path, "wb") as f:
+            f.write(b"\xef\xbb\xbf" + document.encode())
+        result = self.reload()
+        self.assertEqual(result.status, APPLIED)
+        self.assertEqual(sorted(self.service.listeningPorts), sorted([self.p[0], self.p[2]]))
+
     def test_missingFile(self):
         self.path = self.service.configPath = self.mktemp()
         result = self.reload()

@@ -17,10 +17,12 @@ from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 import tcpproxy
+from tcpproxy.relay import END_DONE
 from tcpproxy.tester.check import CHECKS, CheckSettings, buildSuite, describeMismatch, sizeText
 from tcpproxy.tester.targets import ProxyPort, targetFor
 from tcpproxy.tester.testing import InProcessProxy, freePorts
@@ -77,6 +79,13 @@ class CheckRunTests(TestCase):
         )
         greeterTarget = proxy.config.apps[2].targets[0]
         greeter = reactor.listenTCP(greeterTarget.port, Factory.forProtocol(Greeter), interface="127.0.0.1")
+        ends: list[tuple[str, str]] = []
+
+        def observe(event: dict) -> None:
+            if "bytesIn" in event and event.get("log_namespace", "").startswith("tcpproxy"):
+                ends.append((event["app"], event["end"]))
+
+        globalLogPublisher.addObserver(observe)
         proxy.start()
         try:
             gone = freePorts(1)[0]
@@ -95,7 +104,9 @@ class CheckRunTests(TestCase):
         finally:
             await proxy.stop()
             await greeter.stopListening()
+            globalLogPublisher.removeObserver(observe)
         return {
+            "ends": ends,
             "gone": gone,
             "dead": proxy.ports(["dead"])[0].port,
             "greeter": proxy.ports(["greeter"])[0].port,
@@ -114,6 +125,22 @@ class CheckRunTests(TestCase):
         self.assertIn("PASSED (successes=10)", out)
         self.assertIn("alpha\n  port ", out)
         self.assertEqual(len(re.findall(r"echoes 4 MiB exactly \.\.\. +\[OK\]", out)), 2)
+
+    def test_closesCleanly(self) -> None:
+        """
+        A conformance run ends every connection it opens cleanly: the
+        proxy logs each of alpha's as done, none as a reset (the small,
+        large and concurrent echoes ended with a reset, and the proxy's
+        log filled with "client reset" lines).  The same with the
+        greeter, which is no echo.
+        """
+        for app in ("alpha", "greeter"):
+            ends = [end for name, end in self.ends if name == app]
+            self.assertTrue(ends, app)
+            self.assertEqual(set(ends), {END_DONE}, f"{app}: {sorted(ends)}")
+        alpha = [end for name, end in self.ends if name == "alpha"]
+        # Per port: accepts, small, large, 10 at once, half-close.
+        self.assertEqual(len(alpha), 2 * (1 + 1 + 1 + 10 + 1))
 
     def test_anyReply(self) -> None:
         """

@@ -94,6 +94,23 @@ class ThroughTheProxyTests(TestCase):
         # Four connections at 100/s: the last opens 30ms after the first.
         self.assertGreaterEqual(result.seconds, 0.03)
 
+    async def test_connectRateLastConnectionSpendsTheBudget(self) -> None:
+        """
+        With a connect rate and one message per connection, the last
+        connection to open sends the last message the run allows, which
+        ends the run while its connect attempt is settling: that attempt is
+        an open connection, not one to cancel.  Every connection is counted
+        and sends its message, and nothing is reported that did not happen
+        (trial fails the test on an unhandled error in the log).
+        """
+        proxy = startProxy(self, [("alpha", 1, 1)])
+        settings = LoadSettings(connections=8, messages=1, connectRate=200)
+        result = await LoadRun(reactor, proxy.ports(), settings, ClosedLoop(reactor), fromSize(10)).run()
+        total = result.total
+        self.assertEqual((total.sent, total.answered, total.errors, total.dropped), (8, 8, 0, 0))
+        self.assertEqual(result.connections, {"alpha": 8})
+        self.assertEqual(result.errorKinds, [])
+
 
 class ReachTests(TestCase):
     async def test_unreachable(self) -> None:

@@ -15,6 +15,8 @@ import os
 import socket
 import ssl
 
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
@@ -250,6 +252,71 @@ class TerminationTests(TLSServiceMixin, TestCase):
         self.serve([app])
         client = yield self.echoThrough(port, trusting(GAMMA))
         self.assertEqual(client.peerNames(), [GAMMA])
+
+    @inlineCallbacks
+    def test_chainFileIntermediateFirst(self):
+        """
+        A chain file written the other way round (intermediate first, then
+        the leaf): the leaf is the certificate that matches the key, and
+        the intermediate is still sent as its chain.
+        """
+        leaf, intermediate = x509.load_pem_x509_certificates(pki()["gamma-chain.pem"])
+        with open(os.path.join(self.folder, "gamma-reversed.pem"), "wb") as f:
+            f.write(b"".join(c.public_bytes(Encoding.PEM) for c in (intermediate, leaf)))
+        app, port = self.terminating([listen(self, echoFactory())], certificates=())
+        app["TLS"]["Certificates"] = [{"Cert": "gamma-reversed.pem", "Key": "gamma.key"}]
+        self.serve([app])
+        client = yield self.echoThrough(port, trusting(GAMMA))
+        self.assertEqual(client.peerNames(), [GAMMA])
+
+    def renew(self, stem: str, cert: bytes | None = None) -> None:
+        """
+        Overwrite C{served.pem} and C{served.key} in place (same file, new
+        contents), as ACME clients renew a certificate.
+        """
+        for suffix, content in ((".pem", cert or pki()[stem + ".pem"]), (".key", pki()[stem + ".key"])):
+            with open(os.path.join(self.folder, "served" + suffix), "r+b") as f:
+                f.truncate(0)
+                f.write(content)
+
+    @inlineCallbacks
+    def test_renewedInPlace(self):
+        """
+        Certificate and key rewritten in place, then a reload: new clients
+        get the new certificate, a connection open throughout goes on.  A
+        renewed file that does not load is refused, and the certificate
+        served stays the last good one.
+        """
+        for suffix in (".pem", ".key"):
+            with open(os.path.join(self.folder, "served" + suffix), "wb") as f:
+                f.write(pki()["alpha" + suffix])
+        app, port = self.terminating([listen(self, echoFactory())], certificates=("served",))
+        self.serve([app])
+        held = yield connectTLS(port, unverified())
+        yield held.handshake
+        self.assertEqual(held.peerNames()[0], ALPHA)
+        held.transport.write(b"before")
+        yield held.until(6)
+
+        self.renew("beta")
+        result = yield self.service.reload()
+        self.assertEqual(result.status, APPLIED)
+        [summary] = [e for e in self.events if e.get("result") == APPLIED]
+        self.assertEqual(summary["appsChanged"], {"secure": ["TLS"]})
+        client = yield self.echoThrough(port, unverified())
+        self.assertEqual(client.peerNames(), [BETA])
+        held.transport.write(b" after")
+        self.assertEqual((yield held.until(12)), b"before after")
+        self.assertEqual(held.peerNames()[0], ALPHA)
+
+        self.renew("alpha", cert=b"-----BEGIN CERTIFICATE-----\ntruncated\n")
+        result = yield self.service.reload()
+        self.assertEqual(result.status, REFUSED)
+        self.assertIn("served.pem: is not a PEM certificate", result.errors[0])
+        client = yield self.echoThrough(port, unverified())
+        self.assertEqual(client.peerNames(), [BETA])
+        held.transport.loseConnection()
+        yield held.lost
 
     def handshakeWith(self, port: int, version) -> Deferred:
         """
@@ -970,6 +1037,18 @@ class LoadRefusalTests(TestCase):
             "alpha.key",
             "is not the private key of the certificate",
             targetTLS={"Cert": "client.pem", "Key": "alpha.key"},
+        )
+
+    def test_keyOfNoCertificateInAChain(self):
+        """
+        A key that matches none of the certificates of a chain file is
+        refused, saying so.
+        """
+        self.assertRefused(
+            "TLS",
+            "beta.key",
+            "is not the private key of any of the 2 certificates in",
+            tls=self.certs(("gamma-chain.pem", "beta.key")),
         )
 
     def test_expiredIsAWarning(self):
