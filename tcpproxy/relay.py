@@ -109,20 +109,19 @@ class _Feed:
     itself, as it must (L{_RelaySide.closePeer}).
     """
 
-    __slots__ = ("pauseProducing", "resumeProducing")
+    __slots__ = ("_producer",)
 
     def __init__(self, producer: IPushProducer) -> None:
-        self.pauseProducing = producer.pauseProducing
-        self.resumeProducing = producer.resumeProducing
+        self._producer = producer
+
+    def pauseProducing(self) -> None:
+        self._producer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._producer.resumeProducing()
 
     def stopProducing(self) -> None:
         pass
-
-
-def _drop(data: bytes) -> None:
-    """
-    What a side in a lingering close does with what it still receives.
-    """
 
 
 def _noDelay(transport) -> None:
@@ -163,19 +162,45 @@ class _RelaySide(Protocol):
         L{TLSCloser} that aborts it if its peer stops answering.
     @ivar throttle: with a bandwidth limit, the L{Throttle} this side's
         transport produces through (told of every chunk read); else C{None}.
+    @ivar dropping: in a lingering close: what arrives is dropped.
     """
 
-    peer: _RelaySide | None = None
-    throttle: Throttle | None = None
-    lingerCall: IDelayedCall | None = None
-    closer: TLSCloser | None = None
-    feeding = False
-    readDone = False
-    writeDone = False
-    closed = False
-    received = 0
+    # Slots: a relayed pair is two of these for as long as it is open, and
+    # an instance dictionary would be most of what an idle one costs.
+    __slots__ = (
+        "factory",
+        "transport",
+        "connected",
+        "peer",
+        "throttle",
+        "lingerCall",
+        "closer",
+        "feeding",
+        "readDone",
+        "writeDone",
+        "closed",
+        "received",
+        "dropping",
+    )
+
+    def __init__(self) -> None:
+        self.factory = None
+        self.transport = None
+        self.connected = 0
+        self.peer: _RelaySide | None = None
+        self.throttle: Throttle | None = None
+        self.lingerCall: IDelayedCall | None = None
+        self.closer: TLSCloser | None = None
+        self.feeding = False
+        self.readDone = False
+        self.writeDone = False
+        self.closed = False
+        self.received = 0
+        self.dropping = False
 
     def dataReceived(self, data: bytes) -> None:
+        if self.dropping:
+            return
         self.received += len(data)
         if self.throttle is not None:
             self.throttle.consumed(len(data))
@@ -256,7 +281,7 @@ class _RelaySide(Protocol):
         once what is buffered is flushed, then read and drop until its EOF;
         reset it if that takes more than L{LINGER} seconds.
         """
-        self.dataReceived = _drop
+        self.dropping = True
         transport = self.transport
         transport.loseWriteConnection()
         transport.resumeProducing()
@@ -315,7 +340,11 @@ class ProxyClientProtocol(_RelaySide):
     @ivar relay: the L{ProxyServerProtocol} that owns this pair.
     """
 
-    relay: ProxyServerProtocol
+    __slots__ = ("relay",)
+
+    def __init__(self) -> None:
+        _RelaySide.__init__(self)
+        self.relay: ProxyServerProtocol | None = None
 
     def connectionLost(self, reason: Failure) -> None:
         _RelaySide.connectionLost(self, reason)
@@ -333,23 +362,48 @@ class ProxyServerProtocol(_RelaySide):
 
     log = Logger()
     factory: ProxyServerFactory
-    client: ProxyClientProtocol | None = None
-    target = None
-    end: str | None = None
-    tlsFields: dict[str, str | None] = {}
-    """
-    For a client whose TLS was terminated here: C{tlsVersion}, C{cipher}
-    and C{sni}, set before C{connectionMade} (L{tcpproxy.tls}).
-    """
-    refused: str | None = None
-    idleSeen = 0
-    idleSince: float | None = None
+
+    __slots__ = (
+        "client",
+        "target",
+        "end",
+        "tlsFields",
+        "refused",
+        "idleSeen",
+        "idleSince",
+        "_pending",
+        "_pendingSize",
+        "_dialling",
+        "failures",
+        "started",
+        "port",
+        "app",
+        "clientHost",
+        "_peer",
+    )
+
+    _noFields: dict[str, str | None] = {}
 
     def __init__(self) -> None:
-        self._pending: list[bytes] | None = []
+        _RelaySide.__init__(self)
+        self.client: ProxyClientProtocol | None = None
+        self.target = None
+        self.end: str | None = None
+        # For a client whose TLS was terminated here: tlsVersion, cipher,
+        # sni and alpn, set before connectionMade (tcpproxy.tls).
+        self.tlsFields = self._noFields
+        self.refused: str | None = None
+        self.idleSeen = 0
+        self.idleSince: float | None = None
+        self._pending: list[bytes] | None = None
         self._pendingSize = 0
         self._dialling = None
-        self.failures: list = []
+        self.failures: list | tuple = ()
+        self.started = 0.0
+        self.port = 0
+        self.app = None
+        self.clientHost = ""
+        self._peer = None
 
     @property
     def relay(self) -> ProxyServerProtocol:
@@ -358,8 +412,7 @@ class ProxyServerProtocol(_RelaySide):
     def connectionMade(self) -> None:
         factory = self.factory
         self.started = factory.clock.seconds()
-        peer = self.transport.getPeer()
-        self.clientAddress = describeAddress(peer)
+        peer = self._peer = self.transport.getPeer()
         self.port = self.transport.getHost().port
         # The settings this connection keeps, whatever a reload does.
         self.app = factory.app
@@ -381,11 +434,18 @@ class ProxyServerProtocol(_RelaySide):
         self.factory.logRefusal(self.clientAddress, self.port, reason)
         self.transport.loseConnection()
 
+    @property
+    def clientAddress(self) -> str:
+        # Written only when logged: most connections are not, with AccessLog off.
+        return describeAddress(self._peer)
+
     def dataReceived(self, data: bytes) -> None:
-        if self._pending is None:
+        if self.client is not None:
             _RelaySide.dataReceived(self, data)
             return
         self.received += len(data)
+        if self._pending is None:
+            self._pending = []
         self._pending.append(data)
         self._pendingSize += len(data)
         if self._pendingSize >= PREDIAL_BUFFER:
@@ -398,7 +458,7 @@ class ProxyServerProtocol(_RelaySide):
         client = self.client = dialled.protocol
         client.relay = self
         _noDelay(client.transport)
-        pending, self._pending = self._pending, None
+        pending, self._pending = self._pending or (), None
         app = self.app
         self.pairWith(client, app.bandwidthLimit, self.factory.clock)
         if app.idleTimeout:

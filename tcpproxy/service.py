@@ -58,19 +58,22 @@ class _PortFactory:
 
     @ivar appFactory: the L{ProxyServerFactory} of the port's app.
     @ivar port: the port number.
+    @ivar host: the address the port listens on (an L{IAddress}), once
+        listening.
     """
 
     def __init__(self, appFactory: ProxyServerFactory, port: int, engine: IEngine) -> None:
         self.appFactory = appFactory
         self.port = port
         self._engine = engine
+        self.host = None
 
     def socketAccepted(self, sock: socket.socket, address: tuple) -> None:
         """
         Serve the client on the engine, with the app's protocol (behind TLS
         termination if the app has it).
         """
-        self._engine.adopt(sock, address, self.appFactory.front)
+        self._engine.adopt(sock, address, self.appFactory.front, self.host)
 
 
 @dataclass(frozen=True)
@@ -219,6 +222,7 @@ class ProxyService(Service):
     def _listen(self, port: int, appFactory: ProxyServerFactory, sock: socket.socket) -> None:
         portFactory = self._portFactories[port] = _PortFactory(appFactory, port, self._engine)
         self.listeningPorts[port] = SocketPort(self._reactor, sock, portFactory)
+        portFactory.host = self.listeningPorts[port].getHost()
         self.gate.portAdded(self.listeningPorts[port])
 
     def openConnections(self) -> int:
@@ -339,6 +343,7 @@ class ProxyService(Service):
         for port, sock in (rebound or {}).items():
             previous = self.listeningPorts[port]
             self.listeningPorts[port] = SocketPort(self._reactor, sock, self._portFactories[port])
+            self._portFactories[port].host = self.listeningPorts[port].getHost()
             self.gate.portAdded(self.listeningPorts[port])
             closing.append(maybeDeferred(previous.stopListening))
 

@@ -61,12 +61,14 @@ class IEngine(Interface):
         Stop, once no connection is left.
         """
 
-    def adopt(sock: socket.socket, address: tuple, factory: IProtocolFactory) -> None:
+    def adopt(sock: socket.socket, address: tuple, factory: IProtocolFactory, host=None) -> None:
         """
         Serve an accepted, non-blocking socket with a protocol of
         C{factory}'s; the socket is the engine's from now on.
 
         @param address: the peer address as C{accept} gave it.
+        @param host: the listening port's address, if known (a system call
+            saved when the protocol asks for it).
         """
 
 
@@ -127,7 +129,7 @@ class TwistedEngine(_EngineReactor):
     def stop(self) -> None:
         pass
 
-    def adopt(self, sock: socket.socket, address: tuple, factory: IProtocolFactory) -> None:
+    def adopt(self, sock: socket.socket, address: tuple, factory: IProtocolFactory, host=None) -> None:
         try:
             self._reactor.adoptStreamConnection(sock.fileno(), sock.family, factory)
         except OSError:
@@ -165,14 +167,14 @@ class FastEngine(_EngineReactor):
             self.poller.close()
             self.poller = None
 
-    def adopt(self, sock: socket.socket, address: tuple, factory: IProtocolFactory) -> None:
+    def adopt(self, sock: socket.socket, address: tuple, factory: IProtocolFactory, host=None) -> None:
         peer = peerAddress(sock.family, address)
         protocol = factory.buildProtocol(peer)
         if protocol is None:
             sock.close()
             return
         # TCP_NODELAY is the listening socket's, inherited (see bindTCP).
-        SocketTransport(self.poller, sock, protocol, peer, noDelay=True).startReading()
+        SocketTransport(self.poller, sock, protocol, peer, host, noDelay=True).startReading()
 
     def connectTCP(self, host, port, factory, timeout=30, bindAddress=None) -> IConnector:
         """
@@ -182,6 +184,28 @@ class FastEngine(_EngineReactor):
         connector = Connector(self, host, port, factory, timeout, bindAddress)
         connector.connect()
         return connector
+
+
+_families: dict[str, int | None] = {}
+
+
+def _family(host: str) -> int | None:
+    """
+    The address family of an IP address (C{None} for anything else),
+    remembered: the same few targets are dialled again and again.
+    """
+    family = _families.get(host, 0)
+    if family == 0:
+        if isIPv6Address(host):
+            family = socket.AF_INET6
+        elif isIPAddress(host):
+            family = socket.AF_INET
+        else:
+            family = None
+        if len(_families) > 4096:
+            _families.clear()
+        _families[host] = family
+    return family
 
 
 @implementer(IConnector)
@@ -216,7 +240,7 @@ class Connector:
         self.transport: SocketTransport | None = None
 
     def getDestination(self) -> IPv4Address | IPv6Address:
-        kind = IPv6Address if isIPv6Address(self.host) else IPv4Address
+        kind = IPv6Address if _family(self.host) == socket.AF_INET6 else IPv4Address
         return kind("TCP", self.host, self.port)
 
     def connect(self) -> None:
@@ -226,11 +250,8 @@ class Connector:
         if self.state != "connecting":
             return  # stopped at once
         host = self.host
-        if isIPv6Address(host):
-            family = socket.AF_INET6
-        elif isIPAddress(host):
-            family = socket.AF_INET
-        else:
+        family = _family(host)
+        if family is None:
             self._failed(error.DNSLookupError(f"{host} is not an IP address"))
             return
         try:

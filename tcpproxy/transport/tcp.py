@@ -139,7 +139,8 @@ class SocketTransport:
         "_closeReason",
         "_spliceOut",
         "_spliceIn",
-        "_spliceTo",
+        "_spliceConsumer",
+        "_spliceCounted",
         "_onClose",
         "_noDelay",
     )
@@ -172,7 +173,7 @@ class SocketTransport:
         self._peer = peer
         self._host = host
         self._mask = 0
-        self._buffer: list = []
+        self._buffer: list | None = None  # made when something waits (memory per idle connection)
         self._buffered = 0
         self._producer: IPushProducer | None = None
         self._streaming = False
@@ -186,7 +187,8 @@ class SocketTransport:
         self._closeReason: Failure | None = None
         self._spliceOut: _Splice | None = None
         self._spliceIn: _Splice | None = None
-        self._spliceTo = None
+        self._spliceConsumer: SocketTransport | None = None
+        self._spliceCounted = None
         self._onClose = onClose
         self._noDelay = noDelay
         if watched:
@@ -259,7 +261,7 @@ class SocketTransport:
             self._readEOF()
             return
         self.protocol.dataReceived(data)
-        if len(data) == CHUNK and self._spliceTo is not None and self.connected:
+        if len(data) == CHUNK and self._spliceConsumer is not None and self.connected:
             self._startSplice()
 
     def _readEOF(self) -> None:
@@ -292,7 +294,7 @@ class SocketTransport:
                 self._buffer = [memoryview(data)[sent:]]
                 self._buffered = len(data) - sent
                 return
-            self._buffer = []
+            self._buffer = None
             self._buffered = 0
         self._flushed()
 
@@ -330,20 +332,23 @@ class SocketTransport:
     def write(self, data: bytes) -> None:
         if not self.connected or self._shutRequested or self._closeReason is not None or not data:
             return
-        if not self._buffer and (self._spliceIn is None or not self._spliceIn.inPipe):
-            try:
-                sent = self.socket.send(data)
-            except _WOULD_BLOCK:
-                sent = 0
-            except OSError:
-                # The error is met again, and handled, when the socket is
-                # written next (from the event loop, not from the caller).
-                sent = 0
-            if sent == len(data):
-                return
-            if sent:
-                data = memoryview(data)[sent:]
-        self._buffer.append(data)
+        buffer = self._buffer
+        if buffer is None:
+            if self._spliceIn is None or not self._spliceIn.inPipe:
+                try:
+                    sent = self.socket.send(data)
+                except _WOULD_BLOCK:
+                    sent = 0
+                except OSError:
+                    # The error is met again, and handled, when the socket is
+                    # written next (from the event loop, not from the caller).
+                    sent = 0
+                if sent == len(data):
+                    return
+                if sent:
+                    data = memoryview(data)[sent:]
+            buffer = self._buffer = []
+        buffer.append(data)
         self._buffered += len(data)
         producer = self._producer
         if producer is not None and not self._producerPaused:
@@ -389,7 +394,7 @@ class SocketTransport:
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
         except OSError:
             pass
-        self._buffer = []
+        self._buffer = None
         self._buffered = 0
         self._closeReason = Failure(ConnectionAborted())
         # Nothing more is read or written; the close comes from the loop.
@@ -420,7 +425,7 @@ class SocketTransport:
         for splice in (self._spliceOut, self._spliceIn):
             if splice is not None:
                 splice.close()
-        self._buffer = []
+        self._buffer = None
         self._buffered = 0
         self.socket.close()
         producer, self._producer = self._producer, None
@@ -436,11 +441,12 @@ class SocketTransport:
         return self._peer
 
     def getHost(self) -> IPv4Address | IPv6Address:
-        if self._host is None:
-            host, port = self.socket.getsockname()[:2]
-            kind = IPv6Address if self.socket.family == socket.AF_INET6 else IPv4Address
-            self._host = kind("TCP", host, port)
-        return self._host
+        if self._host is not None:
+            return self._host
+        # Not kept: asked once per connection, if at all.
+        host, port = self.socket.getsockname()[:2]
+        kind = IPv6Address if self.socket.family == socket.AF_INET6 else IPv4Address
+        return kind("TCP", host, port)
 
     # ITCPTransport
 
@@ -513,7 +519,8 @@ class SocketTransport:
     def spliceTo(self, consumer: ISplicing, counted: Callable[[int], None]) -> bool:
         if not SPLICE or not isinstance(consumer, SocketTransport):
             return False
-        self._spliceTo = (consumer, counted)
+        self._spliceConsumer = consumer
+        self._spliceCounted = counted
         return True
 
     def _startSplice(self) -> None:
@@ -521,10 +528,12 @@ class SocketTransport:
         Bulk: from now on, move this direction's bytes with C{splice}, if
         the consumer is still there and has nothing of ours waiting.
         """
-        consumer, counted = self._spliceTo
-        self._spliceTo = None
-        if not consumer.connected or consumer._buffer or consumer._shutRequested:
+        consumer = self._spliceConsumer
+        if not consumer.connected or consumer._shutRequested:
+            self._spliceConsumer = self._spliceCounted = None
             return
+        if consumer._buffer:
+            return  # bytes of ours wait there: the next full chunk may find it empty
         try:
             pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
@@ -533,7 +542,8 @@ class SocketTransport:
             fcntl.fcntl(pipe[1], _F_SETPIPE_SZ, PIPE_SIZE)
         except OSError:
             pass  # over the user's pipe budget: the default size works too
-        self._spliceOut = consumer._spliceIn = _Splice(self, consumer, pipe, counted)
+        self._spliceOut = consumer._spliceIn = _Splice(self, consumer, pipe, self._spliceCounted)
+        self._spliceConsumer = self._spliceCounted = None
 
     def logPrefix(self) -> str:
         return "tcpproxy"
