@@ -18,7 +18,7 @@ from tcpproxy.access import END_DONE, END_NO_TARGET
 from tcpproxy.balancer import IBalancer, RoundRobin
 from tcpproxy.config import AppConfig
 from tcpproxy.dialer import FailoverDialer, IDialer, endpointForTarget
-from tcpproxy.health import HealthTracker
+from tcpproxy.health import DEFAULT_FALL, DEFAULT_RISE, HealthTracker
 from tcpproxy.idle import IdleSweeper
 from tcpproxy.limits import REFUSED_DENIED, AcceptGate, ConnectionCounter, permitted
 from tcpproxy.relay import IRelayed, ProxyClientProtocol, ProxyServerProtocol
@@ -153,6 +153,14 @@ def buildDialer(app: AppConfig, tls: AppTLS, engine: IEngine, health: HealthTrac
     )
 
 
+def _healthSettings(app: AppConfig) -> tuple[int, int]:
+    """
+    C{Rise} and C{Fall} for the app's L{HealthTracker}.
+    """
+    check = app.healthCheck
+    return (check.rise, check.fall) if check else (DEFAULT_RISE, DEFAULT_FALL)
+
+
 def buildApp(
     app: AppConfig, tls: AppTLS, engine: IEngine, clock: IReactorTime, gate: AcceptGate | None = None
 ) -> ProxyServerFactory:
@@ -162,8 +170,7 @@ def buildApp(
 
     @param tls: C{app}'s TLS, loaded (L{tcpproxy.tls.loadAppTLS}).
     """
-    check = app.healthCheck
-    health = HealthTracker(app.name, app.targets, clock, *((check.rise, check.fall) if check else ()))
+    health = HealthTracker(app.name, app.targets, clock, *_healthSettings(app))
     return ProxyServerFactory(
         app,
         RoundRobin(app.targets, health),
@@ -173,3 +180,24 @@ def buildApp(
         health=health,
         gate=gate,
     )
+
+
+def updateApp(factory: ProxyServerFactory, app: AppConfig, tls: AppTLS, engine: IEngine) -> None:
+    """
+    Give a running app C{app}'s settings (a reload), for its new clients.
+
+    Targets that stay keep their health; the rotation goes on where it was
+    for them; the dialer is kept unless how it dials changed (timeout, TLS
+    towards the targets, or TLS files read anew).
+
+    @param tls: C{app}'s TLS, as loaded for this reload.
+    """
+    old = factory.app
+    factory.health.update(app.name, app.targets, *_healthSettings(app))
+    balancer = factory.balancer
+    if old.targets != app.targets:
+        balancer = balancer.withTargets(app.targets)
+    dialer = factory.dialer
+    if (old.connectTimeout, old.targetTLS) != (app.connectTimeout, app.targetTLS) or tls.client is not None:
+        dialer = buildDialer(app, tls, engine, factory.health)
+    factory.reconfigure(app, balancer, dialer, tls)

@@ -45,6 +45,11 @@ from tcpproxy.dialer import describeFailure, endpointForTarget
 
 UP = "up"
 DOWN = "down"
+DEFAULT_RISE = 2
+DEFAULT_FALL = 3
+"""
+C{Rise} and C{Fall} without a C{HealthCheck} (HAProxy's defaults are 2 and 3).
+"""
 
 
 class TargetHealth:
@@ -87,8 +92,8 @@ class HealthTracker:
         app: str,
         targets: Sequence[Target],
         clock: IReactorTime,
-        rise: int = 2,
-        fall: int = 3,
+        rise: int = DEFAULT_RISE,
+        fall: int = DEFAULT_FALL,
         policy: Callable[[int], float] | None = None,
     ) -> None:
         self.app = app
