@@ -36,6 +36,9 @@ app, port, target, failed attempts, bytes each way, duration and how it ended
 
 from __future__ import annotations
 
+import fcntl
+import sys
+import termios
 from typing import TYPE_CHECKING
 
 from twisted.internet.defer import CancelledError
@@ -44,7 +47,9 @@ from twisted.internet.interfaces import (
     IDelayedCall,
     IHalfCloseableProtocol,
     IPushProducer,
+    IReactorTime,
     ISSLTransport,
+    ISystemHandle,
     ITCPTransport,
 )
 from twisted.internet.protocol import Protocol
@@ -70,7 +75,7 @@ from tcpproxy.dialer import Dialled, NoTargetAvailable
 from tcpproxy.idle import IIdleWatched
 from tcpproxy.limits import Throttle, TokenBucket
 from tcpproxy.tls import TLSCloser
-from tcpproxy.transport.tcp import ISplicing
+from tcpproxy.transport.tcp import ISplicing, IWriteBuffer
 
 PREDIAL_BUFFER = 64 * 1024
 """
@@ -124,6 +129,71 @@ class _Feed:
         pass
 
 
+RESET_POLL = 0.01
+"""
+Seconds between looks at what a side to be reset still has to send.
+"""
+
+
+def _unsent(transport) -> int:
+    """
+    Bytes written to C{transport} (or the TCP transport under a TLS one)
+    that its peer has not acknowledged yet: what the transport still holds
+    where it says (L{IWriteBuffer}), and the kernel's send queue
+    (C{SIOCOUTQ}, Linux C{tcp(7)}) of its socket.
+    """
+    if _isTLS(transport):
+        transport = transport.transport
+    held = transport.bufferedBytes if IWriteBuffer.providedBy(transport) else 0
+    if ISystemHandle.providedBy(transport):
+        try:
+            queued = fcntl.ioctl(transport.getHandle().fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+            held += int.from_bytes(queued, sys.byteorder, signed=True)
+        except (OSError, ValueError):
+            pass
+    return held
+
+
+class ResetWhenSent:
+    """
+    Reset a side once what it was sent has reached its peer: its peer on
+    the other side of the relay was reset, and a clean end here would pass
+    a cut-off stream for a complete one (as HAProxy, which aborts the other
+    side of a session whose side was reset).
+
+    Nothing more is read from the side.  Every L{RESET_POLL} seconds the
+    bytes still unsent (L{_unsent}) are looked at; the side is aborted
+    once they are none on two looks in a row (Twisted's own transports
+    say nothing of their buffer, which they hand to the kernel within a
+    turn), or after L{LINGER} seconds whatever is left.
+    """
+
+    def __init__(self, transport, clock: IReactorTime) -> None:
+        self._transport = transport
+        self._clock = clock
+        self._deadline = clock.seconds() + LINGER
+        self._emptyBefore = False
+        transport.pauseProducing()
+        self._call = clock.callLater(0, self._check)
+
+    def _check(self) -> None:
+        self._call = None
+        empty = _unsent(self._transport) <= 0
+        if (empty and self._emptyBefore) or self._clock.seconds() >= self._deadline:
+            self._transport.abortConnection()
+            return
+        self._emptyBefore = empty
+        self._call = self._clock.callLater(RESET_POLL, self._check)
+
+    def cancel(self) -> None:
+        """
+        The side is gone: nothing is left to reset.
+        """
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+
 def _noDelay(transport) -> None:
     """
     Turn Nagle's algorithm off (on the TCP transport under a TLS one): the
@@ -160,6 +230,8 @@ class _RelaySide(Protocol):
         that ends it if it takes too long.
     @ivar closer: while a TLS transport of this side is being closed, the
         L{TLSCloser} that aborts it if its peer stops answering.
+    @ivar resetter: once the peer was reset, the L{ResetWhenSent} that
+        resets this side too.
     @ivar throttle: with a bandwidth limit, the L{Throttle} this side's
         transport produces through (told of every chunk read); else C{None}.
     @ivar dropping: in a lingering close: what arrives is dropped.
@@ -175,6 +247,7 @@ class _RelaySide(Protocol):
         "throttle",
         "lingerCall",
         "closer",
+        "resetter",
         "feeding",
         "readDone",
         "writeDone",
@@ -191,6 +264,7 @@ class _RelaySide(Protocol):
         self.throttle: Throttle | None = None
         self.lingerCall: IDelayedCall | None = None
         self.closer: TLSCloser | None = None
+        self.resetter: ResetWhenSent | None = None
         self.feeding = False
         self.readDone = False
         self.writeDone = False
@@ -257,15 +331,23 @@ class _RelaySide(Protocol):
         # Still this side's producer if it feeds it: not resumed by force.
         peer.closer = TLSCloser(peer.transport, self.relay.factory.clock, activity, resume=False)
 
-    def closePeer(self) -> None:
+    def closePeer(self, reset: bool) -> None:
         """
         This side is gone: close the peer once it has flushed what it holds.
-        A TLS peer is resumed first (it may have been paused for this side,
-        and a paused TLS transport never completes its close, Twisted #8901).
+
+        If this side was reset (or failed), so is the peer, once what it was
+        owed has reached it (L{ResetWhenSent}): a clean end would pass a
+        cut-off stream for a complete one.  Otherwise a TLS peer is resumed
+        first (it may have been paused for this side, and a paused TLS
+        transport never completes its close, Twisted #8901); a plain one
+        gets EOF (L{linger}) or, if it already sent its own, is closed.
         """
         peer = self.peer
         transport = peer.transport
-        if _isTLS(transport):
+        if reset:
+            if peer.resetter is None:
+                peer.resetter = ResetWhenSent(transport, self.relay.factory.clock)
+        elif _isTLS(transport):
             if peer.closer is None:
                 peer.closer = TLSCloser(transport, self.relay.factory.clock)
         elif peer.readDone:
@@ -295,6 +377,8 @@ class _RelaySide(Protocol):
         self.closed = True
         if self.closer is not None:
             self.closer.cancel()
+        if self.resetter is not None:
+            self.resetter.cancel()
         if self.lingerCall is not None and self.lingerCall.active():
             self.lingerCall.cancel()
         if self.throttle is not None:
@@ -307,7 +391,7 @@ class _RelaySide(Protocol):
                 peer.throttle.stop()
             self.stopFeeding()
             # Let the peer flush what this side already sent it, then close.
-            self.closePeer()
+            self.closePeer(reset=not reason.check(ConnectionDone))
 
     def pairWith(self, peer: _RelaySide, bandwidthLimit: float | None = None, clock=None) -> None:
         """
@@ -459,6 +543,13 @@ class ProxyServerProtocol(_RelaySide):
         client.relay = self
         _noDelay(client.transport)
         pending, self._pending = self._pending or (), None
+        if self.closed:
+            # The client left cleanly after sending this: deliver it, then
+            # EOF; whatever the target answers has nowhere to go.
+            client.dropping = True
+            client.transport.write(b"".join(pending))
+            client.transport.loseConnection()
+            return
         app = self.app
         self.pairWith(client, app.bandwidthLimit, self.factory.clock)
         if app.idleTimeout:
@@ -504,11 +595,18 @@ class ProxyServerProtocol(_RelaySide):
     def _noTarget(self, reason: Failure) -> None:
         self._dialling = None
         if reason.check(CancelledError):
-            # The client left, or shutdown aborted us: already handled.
+            # The client left, or shutdown aborted us: already handled, but
+            # for a client that had left cleanly (see connectionLost).
+            if self.closed:
+                self.sideLost(self, reason)
             return
         if reason.check(NoTargetAvailable):
             self.failures = reason.value.failures
             self.end = END_NO_TARGET
+            if self.closed:
+                # The client had left cleanly meanwhile.
+                self.sideLost(self, reason)
+                return
             self.transport.loseConnection()
         else:
             self.log.failure("dialling failed unexpectedly", reason)
@@ -523,6 +621,13 @@ class ProxyServerProtocol(_RelaySide):
 
     def connectionLost(self, reason: Failure) -> None:
         if self._dialling is not None:
+            if self._pending and reason.check(ConnectionDone):
+                # It sent what it had and left cleanly while its target was
+                # dialled (a TLS client's close_notify, which TLS gives no
+                # half-close for): deliver that, then EOF, as for a client
+                # that shut its side (see _targetConnected).
+                self.closed = self.readDone = True
+                return
             self.end = self.end or END_CLIENT_LEFT
             self._dialling.cancel()
         _RelaySide.connectionLost(self, reason)
