@@ -10,6 +10,7 @@ and act on their answers, so the arithmetic is tested on a L{Clock}.
 from __future__ import annotations
 
 import ipaddress
+import os
 import resource
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -102,15 +103,41 @@ class AcceptGate:
     listening port stops reading, so new clients wait in the kernel's
     backlog (not refused); below it again, the ports read again.
 
+    The limit is the top-level C{MaxConnections}, or what the descriptor
+    limit allows (L{descriptorBudget}) if that is lower: a client accepted
+    with no descriptor left to dial its target with could only be closed,
+    while one left in the backlog is served once a connection ends (as
+    HAProxy derives its C{maxconn} from the descriptor limit).
+
     A L{tcpproxy.listening.SocketPort} looks at its reading state before
     each accept, so the count does not pass C{maximum}.
 
+    @ivar configured: the top-level C{MaxConnections}, or C{None}.
+    @ivar budget: the connections the descriptor limit allows, or C{None}.
+    @ivar maximum: the lower of the two, or C{None} for no limit.
     @ivar ports: returns the listening ports to stop and restart.
     """
 
     log = Logger()
 
-    def __init__(self, maximum: int | None, ports: Callable[[], Sequence]) -> None:
+    SETTLE = 1.0
+    """
+    Seconds the gate must stay open after reaching the limit before that is
+    logged as over: at the limit, every connection that ends lets one more
+    in and closes the gate again, and one line for each would flood the log.
+    """
+
+    def __init__(
+        self, maximum: int | None, ports: Callable[[], Sequence], clock: IReactorTime | None = None
+    ) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self._clock = clock
+        self._saturated = False
+        self._closedSince = 0
+        self._settle: IDelayedCall | None = None
+        self.configured = maximum
+        self.budget: int | None = None
         self.maximum = maximum
         self.ports = ports
         self.count = 0
@@ -126,8 +153,28 @@ class AcceptGate:
         self._check()
 
     def setMaximum(self, maximum: int | None) -> None:
-        self.maximum = maximum
+        """
+        A new top-level C{MaxConnections} (C{None}: none).
+        """
+        self.configured = maximum
+        self._update()
+
+    def setBudget(self, budget: int | None) -> None:
+        """
+        The connections the descriptor limit allows (C{None}: no bound).
+        """
+        self.budget = budget
+        self._update()
+
+    def _update(self) -> None:
+        limits = [m for m in (self.configured, self.budget) if m is not None]
+        self.maximum = min(limits) if limits else None
         self._check()
+
+    def _limitName(self) -> str:
+        if self.configured is not None and self.configured == self.maximum:
+            return f"MaxConnections {self.maximum}"
+        return f"the descriptor limit's {self.maximum} connections"
 
     def portAdded(self, port) -> None:
         """
@@ -143,8 +190,14 @@ class AcceptGate:
             self.pauses += 1
             for port in self.ports():
                 port.stopReading()
+            if self._saturated:
+                self._closedSince += 1  # still the episode already logged
+                return
+            self._saturated = True
+            self._closedSince = 0
             self.log.warn(
-                "MaxConnections {maximum} reached: not accepting new clients until a connection ends",
+                "{limit} reached: not accepting new clients until a connection ends",
+                limit=self._limitName(),
                 maximum=self.maximum,
                 open=self.count,
             )
@@ -152,11 +205,34 @@ class AcceptGate:
             self.paused = False
             for port in self.ports():
                 port.startReading()
-            self.log.info(
-                "below MaxConnections {maximum} again ({open} open): accepting new clients",
-                maximum=self.maximum,
-                open=self.count,
-            )
+            if self._saturated and self._settle is None:
+                self._settle = self._clock.callLater(self.SETTLE, self._settled)
+
+    def _settled(self) -> None:
+        """
+        The gate opened L{SETTLE} seconds ago: if it is still open, the
+        episode at the limit is over, and logged as such.
+        """
+        self._settle = None
+        if self.paused:
+            return  # closed again meanwhile: the episode goes on
+        self._saturated = False
+        self.log.info(
+            "below {limit} again ({open} open): accepting new clients"
+            + (" (the limit was reached {closed} more time(s) meanwhile)" if self._closedSince else ""),
+            limit=self._limitName(),
+            maximum=self.maximum,
+            open=self.count,
+            closed=self._closedSince,
+        )
+
+    def stop(self) -> None:
+        """
+        The proxy stops: no log line is due.
+        """
+        if self._settle is not None and self._settle.active():
+            self._settle.cancel()
+        self._settle = None
 
 
 class TokenBucket:
@@ -278,6 +354,42 @@ class Throttle:
         self.reasons.discard(reason)
         if not self.reasons:
             self.producer.resumeProducing()
+
+
+DESCRIPTORS_PER_CONNECTION = 2
+"""
+A relayed connection holds its client's socket and its target's.  (A
+direction that splices holds a pipe too, when descriptors allow; without
+them it copies instead.)
+"""
+
+DESCRIPTOR_MARGIN = 4
+"""
+Descriptors kept for what else the proxy opens while it runs: health
+checks, DNS queries, a reload's new listening sockets, the log.
+"""
+
+
+def descriptorBudget(limit: int, inUse: int, margin: int = DESCRIPTOR_MARGIN) -> int:
+    """
+    How many connections C{limit} descriptors allow, with C{inUse} open
+    already (listening sockets, the reactor's own) and C{margin} kept.
+
+    @return: at least 1, so a proxy started with too few descriptors still
+        serves one client at a time rather than none.
+    """
+    return max(1, (limit - inUse - margin) // DESCRIPTORS_PER_CONNECTION)
+
+
+def openDescriptors() -> int | None:
+    """
+    How many descriptors this process has open (Linux's C{/proc}), or
+    C{None} where that cannot be known.
+    """
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return None
 
 
 def raiseFileLimit(log: Logger, getrlimit=resource.getrlimit, setrlimit=resource.setrlimit) -> int:

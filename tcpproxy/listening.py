@@ -126,7 +126,15 @@ class SocketPort:
     them does not starve the connections already open.
     """
 
+    SHED_SUMMARY = 1.0
+    """
+    Seconds over which clients closed for lack of descriptors are counted
+    into one log line.
+    """
+
     def __init__(self, reactor: IReactorFDSet, sock: socket.socket, acceptor: ISocketAcceptor) -> None:
+        self._shedCall = None
+        self._shedSince = 0
         self._reactor = reactor
         self.socket = sock
         self.acceptor = acceptor
@@ -150,6 +158,9 @@ class SocketPort:
         self.startReading()
 
     def stopListening(self) -> Deferred[None]:
+        if self._shedCall is not None and self._shedCall.active():
+            self._shedCall.cancel()
+        self._shedCall = None
         if self.listening:
             self.stopReading()
             self.listening = False
@@ -220,10 +231,17 @@ class SocketPort:
     def _shed(self, error: OSError) -> None:
         """
         Out of descriptors: close the waiting client with the reserved one.
+
+        The first client shed is logged; those shed within the next
+        L{SHED_SUMMARY} seconds are counted and logged in one line, so a
+        flood of clients does not become a flood of log lines.
         """
         address = _reserve.shed(self.socket)
         if address is None:
             return  # nobody was waiting
+        if self._shedCall is not None:
+            self._shedSince += 1
+            return
         self.log.warn(
             "cannot accept a client on port {port}: {code} ({reason}); closed {client}",
             port=self.getHost().port,
@@ -231,6 +249,20 @@ class SocketPort:
             reason=error.strerror,
             client=hostPort(address[0], address[1]),
         )
+        self._shedSince = 0
+        self._shedCall = self._reactor.callLater(self.SHED_SUMMARY, self._summariseShed)
+
+    def _summariseShed(self) -> None:
+        self._shedCall = None
+        if self._shedSince:
+            self.log.warn(
+                "port {port}: {count} more client(s) closed in {seconds:g}s for lack of descriptors",
+                port=self.getHost().port if self.listening else None,
+                count=self._shedSince,
+                seconds=self.SHED_SUMMARY,
+            )
+            self._shedSince = 0
+            self._shedCall = self._reactor.callLater(self.SHED_SUMMARY, self._summariseShed)
 
     def connectionLost(self, reason: Failure) -> None:
         # The reactor dropped its readers (it is stopping); the service stops us.

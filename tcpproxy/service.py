@@ -7,6 +7,7 @@ left.
 
 from __future__ import annotations
 
+import resource
 import socket
 from collections.abc import Sequence
 
@@ -21,7 +22,13 @@ from tcpproxy.applying import Reloader, ReloadResult, owner
 from tcpproxy.config import AppConfig, ProxyConfig
 from tcpproxy.describe import quoted
 from tcpproxy.health import HealthChecker
-from tcpproxy.limits import AcceptGate, raiseFileLimit
+from tcpproxy.limits import (
+    DESCRIPTORS_PER_CONNECTION,
+    AcceptGate,
+    descriptorBudget,
+    openDescriptors,
+    raiseFileLimit,
+)
 from tcpproxy.listening import ISocketAcceptor, SocketPort, bindAll
 from tcpproxy.tls import AppTLS, loadAppTLS
 from tcpproxy.transport.engine import IEngine, defaultEngine
@@ -101,7 +108,7 @@ class ProxyService(Service):
         self.engine = engine if engine is not None else defaultEngine(reactor)
         self._triggers = tuple(triggers)
         self.reloader = Reloader(self)
-        self.gate = AcceptGate(config.maxConnections, lambda: list(self.listeningPorts.values()))
+        self.gate = AcceptGate(config.maxConnections, lambda: list(self.listeningPorts.values()), reactor)
         self._checkers: dict[str, HealthChecker] = {}
         self.factories: dict[str, ProxyServerFactory] = {
             app.name: self.newFactory(app) for app in config.apps
@@ -163,7 +170,7 @@ class ProxyService(Service):
 
     def startService(self) -> None:
         self.bind()
-        raiseFileLimit(self.log)
+        limit = raiseFileLimit(self.log)
         Service.startService(self)
         self.engine.start()
         for app, port in self.config.listeners():
@@ -179,10 +186,31 @@ class ProxyService(Service):
                 portList=", ".join(map(str, app.ports)) + (" (TLS)" if app.tls else ""),
                 targetList=", ".join(map(str, app.targets)) + (" (TLS)" if app.targetTLS else ""),
             )
+        self._budgetDescriptors(limit)
         for app in self.config.apps:
             self.startChecks(app)
         for trigger in self._triggers:
             trigger.start(self.reload)
+
+    def _budgetDescriptors(self, limit: int) -> None:
+        """
+        Accept no more clients at once than the descriptors left allow
+        (see L{AcceptGate}), and say so when that is below C{MaxConnections}.
+        """
+        inUse = openDescriptors()
+        if inUse is None or limit in (resource.RLIM_INFINITY, -1):
+            return
+        budget = descriptorBudget(limit, inUse)
+        self.gate.setBudget(budget)
+        if self.config.maxConnections is None or budget < self.config.maxConnections:
+            self.log.info(
+                "at most {budget} connections at once: {limit} descriptors, {inUse} in use at start,"
+                " {each} per connection",
+                budget=budget,
+                limit=limit,
+                inUse=inUse,
+                each=DESCRIPTORS_PER_CONNECTION,
+            )
 
     def listen(self, port: int, appFactory: ProxyServerFactory, sock: socket.socket) -> None:
         portFactory = self.portFactories[port] = _PortFactory(appFactory, port, self.engine)
@@ -226,6 +254,7 @@ class ProxyService(Service):
         default action and dropping the connections being drained.
         """
         Service.stopService(self)
+        self.gate.stop()
         for name in list(self._checkers):
             self.stopChecks(name)
         self.unbind()
