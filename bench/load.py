@@ -193,6 +193,119 @@ def tlsBulk(address: Address, serverName: str, warmup: float, duration: float) -
         sock.close()
 
 
+def _tlsContext() -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _tlsConnect(context: ssl.SSLContext, address: Address, serverName: str, mode: bytes) -> ssl.SSLSocket:
+    """
+    Connect, complete the TLS handshake, and pick the backend's C{mode}.
+
+    @raise OSError: or L{ssl.SSLError}, as the connection or handshake fails.
+    """
+    raw = socket.create_connection(address, timeout=CONNECT_TIMEOUT)
+    try:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = context.wrap_socket(raw, server_hostname=serverName)
+        sock.sendall(mode)
+    except BaseException:
+        raw.close()
+        raise
+    return sock
+
+
+def tlsPingPong(address: Address, serverName: str, size: int, warmup: float, duration: float) -> dict:
+    """
+    Over one kept-alive TLS connection, send C{size} bytes and wait for
+    them to come back, again and again: small requests, as HTTPS keep-alive
+    makes them.
+
+    @return: requests a second over the window (C{"req/s"}), their count
+        (C{"requests"}), and the p50 and p99 round-trip times in microseconds.
+    @raise LoadError: the connection broke, or no round trip completed.
+    """
+    try:
+        sock = _tlsConnect(_tlsContext(), address, serverName, ECHO)
+    except (OSError, ssl.SSLError) as e:
+        raise LoadError(f"TLS connection to {address[0]}:{address[1]} failed: {e}") from None
+    payload = b"p" * size
+    samples: list[int] = []
+    clock = time.perf_counter_ns
+    try:
+        markAt = time.perf_counter() + warmup
+        mark = None
+        while True:
+            started = clock()
+            sock.sendall(payload)
+            got = 0
+            while got < size:
+                data = sock.recv(size - got)
+                if not data:
+                    raise LoadError("the connection was closed in the middle of the ping-pong")
+                got += len(data)
+            if mark is not None:
+                samples.append(clock() - started)
+            now = time.perf_counter()
+            if mark is None:
+                if now >= markAt:
+                    mark = now
+            elif now >= mark + duration:
+                break
+    except (OSError, ssl.SSLError) as e:
+        raise LoadError(f"the TLS connection broke during the ping-pong: {e}") from None
+    finally:
+        sock.close()
+    if not samples:
+        raise LoadError(f"no round trip completed in {duration:g}s: the path stalled")
+    samples.sort()
+    micro = [s / 1000 for s in samples]
+    return {
+        "req/s": len(samples) / (now - mark),
+        "requests": len(samples),
+        "p50": percentile(micro, 0.50),
+        "p99": percentile(micro, 0.99),
+    }
+
+
+def tlsConnectionRate(address: Address, serverName: str, warmup: float, duration: float) -> dict:
+    """
+    One after the other: connect, TLS handshake, one small echo, close.
+
+    @return: connections a second over the window (C{"conn/s"}), their
+        count (C{"connections"}), and the errors (C{"errors"}).
+    @raise LoadError: no connection succeeded.
+    """
+    context = _tlsContext()
+    done = errors = 0
+    markAt = time.perf_counter() + warmup
+    mark = None
+    while True:
+        try:
+            sock = _tlsConnect(context, address, serverName, ECHO)
+            try:
+                sock.sendall(b"ping")
+                if sock.recv(4) != b"ping":
+                    errors += 1
+                elif mark is not None:
+                    done += 1
+            finally:
+                sock.close()
+        except (OSError, ssl.SSLError):
+            errors += 1
+        now = time.perf_counter()
+        if mark is None:
+            if now >= markAt:
+                mark = now
+        elif now >= mark + duration:
+            break
+    if not done:
+        raise LoadError(f"no TLS connection succeeded ({errors} errors)")
+    return {"conn/s": done / (now - mark), "connections": done, "errors": errors}
+
+
 def percentile(ordered: Sequence[float], fraction: float) -> float:
     """
     The nearest-rank percentile of an already sorted sequence.

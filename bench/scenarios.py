@@ -262,6 +262,74 @@ class TlsTermination(Scenario):
         return load.tlsBulk(proxy.tlsAddress, TLS_NAME, budget.warmup, budget.window)
 
 
+REQ_P50 = Metric("p50", "p50 µs", False)
+REQ_P99 = Metric("p99", "p99 µs", False)
+CPU_PER_REQ = Metric("cpuUsPerReq", "proxy CPU µs/req", False)
+
+
+def _cpuPer(proxy, count: str, measure) -> dict:
+    """
+    Run C{measure()} and add the proxy's CPU time per unit of the figure
+    C{count} (requests, connections) to its figures.
+    """
+    pid = getattr(proxy, "pid", None)
+    before = None if pid is None else processCpuSeconds(pid)
+    figures = measure()
+    if before is not None and figures.get(count):
+        figures["cpuUsPer"] = (processCpuSeconds(pid) - before) * 1e6 / figures[count]
+    return figures
+
+
+class TlsPingPong(Scenario):
+    """
+    Small requests on a kept-alive TLS connection (what HTTPS keep-alive
+    does through an L4 proxy that terminates TLS): 64 bytes echoed back,
+    one at a time, with the proxy's CPU time per request.
+    """
+
+    name = "tls-pingpong"
+    title = "TLS termination, 64-byte ping-pong on one kept-alive connection"
+    metrics = (REQ_S, REQ_P50, REQ_P99, CPU_PER_REQ)
+    ratioMetrics = (REQ_S.key, CPU_PER_REQ.key)
+    ceiling = False
+    needsTLS = True
+    size = 64
+
+    def measure(self, proxy, budget: Budget) -> dict:
+        figures = _cpuPer(
+            proxy,
+            "requests",
+            lambda: load.tlsPingPong(proxy.tlsAddress, TLS_NAME, self.size, budget.warmup, budget.window),
+        )
+        if "cpuUsPer" in figures:
+            figures[CPU_PER_REQ.key] = figures.pop("cpuUsPer")
+        return figures
+
+
+class TlsConnectionRate(Scenario):
+    """
+    New TLS connections, one after the other: connect, handshake, one small
+    echo, close; with the proxy's CPU time per connection.
+    """
+
+    name = "tls-connrate"
+    title = "TLS termination, new connections: connect, handshake, one small echo, close; sequential"
+    metrics = (CONN_S, ERRORS, CPU_PER_CONN)
+    ratioMetrics = (CONN_S.key, CPU_PER_CONN.key)
+    ceiling = False
+    needsTLS = True
+
+    def measure(self, proxy, budget: Budget) -> dict:
+        figures = _cpuPer(
+            proxy,
+            "connections",
+            lambda: load.tlsConnectionRate(proxy.tlsAddress, TLS_NAME, budget.warmup, budget.window),
+        )
+        if "cpuUsPer" in figures:
+            figures[CPU_PER_CONN.key] = figures.pop("cpuUsPer")
+        return figures
+
+
 SCENARIOS: tuple[Scenario, ...] = (
     Bulk(1, echo=False),
     Bulk(8, echo=False),
@@ -274,6 +342,8 @@ SCENARIOS: tuple[Scenario, ...] = (
     IdleMemory(),
     Backpressure(),
     TlsTermination(),
+    TlsPingPong(),
+    TlsConnectionRate(),
 )
 
 
@@ -335,5 +405,8 @@ TARGETS: tuple[Target, ...] = (
     Target("connections 20 concurrent", "connrate-20", CONN_S.key, "haproxy", True, 0.8),
     Target("memory per idle conn", "idle-memory", KIB_PER_CONN.key, None, False, 3.5),
     Target("backpressure RSS growth", "backpressure", GROWTH.key, None, False, 2.0),
+    Target("TLS bulk, 1 conn", "tls", MB_S.key, "haproxy", True, 0.8),
+    Target("TLS small requests, kept alive", "tls-pingpong", REQ_S.key, "haproxy", True, 0.8),
+    Target("TLS new connections", "tls-connrate", CONN_S.key, "haproxy", True, 0.8),
 )
 TARGET_PROXY = "tcpproxy"
