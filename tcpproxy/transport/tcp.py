@@ -417,9 +417,13 @@ class SocketTransport:
         if self._mask:
             self._poller.forget(self._fd)
             self._mask = 0
-        for splice in (self._spliceOut, self._spliceIn):
-            if splice is not None:
-                splice.close()
+        if self._spliceIn is not None:
+            self._spliceIn.close()
+        splice = self._spliceOut
+        if splice is not None and not (splice.inPipe and splice.dst.connected):
+            splice.close()
+        # Else the pipe holds bytes read from this socket (and counted):
+        # the consumer still sends them, then closes the pipe (L{_Splice.push}).
         self._buffer = []
         self._buffered = 0
         self.socket.close()
@@ -599,6 +603,9 @@ class _Splice:
         src = self.src
         if src.connected:
             src._update()
+        else:
+            # The last bytes of a source that is gone have been sent.
+            self.close()
 
     def close(self) -> None:
         """
