@@ -12,8 +12,7 @@ from twisted.internet.defer import DeferredList, inlineCallbacks
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 
-from tcpproxy.fastpath import FastRelay
-from tcpproxy.relay import END_DONE, END_NO_TARGET, END_TARGET_LOST
+from tcpproxy.access import END_DONE, END_NO_TARGET, END_TARGET_LOST
 from tcpproxy.tests.loopback import (
     Collector,
     CollectorFactory,
@@ -26,8 +25,9 @@ from tcpproxy.tests.loopback import (
     listen,
     listenProxy,
     startProxy,
+    unsent,
 )
-from tcpproxy.tls import unflushed
+from tcpproxy.transport import tcp
 
 MiB = 1024 * 1024
 
@@ -58,6 +58,29 @@ class ByteExactTests(TestCase):
         self.assertTrue(received == payload, "relayed bytes differ from those sent")
         [event] = connectionEvents(events)
         self.assertEqual((event["bytesIn"], event["bytesOut"], event["end"]), (4 * MiB, 4 * MiB, END_DONE))
+
+    @inlineCallbacks
+    def test_bulkIsSplicedOnTheFastEngine(self):
+        """
+        The multi-MiB echo above (byte-exact, counted both ways) is moved by
+        splice on the fast engine, and without it on Twisted's.
+        """
+        calls = []
+        realSplice = os.splice
+
+        def splice(*args, **kwargs):
+            calls.append(args)
+            return realSplice(*args, **kwargs)
+
+        self.patch(os, "splice", splice)
+        yield self.test_multiMiBEchoIsByteExact()
+        if getattr(self, "engine", "fast") == "fast":
+            self.assertGreater(len(calls), 10)
+        else:
+            self.assertEqual(calls, [])
+
+    if not tcp.SPLICE:
+        test_bulkIsSplicedOnTheFastEngine.skip = "no splice(2) here"
 
     @inlineCallbacks
     def test_manyConcurrentClients(self):
@@ -263,11 +286,8 @@ def _bothWaysHeld(factory) -> bool:
     neither takes.
     """
     [relay] = factory.relays
-    if isinstance(relay, FastRelay):
-        flows = (relay.up, relay.down)
-        return None not in flows and not any(flow.settled() for flow in flows)
     client = relay.client
-    return client is not None and unflushed(relay.transport) > 0 and unflushed(client.transport) > 0
+    return client is not None and unsent(relay.transport) > 0 and unsent(client.transport) > 0
 
 
 def _targetGone(factory) -> bool:
@@ -275,8 +295,6 @@ def _targetGone(factory) -> bool:
     Whether the proxy has closed the target side of its one relay.
     """
     [relay] = factory.relays
-    if isinstance(relay, FastRelay):
-        return relay.server is None
     return relay.client.closed
 
 
@@ -399,38 +417,31 @@ class _Greeter(Protocol):
         return factory
 
 
-class FastByteExactTests(ByteExactTests):
-    fastPath = True
+class CopyBackpressureTests(BackpressureTests):
+    """
+    Backpressure on the fast engine in copy mode (no splice), which small
+    messages and platforms without splice use.
+    """
 
-    @inlineCallbacks
-    def test_bulkIsSpliced(self):
-        """
-        On the fast path, the multi-MiB echo above (byte-exact, counted both
-        ways) is moved by splice.
-        """
-        calls = []
-        realSplice = os.splice
-
-        def splice(*args, **kwargs):
-            calls.append(args)
-            return realSplice(*args, **kwargs)
-
-        self.patch(os, "splice", splice)
-        yield self.test_multiMiBEchoIsByteExact()
-        self.assertGreater(len(calls), 10)
+    def setUp(self) -> None:
+        self.patch(tcp, "SPLICE", False)
 
 
-class FastHalfCloseTests(HalfCloseTests):
-    fastPath = True
+class TwistedByteExactTests(ByteExactTests):
+    engine = "twisted"
 
 
-class FastBackpressureTests(BackpressureTests):
-    fastPath = True
+class TwistedHalfCloseTests(HalfCloseTests):
+    engine = "twisted"
 
 
-class FastFailoverTests(FailoverTests):
-    fastPath = True
+class TwistedBackpressureTests(BackpressureTests):
+    engine = "twisted"
 
 
-class FastResetTests(ResetTests):
-    fastPath = True
+class TwistedFailoverTests(FailoverTests):
+    engine = "twisted"
+
+
+class TwistedResetTests(ResetTests):
+    engine = "twisted"
