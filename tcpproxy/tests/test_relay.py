@@ -12,18 +12,12 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
+from tcpproxy.access import END_CLIENT_LEFT, END_CLIENT_LOST, END_NO_TARGET
+from tcpproxy.app import ProxyServerFactory
 from tcpproxy.balancer import RoundRobin
 from tcpproxy.config import AppConfig, parseTarget
 from tcpproxy.dialer import Dialled, IDialer, NoTargetAvailable
-from tcpproxy.relay import (
-    END_CLIENT_LEFT,
-    END_CLIENT_LOST,
-    END_NO_TARGET,
-    LINGER,
-    PREDIAL_BUFFER,
-    ProxyClientProtocol,
-    ProxyServerFactory,
-)
+from tcpproxy.relay import LINGER, PREDIAL_BUFFER, ProxyClientProtocol
 from tcpproxy.tests.loopback import captureEvents
 
 A, B = parseTarget("127.0.0.1:7001"), parseTarget("127.0.0.1:7002")
