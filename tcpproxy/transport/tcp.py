@@ -372,8 +372,8 @@ class SocketTransport:
         Send EOF once what was written has been sent; the peer may go on
         sending.
         """
-        if not self.connected or self._shutRequested:
-            return
+        if not self.connected or self._shutRequested or self._closeReason is not None:
+            return  # (after abortConnection, a FIN would pass for an orderly end)
         self._shutRequested = True
         if not self._buffer and (self._spliceIn is None or not self._spliceIn.inPipe):
             self._shutWrite()
