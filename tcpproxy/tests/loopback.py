@@ -112,14 +112,16 @@ def engineFor(testCase) -> IEngine:
 
 
 def proxyFactory(
-    testCase, targets: list[str], name: str = "app", connectTimeout: float = 5.0
+    testCase, targets: list[str], name: str = "app", connectTimeout: float = 5.0, **settings
 ) -> ProxyServerFactory:
     """
     An app's factory for C{targets}, dialling on the test case's engine
     (L{engineFor}).
+
+    @param settings: more of the app's settings (L{AppConfig}'s fields).
     """
     engine = engineFor(testCase)
-    app = AppConfig(name, (1,), tuple(parseTarget(t) for t in targets), connectTimeout)
+    app = AppConfig(name, (1,), tuple(parseTarget(t) for t in targets), connectTimeout, **settings)
     dialer = FailoverDialer(engine.reactor, connectTimeout)
     return ProxyServerFactory(app, RoundRobin(app.targets), dialer, reactor)
 
