@@ -255,10 +255,18 @@ class SoonTests(SynchronousTestCase):
         self.assertEqual(order, ["after"])
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
 
-    def test_closeCancels(self) -> None:
+    def test_closeRunsThem(self) -> None:
         """
-        Closing the poller leaves no timer behind.
+        Closing the poller runs the calls still asked for (closes already
+        decided), those they ask for too, and leaves no timer behind.
         """
-        self.poller.soon(lambda: None)
+        order: list[str] = []
+
+        def close() -> None:
+            order.append("close")
+            self.poller.soon(order.append, "then")
+
+        self.poller.soon(close)
         self.poller.close()
+        self.assertEqual(order, ["close", "then"])
         self.assertEqual(self.reactor.getDelayedCalls(), [])

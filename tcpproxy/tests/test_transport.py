@@ -490,6 +490,23 @@ class SocketTransportTests(_TransportTestMixin, TestCase):
         yield eventually(reset)
 
     @inlineCallbacks
+    def test_abortedThenEngineStopped(self):
+        """
+        A connection aborted just before the engine stops (a TLS client
+        whose handshake failed, as the service stops) is still closed: its
+        protocol is told and its peer reset, as Twisted's reactor does for
+        its own transports.
+        """
+        probe = _Probe()
+        peer = self.withSocketPeer(probe)
+        yield probe.made
+        probe.transport.abortConnection()
+        self.engine.stop()
+        self.assertTrue(probe.lost.called)
+        self.assertTrue(probe.reason.check(ConnectionAborted))
+        self.assertRaises(ConnectionResetError, peer.recv, 1)
+
+    @inlineCallbacks
     def test_peerResetIsConnectionLost(self):
         """
         A peer that resets ends the connection with an error, not with
