@@ -412,6 +412,7 @@ class SocketTransport:
         if not self.connected:
             return
         self.connected = False
+        orderly = reason is None and self._closeReason is None
         if reason is None:
             reason = self._closeReason or Failure(ConnectionDone())
         if self._mask:
@@ -426,6 +427,14 @@ class SocketTransport:
         # the consumer still sends them, then closes the pipe (L{_Splice.push}).
         self._buffer = []
         self._buffered = 0
+        if orderly and not self._writeShut:
+            # EOF first, as Twisted's transport does: a peer whose last bytes
+            # were not read then sees an orderly end, not only the reset
+            # that closing with unread bytes sends.
+            try:
+                self.socket.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
         self.socket.close()
         producer, self._producer = self._producer, None
         if producer is not None:
