@@ -420,6 +420,47 @@ class SocketTransportTests(_TransportTestMixin, TestCase):
         self.assertEqual((yield peer.readDone), b"")
 
     @inlineCallbacks
+    def test_loseConnectionWithUnreadBytes(self):
+        """
+        A close with bytes from the peer still unread (a client the proxy
+        closes before reading what it sent) is an orderly end for the peer:
+        EOF, not a reset, as with Twisted's own transport.
+        """
+        probe = _Probe()
+        peer = self.withSocketPeer(probe)
+        yield probe.made
+        probe.transport.pauseProducing()
+        peer.send(b"never read")
+        handle = probe.transport.getHandle()
+
+        def arrived() -> bool:
+            """the peer's bytes wait in the transport's socket"""
+            try:
+                return bool(handle.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+            except BlockingIOError:
+                return False
+
+        yield eventually(arrived)
+        probe.transport.loseConnection()
+        yield probe.lost
+        self.assertTrue(probe.reason.check(ConnectionDone))
+        self.assertEqual(bytes(probe.data), b"")
+        outcome: list[object] = []
+
+        def ended() -> bool:
+            """the peer read an end of the connection"""
+            try:
+                outcome.append(peer.recv(1))
+            except BlockingIOError:
+                return False
+            except ConnectionResetError:
+                outcome.append("reset")
+            return True
+
+        yield eventually(ended)
+        self.assertEqual(outcome, [b""])
+
+    @inlineCallbacks
     def test_abortConnectionResets(self):
         """
         C{abortConnection} drops what waits and sends a reset: the peer
