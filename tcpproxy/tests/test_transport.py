@@ -52,7 +52,15 @@ from tcpproxy.demo import echoFactory
 from tcpproxy.dialer import describeFailure
 from tcpproxy.listening import bindTCP
 from tcpproxy.resolve import NameResolver
-from tcpproxy.tests.loopback import Collector, connectClient, deadPort, eventually, listen, unansweredPort
+from tcpproxy.tests.loopback import (
+    Collector,
+    captureEvents,
+    connectClient,
+    deadPort,
+    eventually,
+    listen,
+    unansweredPort,
+)
 from tcpproxy.transport import engine as engineModule
 from tcpproxy.transport import tcp
 from tcpproxy.transport.engine import Connector, FastEngine, IEngine, TwistedEngine
@@ -142,6 +150,51 @@ class InterfaceTests(SynchronousTestCase):
         other = NameResolver(hostsResolver=_FakeResolver(), dnsResolver=_FakeResolver())
         self.assertIs(engine.installNameResolver(other), self.resolver)
         self.assertIs(engine.nameResolver, other)
+
+
+class _AdoptingReactor(MemoryReactorClock):
+    """
+    A reactor whose C{adoptStreamConnection} fails with C{code}.
+    """
+
+    def __init__(self, code: int) -> None:
+        MemoryReactorClock.__init__(self)
+        self.code = code
+
+    def adoptStreamConnection(self, fileDescriptor, addressFamily, factory):
+        raise OSError(self.code, os.strerror(self.code))
+
+
+class TwistedEngineAdoptTests(SynchronousTestCase):
+    """
+    L{TwistedEngine.adopt} when Twisted cannot take the socket.
+    """
+
+    def adopt(self, code: int) -> tuple[socket.socket, list[dict]]:
+        events = captureEvents(self, "tcpproxy.transport")
+        engine = TwistedEngine(_AdoptingReactor(code), NameResolver(_FakeResolver(), _FakeResolver()))
+        a, b = socket.socketpair()
+        self.addCleanup(b.close)
+        engine.adopt(a, ("127.0.0.1", 40000), Factory())
+        self.assertEqual(a.fileno(), -1)
+        return a, events
+
+    def test_outOfDescriptors(self) -> None:
+        """
+        Out of descriptors (adopting duplicates the socket) the client is
+        closed and that is logged, as the port logs a failed accept.
+        """
+        _, events = self.adopt(errno.EMFILE)
+        [event] = events
+        self.assertEqual((event["code"], event["client"]), ("EMFILE", "127.0.0.1:40000"))
+        self.assertEqual(event["log_level"].name, "warn")
+
+    def test_clientGone(self) -> None:
+        """
+        A client already gone is closed without a word.
+        """
+        _, events = self.adopt(errno.ENOTCONN)
+        self.assertEqual(events, [])
 
 
 @implementer(IHalfCloseableProtocol)
