@@ -412,7 +412,11 @@ class _RelaySide(Protocol):
         peer.transport.registerProducer(_Feed(self.throttle or self.transport), True)
         self.feeding = peer.feeding = True
         mine, theirs = self.transport, peer.transport
-        if not bandwidthLimit and ISplicing.providedBy(mine) and ISplicing.providedBy(theirs):
+        # implementedBy, not providedBy: a wrapping transport (TLS) claims
+        # every interface of the one under it, whose splice would move its
+        # raw (encrypted) bytes past it.
+        splicing = ISplicing.implementedBy(type(mine)) and ISplicing.implementedBy(type(theirs))
+        if not bandwidthLimit and splicing:
             mine.spliceTo(theirs, self.spliced)
             theirs.spliceTo(mine, peer.spliced)
 

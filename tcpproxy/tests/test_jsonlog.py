@@ -18,7 +18,7 @@ class ObserverTests(SynchronousTestCase):
         path = self.mktemp()
         self.patch(jsonlog.os, "environ", {jsonlog.ENVIRONMENT_VARIABLE: path})
         observer = jsonlog.observer()
-        log = Logger(namespace="tcpproxy.relay", observer=observer)
+        log = Logger(namespace="tcpproxy.access", observer=observer)
         log.info("{client} -> {app}", client="127.0.0.1:4000", app="web", bytesIn=12, end="done")
         log.info("second")
         with open(path, encoding="utf-8") as f:
@@ -27,5 +27,5 @@ class ObserverTests(SynchronousTestCase):
         event = json.loads(lines[0])
         self.assertEqual(
             (event["client"], event["app"], event["bytesIn"], event["end"], event["log_namespace"]),
-            ("127.0.0.1:4000", "web", 12, "done", "tcpproxy.relay"),
+            ("127.0.0.1:4000", "web", 12, "done", "tcpproxy.access"),
         )

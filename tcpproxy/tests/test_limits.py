@@ -20,11 +20,16 @@ from tcpproxy.limits import (
     ConnectionCounter,
     Throttle,
     TokenBucket,
+    descriptorBudget,
     permitted,
     raiseFileLimit,
 )
 from tcpproxy.relay import ProxyServerProtocol
 from tcpproxy.tests.loopback import captureEvents
+
+
+def text(event: dict) -> str:
+    return event["log_format"].format(**event)
 
 
 def nets(*texts):
@@ -96,7 +101,8 @@ class AcceptGateTests(SynchronousTestCase):
     def test_stopsAndResumesEveryPort(self):
         events = captureEvents(self, "tcpproxy.limits")
         ports = [FakePort(), FakePort()]
-        gate = AcceptGate(2, lambda: ports)
+        clock = Clock()
+        gate = AcceptGate(2, lambda: ports, clock)
         gate.connectionOpened()
         self.assertEqual([p.reading for p in ports], [True, True])
         gate.connectionOpened()
@@ -108,15 +114,70 @@ class AcceptGateTests(SynchronousTestCase):
         gate.connectionClosed()
         self.assertEqual([p.reading for p in ports], [True, True, True])
         self.assertEqual(gate.count, 1)
-        self.assertEqual(len(events), 2)
-        self.assertIn("MaxConnections 2 reached", events[0]["log_format"].format(**events[0]))
+        clock.advance(AcceptGate.SETTLE)
+        self.assertEqual([text(e) for e in events], [
+            "MaxConnections 2 reached: not accepting new clients until a connection ends",
+            "below MaxConnections 2 again (1 open): accepting new clients",
+        ])
 
     def test_raisedMaximumResumes(self):
         ports = [FakePort()]
-        gate = AcceptGate(1, lambda: ports)
+        gate = AcceptGate(1, lambda: ports, Clock())
         gate.connectionOpened()
         self.assertFalse(ports[0].reading)
         gate.setMaximum(None)
+        self.assertTrue(ports[0].reading)
+
+    def test_episodeAtTheLimitLoggedOnce(self):
+        """
+        At the limit, every connection that ends lets one more in and closes
+        the gate again: one line when the limit is reached, one once the
+        gate has stayed open for a while, with the count in between.
+        """
+        events = captureEvents(self, "tcpproxy.limits")
+        ports = [FakePort()]
+        clock = Clock()
+        gate = AcceptGate(3, lambda: ports, clock)
+        for _ in range(3):
+            gate.connectionOpened()
+        for _ in range(50):
+            gate.connectionClosed()
+            clock.advance(0.001)
+            gate.connectionOpened()
+        self.assertFalse(ports[0].reading)
+        self.assertEqual(len(events), 1)
+        gate.connectionClosed()
+        clock.advance(AcceptGate.SETTLE)
+        self.assertTrue(ports[0].reading)
+        self.assertEqual(
+            text(events[-1]),
+            "below MaxConnections 3 again (2 open): accepting new clients"
+            " (the limit was reached 50 more time(s) meanwhile)",
+        )
+        self.assertEqual(len(events), 2)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_descriptorBudget(self):
+        """
+        The descriptor limit caps the gate when it allows fewer connections
+        than C{MaxConnections}, and the log says which limit it was.
+        """
+        events = captureEvents(self, "tcpproxy.limits")
+        self.assertEqual(descriptorBudget(48, 12, margin=4), 16)
+        self.assertEqual(descriptorBudget(20, 30), 1)
+        ports = [FakePort()]
+        gate = AcceptGate(100, lambda: ports, Clock())
+        gate.setBudget(2)
+        self.assertEqual(gate.maximum, 2)
+        gate.connectionOpened()
+        gate.connectionOpened()
+        self.assertFalse(ports[0].reading)
+        self.assertIn("the descriptor limit's 2 connections reached", text(events[0]))
+        gate.setMaximum(1)
+        self.assertEqual(gate.maximum, 1)
+        gate.setBudget(None)
+        gate.setMaximum(None)
+        self.assertIsNone(gate.maximum)
         self.assertTrue(ports[0].reading)
 
 

@@ -16,12 +16,13 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, c
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
+from tcpproxy.access import END_IDLE, END_NO_TARGET
+from tcpproxy.app import ProxyServerFactory
 from tcpproxy.balancer import RoundRobin
 from tcpproxy.config import AppConfig, HealthCheckConfig, loadConfig, parseTarget
 from tcpproxy.demo import echoFactory
 from tcpproxy.dialer import FailoverDialer
 from tcpproxy.health import HealthChecker, HealthTracker
-from tcpproxy.relay import END_IDLE, END_NO_TARGET, ProxyServerFactory
 from tcpproxy.service import ProxyService
 from tcpproxy.tests.loopback import (
     Collector,
@@ -29,6 +30,7 @@ from tcpproxy.tests.loopback import (
     captureEvents,
     deadPort,
     echoBackend,
+    engineFor,
     listenProxy,
     unansweredPort,
 )
@@ -77,7 +79,7 @@ class RelayLimitTests(TestCase):
         factory = ProxyServerFactory(
             app,
             RoundRobin(app.targets, health),
-            FailoverDialer(reactor, app.connectTimeout, health=health),
+            FailoverDialer(engineFor(self).reactor, app.connectTimeout, health=health),
             reactor,
         )
         port = listenProxy(self, factory, interface)
@@ -230,12 +232,12 @@ class RelayLimitTests(TestCase):
         collector.transport.loseConnection()
 
 
-class FastRelayLimitTests(RelayLimitTests):
+class TwistedRelayLimitTests(RelayLimitTests):
     """
-    The same, relayed on the fast path (Twisted's still, with BandwidthLimit).
+    The same, relayed on Twisted's own transports.
     """
 
-    fastPath = True
+    engine = "twisted"
 
 
 def sleep(seconds: float) -> Deferred:
@@ -308,7 +310,7 @@ class GlobalLimitTests(TestCase):
                 },
                 f,
             )
-        service = ProxyService(loadConfig(path), reactor)
+        service = ProxyService(loadConfig(path), reactor, engine=engineFor(self))
         service.startService()
         self.addCleanup(service.stopService)
         first = yield connectFrom(port)
@@ -334,12 +336,14 @@ class ReloadLimitTests(TestCase):
         app = {"Name": "app", "Ports": [port], "Targets": ["127.0.0.1:9"]}
         with open(path, "w") as f:
             json.dump({"BindAddress": "127.0.0.1", "Apps": [app]}, f)
-        service = ProxyService(loadConfig(path), reactor)
+        service = ProxyService(loadConfig(path), reactor, engine=engineFor(self))
         service.startService()
         self.addCleanup(service.stopService)
         factory = service.factories["app"]
         self.assertIsNone(factory.admit("127.0.0.1"))
-        factory.released("127.0.0.1")
+        # What the end of that connection would do (relayEnded).
+        factory.counter.close("127.0.0.1")
+        service.gate.connectionClosed()
         with open(path, "w") as f:
             json.dump(
                 {"BindAddress": "127.0.0.1", "MaxConnections": 5, "Apps": [dict(app, Deny=["127.0.0.1"])]}, f
@@ -349,3 +353,11 @@ class ReloadLimitTests(TestCase):
         self.assertIn("MaxConnections: none -> 5", "; ".join(result.plan.describe()))
         self.assertEqual(factory.admit("127.0.0.1"), "denied")
         self.assertEqual(service.gate.maximum, 5)
+
+
+class TwistedGlobalLimitTests(GlobalLimitTests):
+    engine = "twisted"
+
+
+class TwistedReloadLimitTests(ReloadLimitTests):
+    engine = "twisted"

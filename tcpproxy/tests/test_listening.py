@@ -1,10 +1,14 @@
 """
 Unit tests of L{tcpproxy.listening.SocketPort} that do not depend on a relay:
-what one client's trouble may and may not do to a listening port.
+how it hands clients over, how the accept gate stops and starts it, what it
+does when out of descriptors, and what one client's trouble may and may not
+do to it.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 
 from twisted.internet.testing import MemoryReactorClock
@@ -67,3 +71,127 @@ class ClientFailureTests(SynchronousTestCase):
         self.assertEqual(event["log_level"].name, "critical")
         self.assertIsInstance(event["log_failure"].value, UnicodeError)
         self.flushLoggedErrors(UnicodeError)
+
+
+class _Acceptor:
+    def __init__(self) -> None:
+        self.accepted: list[tuple[socket.socket, tuple]] = []
+
+    def socketAccepted(self, sock: socket.socket, address: tuple) -> None:
+        self.accepted.append((sock, address))
+
+
+class _ExhaustedListener:
+    """
+    A listening socket whose first accept fails as if the process were out
+    of file descriptors.
+    """
+
+    def __init__(self, real: socket.socket) -> None:
+        self.real = real
+        self.failures = 1
+        self.family = real.family
+
+    def _accept(self):
+        if self.failures:
+            self.failures -= 1
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return self.real._accept()
+
+    def accept(self):
+        return self.real.accept()
+
+    def __getattr__(self, name: str):
+        return getattr(self.real, name)
+
+
+class SocketPortTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.listener = bindTCP("127.0.0.1", 0)
+        self.addCleanup(self.listener.close)
+        self.acceptor = _Acceptor()
+
+    def connect(self) -> socket.socket:
+        client = socket.create_connection(self.listener.getsockname(), timeout=5)
+        self.addCleanup(client.close)
+        return client
+
+    def test_accepts(self) -> None:
+        """
+        Each client is handed over as a non-blocking socket, with its address.
+        """
+        port = SocketPort(self.reactor, self.listener, self.acceptor)
+        self.assertIn(port, self.reactor.getReaders())
+        client = self.connect()
+        port.doRead()
+        [(sock, address)] = self.acceptor.accepted
+        self.addCleanup(sock.close)
+        self.assertEqual(address, client.getsockname())
+        self.assertEqual(sock.gettimeout(), 0.0)
+        self.assertEqual(port.getHost().port, self.listener.getsockname()[1])
+
+    def test_fullAfterOneClient(self) -> None:
+        """
+        A client that fills the proxy (the accept gate stops the port's
+        reading) is the last one accepted: the others of the burst wait in
+        the backlog until the port reads again.
+        """
+        port = SocketPort(self.reactor, self.listener, self.acceptor)
+        self.acceptor.socketAccepted = lambda sock, address: (
+            self.acceptor.accepted.append((sock, address)),
+            port.stopReading(),
+        )
+        for _ in range(3):
+            self.connect()
+        port.doRead()
+        self.assertEqual(len(self.acceptor.accepted), 1)
+        port.startReading()
+        port.doRead()
+        self.assertEqual(len(self.acceptor.accepted), 2)
+        for sock, _ in self.acceptor.accepted:
+            sock.close()
+
+    def test_stopAndStartReading(self) -> None:
+        """
+        The proxy-wide limit stops and starts the reading of a port; stopping
+        to listen closes it.
+        """
+        port = SocketPort(self.reactor, self.listener, self.acceptor)
+        port.stopReading()
+        self.assertNotIn(port, self.reactor.getReaders())
+        port.startReading()
+        self.assertIn(port, self.reactor.getReaders())
+        self.successResultOf(port.stopListening())
+        self.assertNotIn(port, self.reactor.getReaders())
+        self.assertFalse(port.listening)
+        self.assertEqual(self.listener.fileno(), -1)
+
+    def test_outOfDescriptors(self) -> None:
+        """
+        When accept fails for lack of descriptors, the waiting client is
+        closed (instead of the port being ready for ever) and that is logged,
+        once; with nobody waiting, nothing is logged; the next client is
+        accepted as usual.
+        """
+        events = captureEvents(self, "tcpproxy.listening")
+        exhausted = _ExhaustedListener(self.listener)
+        # Out of descriptors, accept fails whether a client waits or not.
+        exhausted.failures = 2
+        port = SocketPort(self.reactor, exhausted, self.acceptor)
+        refused = self.connect()
+        port.doRead()
+        port.doRead()
+        self.assertEqual(self.acceptor.accepted, [])
+        try:
+            self.assertEqual(refused.recv(1), b"")
+        except ConnectionResetError:
+            pass
+        [event] = events
+        self.assertEqual(event["code"], "EMFILE")
+        self.assertEqual(event["client"], f"127.0.0.1:{refused.getsockname()[1]}")
+        self.assertEqual(event["log_level"].name, "warn")
+        self.connect()
+        port.doRead()
+        self.assertEqual(len(self.acceptor.accepted), 1)
+        self.acceptor.accepted[0][0].close()

@@ -1,35 +1,35 @@
 """
-Unit tests of the relay's dial and pairing logic, with a fake dialer and
-L{StringTransport}s (backpressure and half-close on real sockets are in
-L{tcpproxy.tests.test_relay_loopback}).
+The connection lifecycle, unit-tested once, in memory: the relay's dial and
+pairing logic with a fake dialer, L{StringTransport}s and a L{Clock}
+(dial-then-pair, EOF while dialling, the client leaving while dialling, no
+target, idle close, abort), and the whole of it with the real dialer on
+client endpoints whose connections L{iosim} completes.  Backpressure and
+half-close on real sockets, on both engines, are in
+L{tcpproxy.tests.test_relay_loopback}.
 """
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.testing import Clock, StringTransport
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import Clock, MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
+from twisted.test.iosim import ConnectionCompleter
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
+from zope.interface import directlyProvides, implementer, providedBy
 
+from tcpproxy.access import END_ABORTED, END_CLIENT_LEFT, END_CLIENT_LOST, END_IDLE, END_NO_TARGET
+from tcpproxy.app import ProxyServerFactory
 from tcpproxy.balancer import RoundRobin
 from tcpproxy.config import AppConfig, parseTarget
-from tcpproxy.dialer import Dialled, IDialer, NoTargetAvailable
-from tcpproxy.relay import (
-    END_CLIENT_LEFT,
-    END_CLIENT_LOST,
-    END_NO_TARGET,
-    LINGER,
-    PREDIAL_BUFFER,
-    ProxyClientProtocol,
-    ProxyServerFactory,
-)
-from tcpproxy.tests.loopback import captureEvents
+from tcpproxy.dialer import Dialled, FailoverDialer, IDialer, NoTargetAvailable
+from tcpproxy.relay import LINGER, PREDIAL_BUFFER, ProxyClientProtocol
+from tcpproxy.tests.loopback import Collector, captureEvents
+from tcpproxy.transport.tcp import ISplicing
 
 A, B = parseTarget("127.0.0.1:7001"), parseTarget("127.0.0.1:7002")
 
 
-@implementer(IDialer)
 class _HalfCloseableTransport(StringTransport):
     """
     A L{StringTransport} that can be shut for writing, as a TCP one can.
@@ -40,7 +40,60 @@ class _HalfCloseableTransport(StringTransport):
     def loseWriteConnection(self) -> None:
         self.writeShut = True
 
+    def resumeProducing(self) -> None:
+        # Twisted's TCP transports (and ours) ignore this once closing; a
+        # StringTransport raises.
+        if not self.disconnecting:
+            StringTransport.resumeProducing(self)
 
+
+@implementer(ISplicing)
+class _SplicingTransport(_HalfCloseableTransport):
+    """
+    A transport that can splice: it records to what.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        _HalfCloseableTransport.__init__(self, *args, **kwargs)
+        self.splicedTo: list = []
+
+    def spliceTo(self, consumer, counted) -> bool:
+        self.splicedTo.append(consumer)
+        return True
+
+
+class _WrappingTransport(_HalfCloseableTransport):
+    """
+    A transport over a L{_SplicingTransport} that, as Twisted's protocol
+    wrappers (TLS) do, provides every interface of the one under it.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        _HalfCloseableTransport.__init__(self, *args, **kwargs)
+        self.under = _SplicingTransport()
+        directlyProvides(self, providedBy(self.under))
+
+    def spliceTo(self, consumer, counted) -> bool:
+        return self.under.spliceTo(consumer, counted)
+
+
+class _MemoryBackend(Factory):
+    """
+    A backend of L{Collector}s, for connections made by L{iosim}.
+    """
+
+    noisy = False
+
+    def __init__(self) -> None:
+        self.protocols: list[Collector] = []
+
+    def buildProtocol(self, addr) -> Protocol:
+        protocol = Collector()
+        self.protocols.append(protocol)
+        return protocol
+
+
+@implementer(IDialer)
 class FakeDialer:
     """
     Records each dial; the test fires the Deferreds.
@@ -67,18 +120,18 @@ class RelayTests(SynchronousTestCase):
         self.factory = ProxyServerFactory(app, RoundRobin(app.targets), self.dialer, self.clock)
         self.events = captureEvents(self)
 
-    def connectClient(self):
+    def connectClient(self, kind=_HalfCloseableTransport):
         server = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
-        transport = _HalfCloseableTransport(
+        transport = kind(
             hostAddress=IPv4Address("TCP", "127.0.0.1", 5001),
             peerAddress=IPv4Address("TCP", "127.0.0.1", 40000),
         )
         server.makeConnection(transport)
         return server, transport
 
-    def targetAnswers(self, index=0, target=A, failures=()):
+    def targetAnswers(self, index=0, target=A, failures=(), transport=_HalfCloseableTransport):
         client = ProxyClientProtocol()
-        transport = _HalfCloseableTransport()
+        transport = transport()
         client.makeConnection(transport)
         self.dialer.calls[index][1].callback(Dialled(target, client, list(failures)))
         return client, transport
@@ -247,3 +300,201 @@ class RelayTests(SynchronousTestCase):
         self.factory.abortAll()
         self.assertTrue(clientTransport.disconnecting)
         self.assertTrue(targetTransport.disconnecting)
+
+    def test_eofWhileDialling(self):
+        """
+        A client that sends bytes and EOF while its target is dialled: once
+        the target answers, it gets the bytes then EOF; the client is not
+        resumed (it has nothing more to send) and the target's reply still
+        reaches it.
+        """
+        server, clientTransport = self.connectClient()
+        server.dataReceived(b"request")
+        server.readConnectionLost()
+        self.assertFalse(self.dialer.cancelled)
+        target, targetTransport = self.targetAnswers()
+        self.assertEqual(targetTransport.value(), b"request")
+        self.assertTrue(targetTransport.writeShut)
+        self.assertIsNone(targetTransport.producer)
+        target.dataReceived(b"reply")
+        self.assertEqual(clientTransport.value(), b"reply")
+        self.assertFalse(clientTransport.disconnecting)
+
+    def test_abortWhileDialling(self):
+        """
+        Aborting (the drain period is over) a client whose target is still
+        dialled cancels the dial and drops the client; the access log says
+        aborted.
+        """
+        server, clientTransport = self.connectClient()
+        self.factory.abortAll()
+        self.assertEqual(len(self.dialer.cancelled), 1)
+        self.assertTrue(clientTransport.disconnected)
+        server.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(self.factory.relays, set())
+        [event] = self.events
+        self.assertEqual((event["end"], event["target"]), (END_ABORTED, None))
+
+    def passTime(self, seconds: float) -> None:
+        """
+        Let C{seconds} pass as the real clock would, a quarter second at a
+        time (L{Clock.advance} runs a timer set from a timer only once).
+        """
+        for _ in range(round(seconds * 4)):
+            self.clock.advance(0.25)
+
+    def test_idleClose(self):
+        """
+        A pair with no byte either way for IdleTimeout is closed (both
+        sides, producers first unregistered) within a quarter period more;
+        traffic keeps it open; the log says idle.
+        """
+        app = AppConfig("web", (5001,), (A, B), idleTimeout=8.0)
+        self.factory = ProxyServerFactory(app, RoundRobin(app.targets), self.dialer, self.clock)
+        server, clientTransport = self.connectClient()
+        target, targetTransport = self.targetAnswers()
+        for _ in range(4):
+            self.passTime(6)
+            server.dataReceived(b"ping")
+        self.assertFalse(clientTransport.disconnecting or targetTransport.disconnecting)
+        self.passTime(8)
+        self.assertFalse(clientTransport.disconnecting)
+        self.passTime(2)
+        self.assertTrue(clientTransport.disconnecting and targetTransport.disconnecting)
+        self.assertIsNone(clientTransport.producer)
+        self.assertIsNone(targetTransport.producer)
+        server.connectionLost(Failure(ConnectionDone()))
+        target.connectionLost(Failure(ConnectionDone()))
+        [event] = self.events
+        self.assertEqual((event["end"], event["bytesIn"]), (END_IDLE, 16))
+        self.assertEqual(self.factory.relays, set())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_idleUnableToFlushIsAborted(self):
+        """
+        A pair still open one idle period after it was closed for idleness
+        (it cannot flush) is aborted.
+        """
+        app = AppConfig("web", (5001,), (A, B), idleTimeout=4.0)
+        self.factory = ProxyServerFactory(app, RoundRobin(app.targets), self.dialer, self.clock)
+        server, clientTransport = self.connectClient()
+        target, targetTransport = self.targetAnswers()
+        self.passTime(4)
+        self.assertTrue(clientTransport.disconnecting)
+        self.assertFalse(clientTransport.disconnected)
+        self.passTime(3.75)
+        self.assertFalse(clientTransport.disconnected)
+        self.passTime(0.25)
+        self.assertTrue(clientTransport.disconnected and targetTransport.disconnected)
+
+    def test_noSpliceThroughAWrapper(self):
+        """
+        Two transports that can splice (L{ISplicing}) are offered to splice
+        to each other; one that only claims it because it wraps one (a TLS
+        transport: Twisted's wrappers provide their transport's interfaces)
+        is not, or its raw bytes would pass the TLS layer.
+        """
+        server, clientTransport = self.connectClient(_SplicingTransport)
+        target, targetTransport = self.targetAnswers(transport=_SplicingTransport)
+        self.assertEqual(clientTransport.splicedTo, [targetTransport])
+        self.assertEqual(targetTransport.splicedTo, [clientTransport])
+        server, wrapper = self.connectClient(_WrappingTransport)
+        target, targetTransport = self.targetAnswers(index=1, transport=_SplicingTransport)
+        self.assertTrue(ISplicing.providedBy(wrapper))
+        self.assertEqual(wrapper.under.splicedTo, [])
+        self.assertEqual(targetTransport.splicedTo, [])
+
+
+class DialThroughEndpointTests(SynchronousTestCase):
+    """
+    The whole lifecycle in memory with the real dialer: client endpoints on
+    a L{MemoryReactorClock}, connections completed by L{iosim}.
+    """
+
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.reactor.advance(100)
+        app = AppConfig("web", (5001,), (A, B), connectTimeout=5.0)
+        dialer = FailoverDialer(self.reactor, app.connectTimeout)
+        self.factory = ProxyServerFactory(app, RoundRobin(app.targets), dialer, self.reactor)
+        self.events = captureEvents(self)
+        self.completer = ConnectionCompleter(self.reactor)
+        self.backend = _MemoryBackend()
+        self.reactor.listenTCP(B.port, self.backend, interface=B.host)
+
+    def connectClient(self):
+        server = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = _HalfCloseableTransport(
+            hostAddress=IPv4Address("TCP", "127.0.0.1", 5001),
+            peerAddress=IPv4Address("TCP", "127.0.0.1", 40000),
+        )
+        server.makeConnection(transport)
+        return server, transport
+
+    def test_failoverThenPair(self):
+        """
+        The first target refuses, the second answers: what the client sent
+        meanwhile reaches it first, replies flow back, and the log names the
+        failed attempt.
+        """
+        server, clientTransport = self.connectClient()
+        server.dataReceived(b"early")
+        [(host, port, *_)] = self.reactor.tcpClients
+        self.assertEqual((host, port), (A.host, A.port))
+        self.completer.failOnce()
+        [(host, port, *_)] = self.reactor.tcpClients
+        self.assertEqual((host, port), (B.host, B.port))
+        pump = self.completer.succeedOnce()
+        pump.flush()
+        [backend] = self.backend.protocols
+        self.assertEqual(bytes(backend.data), b"early")
+        server.dataReceived(b" and later")
+        pump.flush()
+        self.assertEqual(bytes(backend.data), b"early and later")
+        backend.transport.write(b"reply")
+        pump.flush()
+        self.assertEqual(clientTransport.value(), b"reply")
+        self.factory.abortAll()
+        # What the aborted client transport does next (a StringTransport
+        # does not call connectionLost itself).
+        server.connectionLost(Failure(ConnectionLost()))
+        pump.flush()
+        self.assertEqual(self.factory.relays, set())
+        [event] = self.events
+        self.assertEqual(event["failures"], ["127.0.0.1:7001: connection refused"])
+        self.assertEqual((event["target"], event["bytesIn"], event["bytesOut"]), ("127.0.0.1:7002", 15, 5))
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_connectTimeout(self):
+        """
+        A target that does not answer within ConnectTimeout is given up
+        (its attempt cancelled) and the next one tried.
+        """
+        server, clientTransport = self.connectClient()
+        self.reactor.advance(4.9)
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+        self.reactor.advance(0.1)
+        [(host, port, *_)] = self.reactor.tcpClients[1:]
+        self.assertEqual((host, port), (B.host, B.port))
+        self.completer.failOnce()  # the abandoned attempt, already cancelled
+        self.completer.failOnce()
+        self.assertTrue(clientTransport.disconnecting)
+        server.connectionLost(Failure(ConnectionDone()))
+        [event] = self.events
+        self.assertEqual(event["end"], END_NO_TARGET)
+        self.assertEqual(
+            event["failures"], ["127.0.0.1:7001: no answer within 5s", "127.0.0.1:7002: connection refused"]
+        )
+
+    def test_clientLeavesWhileDialling(self):
+        """
+        A client that leaves while its target is dialled cancels the
+        endpoint's connect: the connector stops connecting.
+        """
+        server, clientTransport = self.connectClient()
+        [connector] = self.reactor.connectors
+        server.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(connector.stoppedConnecting, True)
+        [event] = self.events
+        self.assertEqual(event["end"], END_CLIENT_LEFT)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])

@@ -6,14 +6,15 @@ The relay on real loopback sockets: what the test doubles cannot show
 from __future__ import annotations
 
 import os
+import socket
 
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredList, inlineCallbacks
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 
-from tcpproxy.fastpath import FastRelay
-from tcpproxy.relay import END_DONE, END_NO_TARGET, END_TARGET_LOST
+from tcpproxy.access import END_ABORTED, END_DONE, END_IDLE, END_NO_TARGET, END_TARGET_LOST
+from tcpproxy.demo import echoFactory
 from tcpproxy.tests.loopback import (
     Collector,
     CollectorFactory,
@@ -22,12 +23,16 @@ from tcpproxy.tests.loopback import (
     connectClient,
     deadPort,
     echoBackend,
+    engineFor,
     eventually,
     listen,
     listenProxy,
     startProxy,
+    unansweredPort,
+    unsent,
 )
-from tcpproxy.tls import unflushed
+from tcpproxy.transport import tcp
+from tcpproxy.transport.engine import FastEngine
 
 MiB = 1024 * 1024
 
@@ -58,6 +63,29 @@ class ByteExactTests(TestCase):
         self.assertTrue(received == payload, "relayed bytes differ from those sent")
         [event] = connectionEvents(events)
         self.assertEqual((event["bytesIn"], event["bytesOut"], event["end"]), (4 * MiB, 4 * MiB, END_DONE))
+
+    @inlineCallbacks
+    def test_bulkIsSplicedOnTheFastEngine(self):
+        """
+        The multi-MiB echo above (byte-exact, counted both ways) is moved by
+        splice on the fast engine, and without it on Twisted's.
+        """
+        calls = []
+        realSplice = os.splice
+
+        def splice(*args, **kwargs):
+            calls.append(args)
+            return realSplice(*args, **kwargs)
+
+        self.patch(os, "splice", splice)
+        yield self.test_multiMiBEchoIsByteExact()
+        if getattr(self, "engine", "fast") == "fast":
+            self.assertGreater(len(calls), 10)
+        else:
+            self.assertEqual(calls, [])
+
+    if not tcp.SPLICE:
+        test_bulkIsSplicedOnTheFastEngine.skip = "no splice(2) here"
 
     @inlineCallbacks
     def test_manyConcurrentClients(self):
@@ -263,11 +291,8 @@ def _bothWaysHeld(factory) -> bool:
     neither takes.
     """
     [relay] = factory.relays
-    if isinstance(relay, FastRelay):
-        flows = (relay.up, relay.down)
-        return None not in flows and not any(flow.settled() for flow in flows)
     client = relay.client
-    return client is not None and unflushed(relay.transport) > 0 and unflushed(client.transport) > 0
+    return client is not None and unsent(relay.transport) > 0 and unsent(client.transport) > 0
 
 
 def _targetGone(factory) -> bool:
@@ -275,8 +300,6 @@ def _targetGone(factory) -> bool:
     Whether the proxy has closed the target side of its one relay.
     """
     [relay] = factory.relays
-    if isinstance(relay, FastRelay):
-        return relay.server is None
     return relay.client.closed
 
 
@@ -399,38 +422,123 @@ class _Greeter(Protocol):
         return factory
 
 
-class FastByteExactTests(ByteExactTests):
-    fastPath = True
+class EndTests(TestCase):
+    """
+    How a relay ends other than by EOF: aborted (the drain period is over),
+    while relaying or while dialling, or closed when idle; and an IPv6
+    target.
+    """
+
+    timeout = 30
 
     @inlineCallbacks
-    def test_bulkIsSpliced(self):
+    def test_ipv6Target(self):
+        if not socket.has_ipv6:
+            raise self.skipTest("no IPv6 on this machine")
+        listening = reactor.listenTCP(0, echoFactory(), interface="::1")
+        self.addCleanup(listening.stopListening)
+        factory, port = startProxy(self, [f"[::1]:{listening.getHost().port}"])
+        client = yield connectClient(port)
+        client.transport.write(b"over v6")
+        client.transport.loseWriteConnection()
+        self.assertEqual((yield client.readDone), b"over v6")
+        yield client.lost
+
+    @inlineCallbacks
+    def test_abortWhileRelaying(self):
         """
-        On the fast path, the multi-MiB echo above (byte-exact, counted both
-        ways) is moved by splice.
+        Aborting closes both sides at once and logs the connection as aborted.
         """
-        calls = []
-        realSplice = os.splice
+        events = captureEvents(self)
+        backend = CollectorFactory()
+        factory, port = startProxy(self, [f"127.0.0.1:{listen(self, backend)}"])
+        client = yield connectClient(port)
+        target = yield backend.accepted.get()
 
-        def splice(*args, **kwargs):
-            calls.append(args)
-            return realSplice(*args, **kwargs)
+        def paired() -> bool:
+            """the relay's target side is connected"""
+            return any(relay.client is not None for relay in factory.relays)
 
-        self.patch(os, "splice", splice)
-        yield self.test_multiMiBEchoIsByteExact()
-        self.assertGreater(len(calls), 10)
+        yield eventually(paired)
+        factory.abortAll()
+        yield client.lost
+        yield target.lost
+        yield factory.whenIdle()
+        self.assertEqual(factory.relays, set())
+        [event] = connectionEvents(events)
+        self.assertEqual(event["end"], END_ABORTED)
+
+    @inlineCallbacks
+    def test_abortWhileDialling(self):
+        """
+        Aborting a client whose target does not answer yet drops the dial:
+        no deadline (the dialer's, or the fast engine's connector's) and no
+        socket watched are left behind.
+        """
+        factory, port = startProxy(self, [f"127.0.0.1:{unansweredPort(self)}"], connectTimeout=5.0)
+        client = yield connectClient(port)
+        yield eventually(lambda: len(factory.relays) == 1)
+        self.assertEqual(len(factory.dialer.deadlines), 1)
+        engine = engineFor(self)
+        factory.abortAll()
+        yield client.lost
+        yield factory.whenIdle()
+        self.assertEqual(factory.relays, set())
+        self.assertEqual(len(factory.dialer.deadlines), 0)
+        if isinstance(engine, FastEngine):
+            self.assertEqual(len(engine.deadlines), 0)
+            self.assertEqual(len(engine.poller), 0)
+
+    @inlineCallbacks
+    def test_idleWithUnsendableBytesIsAborted(self):
+        """
+        An idle pair that cannot flush to its client (which reads nothing)
+        is aborted one idle check later, not left open.
+        """
+        events = captureEvents(self)
+        backend = CollectorFactory()
+        factory, port = startProxy(self, [f"127.0.0.1:{listen(self, backend)}"], idleTimeout=0.3)
+        client = yield connectClient(port, Collector())
+        client.transport.pauseProducing()
+        target = yield backend.accepted.get()
+        target.transport.write(os.urandom(8 * MiB))
+        yield factory.whenIdle()
+        # A paused client notices nothing until it reads again.
+        client.transport.resumeProducing()
+        yield client.lost
+        [event] = connectionEvents(events)
+        self.assertEqual(event["end"], END_IDLE)
 
 
-class FastHalfCloseTests(HalfCloseTests):
-    fastPath = True
+class CopyBackpressureTests(BackpressureTests):
+    """
+    Backpressure on the fast engine in copy mode (no splice), which small
+    messages and platforms without splice use.
+    """
+
+    def setUp(self) -> None:
+        self.patch(tcp, "SPLICE", False)
 
 
-class FastBackpressureTests(BackpressureTests):
-    fastPath = True
+class TwistedByteExactTests(ByteExactTests):
+    engine = "twisted"
 
 
-class FastFailoverTests(FailoverTests):
-    fastPath = True
+class TwistedHalfCloseTests(HalfCloseTests):
+    engine = "twisted"
 
 
-class FastResetTests(ResetTests):
-    fastPath = True
+class TwistedBackpressureTests(BackpressureTests):
+    engine = "twisted"
+
+
+class TwistedFailoverTests(FailoverTests):
+    engine = "twisted"
+
+
+class TwistedResetTests(ResetTests):
+    engine = "twisted"
+
+
+class TwistedEndTests(EndTests):
+    engine = "twisted"

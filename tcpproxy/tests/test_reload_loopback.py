@@ -27,6 +27,7 @@ from tcpproxy.tests.loopback import (
     connectClient,
     deadPort,
     echoBackend,
+    engineFor,
     listen,
 )
 
@@ -86,7 +87,7 @@ class ReloadMixin:
 
     def serve(self, document) -> ProxyService:
         self.write(document)
-        self.service = ProxyService(loadConfig(self.path), reactor)
+        self.service = ProxyService(loadConfig(self.path), reactor, engine=engineFor(self))
         self.service.startService()
         self.addCleanup(self.service.stopService)
         return self.service
@@ -333,3 +334,11 @@ class ReloadUnderLoadTests(ReloadMixin, TestCase):
                 break
             yield deferLater(reactor, 0.02, lambda: None)
         self.assertLessEqual(openSockets(), start, "sockets leaked")
+
+
+class TwistedReloadLoopbackTests(ReloadLoopbackTests):
+    engine = "twisted"
+
+
+class TwistedReloadUnderLoadTests(ReloadUnderLoadTests):
+    engine = "twisted"

@@ -22,7 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 import tcpproxy
-from tcpproxy.relay import END_DONE
+from tcpproxy.access import END_DONE
 from tcpproxy.tester.check import CHECKS, CheckSettings, buildSuite, describeMismatch, sizeText
 from tcpproxy.tester.targets import ProxyPort, targetFor
 from tcpproxy.tester.testing import InProcessProxy, freePorts

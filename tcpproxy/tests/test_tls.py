@@ -29,9 +29,9 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface import implementer
 
+from tcpproxy.access import END_DONE, END_NO_TARGET, END_TARGET_LOST
 from tcpproxy.config import ConfigError, loadConfig
 from tcpproxy.demo import Echo, echoFactory
-from tcpproxy.relay import END_DONE, END_NO_TARGET, END_TARGET_LOST
 from tcpproxy.service import APPLIED, REFUSED, ProxyService
 from tcpproxy.tests.certs import ALPHA, BETA, GAMMA, pki, writePKI
 from tcpproxy.tests.loopback import (
@@ -40,10 +40,19 @@ from tcpproxy.tests.loopback import (
     captureEvents,
     connectClient,
     deadPort,
+    engineFor,
+    eventually,
     listen,
 )
 from tcpproxy.tests.test_relay_loopback import _Pusher, _SlowReader
-from tcpproxy.tls import PendingHandshakes, _UnverifiedClientCreator, certificateNames, closeTLS, loadAppTLS
+from tcpproxy.tls import (
+    PendingHandshakes,
+    TLSCloser,
+    _UnverifiedClientCreator,
+    certificateNames,
+    loadAppTLS,
+)
+from tcpproxy.transport.tcp import IWriteBuffer
 
 MiB = 1024 * 1024
 
@@ -158,7 +167,7 @@ class TLSServiceMixin:
         return loadConfig(self.path)
 
     def serve(self, apps: list[dict]) -> ProxyService:
-        self.service = ProxyService(self.config(apps), reactor)
+        self.service = ProxyService(self.config(apps), reactor, engine=engineFor(self))
         self.service.startService()
         self.addCleanup(self.service.stopService)
         return self.service
@@ -637,6 +646,20 @@ class HandshakeFloodTests(TLSServiceMixin, TestCase):
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5)
         return connectProtocol(endpoint, _StalledClient(hello))
 
+    def noneLeft(self) -> Deferred:
+        """
+        Fires once the proxy has seen every stalled client go (their
+        handshakes no longer pending): the connections are not relays, so
+        the service's drain does not wait for them.
+        """
+        pending = self.service.factories["secure"].front.wrappedFactory.pending
+
+        def gone() -> bool:
+            """every pending handshake dropped"""
+            return len(pending) == 0
+
+        return eventually(gone)
+
     @inlineCallbacks
     def test_capDropsTheOldestStalled(self):
         """
@@ -664,6 +687,7 @@ class HandshakeFloodTests(TLSServiceMixin, TestCase):
         for client in stalled[1:] + [fourth]:
             client.transport.abortConnection()
             yield client.lost
+        yield self.noneLeft()
 
     @inlineCallbacks
     def test_memoryPerPendingHandshake(self):
@@ -687,6 +711,7 @@ class HandshakeFloodTests(TLSServiceMixin, TestCase):
         for client in clients + [warm]:
             client.transport.abortConnection()
         yield gatherResults([c.lost for c in clients + [warm]])
+        yield self.noneLeft()
         self.assertLess(perHandshake, 80, f"{perHandshake:.1f} KiB per pending handshake")
 
 
@@ -938,7 +963,7 @@ class OriginationTests(TLSServiceMixin, TestCase):
 
 class CloseTests(TestCase):
     """
-    L{closeTLS} on a peer that never answers C{close_notify}.
+    L{TLSCloser} on a peer that never answers C{close_notify}.
     """
 
     timeout = 20
@@ -950,25 +975,128 @@ class CloseTests(TestCase):
         never answers C{close_notify}), is aborted after the deadline
         instead of being waited for forever.
         """
-        from twisted.internet.task import Clock
-
         server = Collector()
         pair = keyPair("alpha")
         options = CertificateOptions(privateKey=pair.privateKey.original, certificate=pair.original)
-        from twisted.internet.protocol import Factory
-
         port = listen(self, TLSMemoryBIOFactory(options, False, Factory.forProtocol(lambda: server)))
         silent = yield connectTLS(port, trusting(ALPHA))
         yield silent.handshake
         yield server.whenConnected
         silent.transport.pauseProducing()
         clock = Clock()
-        closeTLS(server.transport, clock, timeout=2)
+        TLSCloser(server.transport, clock, timeout=2)
         self.assertTrue(server.transport.connected)
         clock.advance(2)
         yield server.lost
         silent.transport.resumeProducing()
         yield silent.lost
+
+
+class _ClosingTransport:
+    """
+    What L{TLSCloser} uses of a TLS transport, recorded.
+    """
+
+    def __init__(self, closesAtOnce: bool = False) -> None:
+        self.connected = True
+        self.closesAtOnce = closesAtOnce
+        self.calls: list[str] = []
+
+    def resumeProducing(self) -> None:
+        self.calls.append("resume")
+
+    def loseConnection(self) -> None:
+        self.calls.append("lose")
+        if self.closesAtOnce:
+            self.connected = False
+
+    def abortConnection(self) -> None:
+        self.calls.append("abort")
+        self.connected = False
+
+
+class TLSCloserTests(SynchronousTestCase):
+    """
+    L{TLSCloser} with a clock: resume, close, and abort only after
+    C{timeout} seconds without a sign of life.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.transport = _ClosingTransport()
+
+    def test_resumedThenClosed(self) -> None:
+        """
+        The transport is resumed (a paused TLS transport never completes its
+        close), then closed; not resumed when told not to.
+        """
+        TLSCloser(self.transport, self.clock)
+        self.assertEqual(self.transport.calls, ["resume", "lose"])
+        other = _ClosingTransport()
+        TLSCloser(other, self.clock, resume=False)
+        self.assertEqual(other.calls, ["lose"])
+
+    def test_abortedWithoutActivity(self) -> None:
+        """
+        Still open C{timeout} seconds later, with no change of activity:
+        aborted, and no timer is left.
+        """
+        TLSCloser(self.transport, self.clock, activity=lambda: 0, timeout=2)
+        self.clock.advance(1.9)
+        self.assertNotIn("abort", self.transport.calls)
+        self.clock.advance(0.1)
+        self.assertEqual(self.transport.calls[-1], "abort")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_activityRestartsTheClock(self) -> None:
+        """
+        A peer that still takes bytes (activity changes) gets another
+        C{timeout} each time, and is aborted only once it stops.
+        """
+        sent = [0]
+        TLSCloser(self.transport, self.clock, activity=lambda: sent[0], timeout=2)
+        for _ in range(3):
+            sent[0] += 1000
+            self.clock.advance(2)
+            self.assertNotIn("abort", self.transport.calls)
+        self.clock.advance(2)
+        self.assertEqual(self.transport.calls[-1], "abort")
+
+    def test_closedInTime(self) -> None:
+        """
+        A transport that closes before the deadline is not aborted; one
+        closed at once gets no timer at all; C{cancel} drops the timer.
+        """
+        TLSCloser(self.transport, self.clock, activity=lambda: 0, timeout=2)
+        self.transport.connected = False
+        self.clock.advance(2)
+        self.assertNotIn("abort", self.transport.calls)
+        TLSCloser(_ClosingTransport(closesAtOnce=True), self.clock, timeout=2)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        transport = _ClosingTransport()
+        closer = TLSCloser(transport, self.clock, activity=lambda: 0, timeout=2)
+        closer.cancel()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(2)
+        self.assertNotIn("abort", transport.calls)
+
+    def test_unsent(self) -> None:
+        """
+        The default activity: what the TCP transport under the TLS one still
+        has to send, where it says (L{IWriteBuffer}); 0 where it does not.
+        """
+
+        @implementer(IWriteBuffer)
+        class Buffered:
+            bufferedBytes = 1234
+
+        class Over:
+            def __init__(self, under) -> None:
+                self.transport = under
+
+        self.assertEqual(TLSCloser.unsent(Over(Buffered())), 1234)
+        self.assertEqual(TLSCloser.unsent(Over(object())), 0)
+        self.assertEqual(TLSCloser.unsent(object()), 0)
 
 
 class LoadRefusalTests(TestCase):
@@ -1089,3 +1217,27 @@ class LoadRefusalTests(TestCase):
         self.assertEqual(line.count("\n"), 1)
         self.assertTrue(line.startswith(f'tcpproxy: error: {self.path}: app "secure": key "TLS": '), line)
         self.assertIn("beta.key: is not the private key of the certificate", line)
+
+
+class TwistedTerminationTests(TerminationTests):
+    engine = "twisted"
+
+
+class TwistedALPNTests(ALPNTests):
+    engine = "twisted"
+
+
+class TwistedHandshakeFloodTests(HandshakeFloodTests):
+    engine = "twisted"
+
+
+class TwistedTLSBackpressureTests(TLSBackpressureTests):
+    engine = "twisted"
+
+
+class TwistedNamesAsWrittenTests(NamesAsWrittenTests):
+    engine = "twisted"
+
+
+class TwistedOriginationTests(OriginationTests):
+    engine = "twisted"

@@ -32,10 +32,12 @@ from twisted.internet.interfaces import (
     IReactorTCP,
     IReactorTime,
 )
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 from tcpproxy.deadlines import Deadlines
+from tcpproxy.describe import hostPort
 from tcpproxy.resolve import NameResolver
 from tcpproxy.transport.poller import AVAILABLE, GONE, WRITE, Poller
 from tcpproxy.transport.tcp import SocketTransport
@@ -129,11 +131,21 @@ class TwistedEngine(_EngineReactor):
     def stop(self) -> None:
         pass
 
+    log = Logger()
+
     def adopt(self, sock: socket.socket, address: tuple, factory: IProtocolFactory, host=None) -> None:
         try:
             self._reactor.adoptStreamConnection(sock.fileno(), sock.family, factory)
-        except OSError:
-            pass  # the client is already gone
+        except OSError as e:
+            # Adopting duplicates the socket: out of descriptors, that fails
+            # where accept did not.  Any other error: the client is gone.
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                self.log.warn(
+                    "cannot serve client {client}: {code} ({reason}); closed it",
+                    client=hostPort(str(address[0]), address[1]),
+                    code=errno.errorcode.get(e.errno, e.errno),
+                    reason=e.strerror,
+                )
         finally:
             sock.close()
 

@@ -127,7 +127,15 @@ class Poller:
     def close(self) -> None:
         """
         Stop being watched by the reactor; the handlers left are forgotten.
+        The calls asked for with L{soon} run first: they are closes already
+        decided (an aborted connection's C{connectionLost}), as the reactor
+        still runs those of Twisted's own transports.
         """
+        call, self._soonCall = self._soonCall, None
+        if call is not None and call.active():
+            call.cancel()
+        if self._soon:
+            self._runSoon()
         self._reactor.removeReader(self)
         self._handlers.clear()
         self._epoll.close()

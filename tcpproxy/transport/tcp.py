@@ -377,8 +377,8 @@ class SocketTransport:
         Send EOF once what was written has been sent; the peer may go on
         sending.
         """
-        if not self.connected or self._shutRequested:
-            return
+        if not self.connected or self._shutRequested or self._closeReason is not None:
+            return  # (after abortConnection, a FIN would pass for an orderly end)
         self._shutRequested = True
         if not self._buffer and (self._spliceIn is None or not self._spliceIn.inPipe):
             self._shutWrite()
@@ -417,16 +417,29 @@ class SocketTransport:
         if not self.connected:
             return
         self.connected = False
+        orderly = reason is None and self._closeReason is None
         if reason is None:
             reason = self._closeReason or Failure(ConnectionDone())
         if self._mask:
             self._poller.forget(self._fd)
             self._mask = 0
-        for splice in (self._spliceOut, self._spliceIn):
-            if splice is not None:
-                splice.close()
+        if self._spliceIn is not None:
+            self._spliceIn.close()
+        splice = self._spliceOut
+        if splice is not None and not (splice.inPipe and splice.dst.connected):
+            splice.close()
+        # Else the pipe holds bytes read from this socket (and counted):
+        # the consumer still sends them, then closes the pipe (L{_Splice.push}).
         self._buffer = None
         self._buffered = 0
+        if orderly and not self._writeShut:
+            # EOF first, as Twisted's transport does: a peer whose last bytes
+            # were not read then sees an orderly end, not only the reset
+            # that closing with unread bytes sends.
+            try:
+                self.socket.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
         self.socket.close()
         producer, self._producer = self._producer, None
         if producer is not None:
@@ -609,6 +622,9 @@ class _Splice:
         src = self.src
         if src.connected:
             src._update()
+        else:
+            # The last bytes of a source that is gone have been sent.
+            self.close()
 
     def close(self) -> None:
         """
