@@ -18,12 +18,12 @@ from twisted.test.iosim import ConnectionCompleter
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import directlyProvides, implementer, providedBy
 
-from tcpproxy.access import END_ABORTED, END_CLIENT_LEFT, END_CLIENT_LOST, END_IDLE, END_NO_TARGET
+from tcpproxy.access import END_ABORTED, END_CLIENT_LEFT, END_CLIENT_LOST, END_DONE, END_IDLE, END_NO_TARGET
 from tcpproxy.app import ProxyServerFactory
 from tcpproxy.balancer import RoundRobin
 from tcpproxy.config import AppConfig, parseTarget
 from tcpproxy.dialer import Dialled, FailoverDialer, IDialer, NoTargetAvailable
-from tcpproxy.relay import LINGER, PREDIAL_BUFFER, ProxyClientProtocol
+from tcpproxy.relay import LINGER, PREDIAL_BUFFER, RESET_POLL, ProxyClientProtocol
 from tcpproxy.tests.loopback import Collector, captureEvents
 from tcpproxy.transport.tcp import ISplicing
 
@@ -213,27 +213,32 @@ class RelayTests(SynchronousTestCase):
             event["failures"], ["127.0.0.1:7001: connection refused", "127.0.0.1:7002: no answer within 5s"]
         )
 
-    def test_clientResetClosesTarget(self):
+    def test_clientResetResetsTarget(self):
         """
-        A client that resets makes the proxy close the target side: EOF
-        first (after what was already sent to it is flushed), then what the
-        target still sends is dropped until its own EOF (a lingering close,
-        so that closing with unread bytes does not reset what the target
-        was sent); producers are unregistered first, so the close cannot
-        hang on a paused producer.
+        A client that resets makes the proxy reset the target side too, so
+        that the target cannot take a cut-off stream for a complete one: no
+        EOF is sent, nothing more is read from the target, producers are
+        unregistered first (so nothing hangs on a paused producer), and the
+        target is aborted once what it was sent has been taken.
         """
         server, clientTransport = self.connectClient()
         target, targetTransport = self.targetAnswers(failures=[(B, "connection refused")])
         server.dataReceived(b"12345")
         target.dataReceived(b"abc")
         server.connectionLost(Failure(ConnectionLost()))
-        self.assertTrue(targetTransport.writeShut)
+        self.assertFalse(targetTransport.writeShut)
         self.assertFalse(targetTransport.disconnecting)
         self.assertIsNone(targetTransport.producer)
-        target.dataReceived(b"dropped")
-        target.readConnectionLost()
-        self.assertTrue(targetTransport.disconnecting)
-        target.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(targetTransport.producerState, "paused")
+        self.assertEqual(targetTransport.value(), b"12345")
+        # Nothing is left unsent on a StringTransport: the reset follows at
+        # the second look.
+        self.clock.advance(0)
+        self.assertFalse(targetTransport.disconnecting)
+        self.clock.advance(RESET_POLL)
+        self.assertTrue(targetTransport.disconnected)  # what StringTransport.abortConnection sets
+        target.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
         [event] = self.events
         self.assertEqual(
             {k: event[k] for k in ("end", "target", "bytesIn", "bytesOut", "port", "app", "failures")},
@@ -249,14 +254,38 @@ class RelayTests(SynchronousTestCase):
         )
         self.assertEqual(self.factory.relays, set())
 
+    def test_cleanCloseLingers(self):
+        """
+        A client that closes cleanly without a half-close (as a TLS client's
+        C{close_notify} arrives) makes the proxy close the target side with
+        EOF first (after what was already sent to it is flushed), then drop
+        what the target still sends until its own EOF (a lingering close, so
+        that closing with unread bytes does not reset what the target was
+        sent).
+        """
+        server, clientTransport = self.connectClient()
+        target, targetTransport = self.targetAnswers()
+        server.dataReceived(b"12345")
+        server.connectionLost(Failure(ConnectionDone()))
+        self.assertTrue(targetTransport.writeShut)
+        self.assertFalse(targetTransport.disconnecting)
+        self.assertIsNone(targetTransport.producer)
+        target.dataReceived(b"dropped")
+        target.readConnectionLost()
+        self.assertTrue(targetTransport.disconnecting)
+        target.connectionLost(Failure(ConnectionDone()))
+        [event] = self.events
+        self.assertEqual((event["end"], event["bytesIn"], event["bytesOut"]), (END_DONE, 5, 0))
+        self.assertEqual(self.factory.relays, set())
+
     def test_lingerBounded(self):
         """
-        A target that never sends its EOF after the client reset is reset
+        A target that never sends its EOF after the client left is reset
         once the lingering close has lasted LINGER seconds.
         """
         server, _ = self.connectClient()
         target, targetTransport = self.targetAnswers()
-        server.connectionLost(Failure(ConnectionLost()))
+        server.connectionLost(Failure(ConnectionDone()))
         self.clock.advance(LINGER - 1)
         self.assertFalse(targetTransport.disconnecting)
         self.clock.advance(1)

@@ -17,9 +17,10 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
+from tcpproxy.applying import APPLIED, NOT_APPLIED, REFUSED
 from tcpproxy.config import loadConfig
 from tcpproxy.demo import echoFactory
-from tcpproxy.service import APPLIED, NOT_APPLIED, REFUSED, ProxyService
+from tcpproxy.service import ProxyService
 from tcpproxy.tests.loopback import (
     Collector,
     CollectorFactory,

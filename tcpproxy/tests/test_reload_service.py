@@ -10,8 +10,9 @@ import socket
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
+from tcpproxy.applying import APPLIED, APPLIED_WITH_ERRORS, REFUSED, UNCHANGED
 from tcpproxy.config import loadConfig, parseTarget
-from tcpproxy.service import APPLIED, APPLIED_WITH_ERRORS, REFUSED, UNCHANGED, ProxyService
+from tcpproxy.service import ProxyService
 from tcpproxy.tests.loopback import captureEvents, deadPort
 from tcpproxy.tests.test_service import FakeRelay
 

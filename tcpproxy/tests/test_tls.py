@@ -30,9 +30,10 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from tcpproxy.access import END_DONE, END_NO_TARGET, END_TARGET_LOST
+from tcpproxy.applying import APPLIED, REFUSED
 from tcpproxy.config import ConfigError, loadConfig
 from tcpproxy.demo import Echo, echoFactory
-from tcpproxy.service import APPLIED, REFUSED, ProxyService
+from tcpproxy.service import ProxyService
 from tcpproxy.tests.certs import ALPHA, BETA, GAMMA, pki, writePKI
 from tcpproxy.tests.loopback import (
     Collector,
