@@ -10,10 +10,11 @@ import socket
 
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredList, inlineCallbacks
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 
-from tcpproxy.access import END_ABORTED, END_DONE, END_IDLE, END_NO_TARGET, END_TARGET_LOST
+from tcpproxy.access import END_ABORTED, END_CLIENT_LOST, END_DONE, END_IDLE, END_NO_TARGET, END_TARGET_LOST
 from tcpproxy.demo import echoFactory
 from tcpproxy.tests.loopback import (
     Collector,
@@ -341,6 +342,76 @@ class ResetTests(TestCase):
         self.assertGreater(len(received), 0)
 
 
+class _SendsThenResets(Protocol):
+    """
+    A target that sends C{reply} as soon as it is connected, then resets.
+    """
+
+    reply = b"0123456789abcdef"
+
+    def connectionMade(self) -> None:
+        # Straight to the kernel: abortConnection drops what waits in
+        # Twisted's buffer.
+        self.transport.getHandle().sendall(self.reply)
+        self.transport.abortConnection()
+
+
+def _isReset(reason) -> bool:
+    """
+    Whether a connection ended by a reset, not an orderly close.
+    """
+    return reason.check(ConnectionLost) is not None and reason.check(ConnectionDone) is None
+
+
+class ResetPropagationTests(TestCase):
+    """
+    A reset on one side reaches the other side as a reset, after what was
+    sent before it; a clean end stays clean (see the half-close tests).
+    """
+
+    timeout = 30
+
+    @inlineCallbacks
+    def test_targetResetReachesClientAsReset(self):
+        """
+        A target that sends 16 bytes and resets: the client gets the 16
+        bytes, then a reset, not a clean EOF that would pass the cut-off
+        reply for a complete one; the log says the target reset.
+        """
+        events = captureEvents(self)
+        target = listen(self, Factory.forProtocol(_SendsThenResets))
+        factory, port = startProxy(self, [f"127.0.0.1:{target}"])
+        client = yield connectClient(port)
+        received = yield client.readDone
+        yield client.lost
+        self.assertEqual(received, _SendsThenResets.reply)
+        self.assertTrue(_isReset(client.reason), client.reason)
+        yield factory.whenIdle()
+        [event] = connectionEvents(events)
+        self.assertEqual(event["end"], END_TARGET_LOST)
+
+    @inlineCallbacks
+    def test_clientResetReachesTargetAsReset(self):
+        """
+        A client that sends 13 bytes and resets: the target gets the 13
+        bytes, then a reset; the log says the client reset.
+        """
+        events = captureEvents(self)
+        backend = CollectorFactory()
+        factory, port = startProxy(self, [f"127.0.0.1:{listen(self, backend)}"])
+        client = yield connectClient(port)
+        target = yield backend.accepted.get()
+        client.transport.getHandle().sendall(b"hello, world!")
+        yield eventually(lambda: bytes(target.data) == b"hello, world!")
+        client.transport.abortConnection()
+        yield target.lost
+        self.assertTrue(_isReset(target.reason), target.reason)
+        self.assertEqual(bytes(target.data), b"hello, world!")
+        yield factory.whenIdle()
+        [event] = connectionEvents(events)
+        self.assertEqual((event["end"], event["bytesIn"]), (END_CLIENT_LOST, 13))
+
+
 class FailoverTests(TestCase):
     timeout = 30
 
@@ -537,6 +608,10 @@ class TwistedFailoverTests(FailoverTests):
 
 
 class TwistedResetTests(ResetTests):
+    engine = "twisted"
+
+
+class TwistedResetPropagationTests(ResetPropagationTests):
     engine = "twisted"
 
 
