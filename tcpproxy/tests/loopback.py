@@ -99,12 +99,15 @@ def engineFor(testCase) -> IEngine:
     kind = getattr(testCase, "engine", "fast")
     if kind not in ENGINES:
         raise ValueError(f"unknown engine {kind!r}")
+    # A test case may give the engine its name resolver (its nameResolver
+    # attribute): no test may ask a name server off this machine.
+    resolver = getattr(testCase, "nameResolver", None)
     if kind == "fast":
         if not AVAILABLE:
             raise SkipTest("no epoll here: the fast engine cannot run")
-        engine = FastEngine(reactor)
+        engine = FastEngine(reactor, resolver)
     else:
-        engine = TwistedEngine(reactor)
+        engine = TwistedEngine(reactor, resolver)
     engine.start()
     testCase.addCleanup(engine.stop)
     testCase._loopbackEngine = engine

@@ -9,13 +9,15 @@ import os
 import socket
 
 from twisted.internet import reactor
-from twisted.internet.defer import DeferredList, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.protocol import Factory, Protocol
+from twisted.names import hosts
 from twisted.trial.unittest import TestCase
 
 from tcpproxy.access import END_ABORTED, END_CLIENT_LOST, END_DONE, END_IDLE, END_NO_TARGET, END_TARGET_LOST
 from tcpproxy.demo import echoFactory
+from tcpproxy.resolve import NameResolver
 from tcpproxy.tests.loopback import (
     Collector,
     CollectorFactory,
@@ -412,6 +414,65 @@ class ResetPropagationTests(TestCase):
         self.assertEqual((event["end"], event["bytesIn"]), (END_CLIENT_LOST, 13))
 
 
+class _NeverAnswers:
+    """
+    A name server that never answers (an L{IResolver}'s lookups, as far as
+    L{tcpproxy.resolve.NameResolver} uses them).
+    """
+
+    def lookupAddress(self, name, timeout=None):
+        return Deferred()
+
+    lookupIPV6Address = lookupAddress
+
+
+class SlowNameTests(TestCase):
+    """
+    Host names are looked up without a thread each: a name server that
+    never answers holds up its own app's clients, and nobody else.
+    """
+
+    timeout = 30
+
+    def setUp(self):
+        hostsFile = self.mktemp()
+        with open(hostsFile, "w") as f:
+            f.write("127.0.0.1 fast.test\n")
+        self.nameResolver = NameResolver(hosts.Resolver(hostsFile.encode()), _NeverAnswers())
+
+    @inlineCallbacks
+    def test_slowNameHoldsUpNobodyElse(self):
+        """
+        Twelve clients of an app whose target's name never resolves (more
+        than the reactor's ten resolver threads) do not stop a client of
+        another app, whose target is in the hosts file: it is served at
+        once.  The twelve are refused at their C{ConnectTimeout}, logged as
+        a timeout.
+        """
+        events = captureEvents(self)
+        echo = echoBackend(self)
+        slow, slowPort = startProxy(self, [f"slow.test:{echo}"], name="slow", connectTimeout=1.0)
+        fast, fastPort = startProxy(self, [f"fast.test:{echo}"], name="fast")
+        waiting = []
+        for _ in range(12):
+            waiting.append((yield connectClient(slowPort)))
+        client = yield connectClient(fastPort)
+        client.transport.write(b"ping")
+        client.transport.loseWriteConnection()
+        self.assertEqual((yield client.readDone), b"ping")
+        self.assertEqual([w.readDone.called for w in waiting], [False] * 12)
+        for w in waiting:
+            self.assertEqual((yield w.readDone), b"")
+            w.transport.loseConnection()
+            yield w.lost
+        yield slow.whenIdle()
+        refused = [e for e in connectionEvents(events) if e["app"] == "slow"]
+        self.assertEqual(len(refused), 12)
+        self.assertEqual(
+            {tuple(e["failures"]) for e in refused}, {(f"slow.test:{echo}: no answer within 1s",)}
+        )
+
+
 class FailoverTests(TestCase):
     timeout = 30
 
@@ -612,6 +673,10 @@ class TwistedResetTests(ResetTests):
 
 
 class TwistedResetPropagationTests(ResetPropagationTests):
+    engine = "twisted"
+
+
+class TwistedSlowNameTests(SlowNameTests):
     engine = "twisted"
 
 

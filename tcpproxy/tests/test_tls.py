@@ -44,6 +44,7 @@ from tcpproxy.tests.loopback import (
     engineFor,
     eventually,
     listen,
+    unansweredPort,
 )
 from tcpproxy.tests.test_relay_loopback import _Pusher, _SlowReader
 from tcpproxy.tls import (
@@ -366,6 +367,33 @@ class TerminationTests(TLSServiceMixin, TestCase):
         dropped = [e for e in self.events if e.get("event") == "tls-handshake-failed"]
         self.assertEqual([e["why"] for e in dropped], ["unsupported protocol"] * 2)
         self.assertTrue(all(e["client"].startswith("127.0.0.1:") for e in dropped))
+
+    @inlineCallbacks
+    def test_sendThenCloseWhileDialling(self):
+        """
+        A TLS client that sends its request, then C{close_notify}, and
+        closes without waiting (as C{openssl s_client} does with its input
+        on a pipe), while its target is still being dialled: the request
+        reaches the target, then EOF -- it used to be dropped as "client left
+        while dialling", TLS having no half-close to say it was an EOF.
+        """
+        request = b"GET /x HTTP/1.0\r\n\r\n"
+        backend = CollectorFactory()
+        app, port = self.terminating([unansweredPort(self), listen(self, backend)])
+        app["ConnectTimeout"] = 0.5
+        self.serve([app])
+        client = yield connectTLS(port, trusting(ALPHA))
+        yield client.handshake
+        client.transport.write(request)
+        client.transport.loseConnection()
+        yield client.lost
+        target = yield backend.accepted.get()
+        self.assertEqual((yield target.readDone), request)
+        target.transport.loseConnection()
+        yield target.lost
+        yield self.idle()
+        [event] = [e for e in self.events if "bytesIn" in e]
+        self.assertEqual((event["end"], event["bytesIn"]), (END_DONE, len(request)))
 
     @inlineCallbacks
     def test_multiMiBByteExact(self):
