@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-from tcpproxy.config import hostPort
+from tcpproxy.describe import hostPort
 
 BACKLOG = 1024
 """
@@ -106,10 +106,10 @@ class SocketPort:
     socket, to an L{ISocketAcceptor}.
 
     Unlike Twisted's own port, no transport or protocol is made here: the
-    acceptor decides, per client, whether Twisted relays it (L{adopting
-    <twisted.internet.interfaces.IReactorSocket.adoptStreamConnection>} the
-    socket) or the plain-TCP fast path does (L{tcpproxy.fastpath}), which
-    needs only the socket.
+    acceptor hands the socket to the engine (L{tcpproxy.transport.engine}),
+    which makes the transport -- the project's own, or Twisted's by
+    L{adopting <twisted.internet.interfaces.IReactorSocket.adoptStreamConnection>}
+    the socket.
 
     When C{accept} fails for lack of file descriptors the client would wait
     in the backlog, and the port would be ready again at once, for ever: a

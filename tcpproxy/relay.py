@@ -21,17 +21,29 @@ the speeds.  On top of that:
     (and the dial cancelled) without anything it sent being lost or held
     without bound.
 
+  - A reset is passed on as a reset (L{ResetWhenSent}): the other side gets
+    what it was owed, then a reset, so a cut-off stream never looks like a
+    complete one.  A clean close stays clean.
+
+  - A client that sends and leaves cleanly while its target is dialled
+    (TLS gives a client's C{close_notify} no half-close) has what it sent
+    delivered, then EOF.
+
   - TLS (L{tcpproxy.tls}) has no half-close.  An EOF on a plain side whose
     peer is TLS sends C{close_notify} to the peer (which stops writing to
     it, and keeps reading until the peer answers); an EOF or
     C{close_notify} on a TLS side arrives as C{connectionLost}, and closes
     the other side once what is in flight to it has been written.  A TLS
     transport being closed is aborted if its peer stops answering (see
-    L{tcpproxy.tls.closeTLS}).
+    L{tcpproxy.tls.TLSCloser}).
 
-One log event per connection, when both sides are gone, carries the client,
-app, port, target, failed attempts, bytes each way, duration and how it ended
-(and, for TLS terminated here, the TLS version, cipher and SNI name).
+  - Two transports that can splice (L{ISplicing}: the fast engine's) move
+    bulk data inside the kernel; the relay still counts every byte.
+
+The protocols speak only to Twisted's interfaces (C{ITransport},
+C{IPushProducer}, C{IConsumer}), so they run on either engine
+(L{tcpproxy.transport.engine}).  When both sides are gone, the app writes
+the connection's record (L{tcpproxy.access}).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from zope.interface import implementer
 
 AVAILABLE = hasattr(select, "epoll")
 """
-Whether this platform has epoll (Linux); without it there is no fast path
+Whether this platform has epoll (Linux); without it there is no fast engine
 and every connection runs on Twisted's own transports.
 """
 
