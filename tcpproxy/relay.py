@@ -206,14 +206,13 @@ class ResetWhenSent:
         self._call = None
 
 
-def _noDelay(transport) -> None:
+def _noDelay(side: _RelaySide) -> None:
     """
     Turn Nagle's algorithm off (on the TCP transport under a TLS one): the
     relay writes whole chunks as they come, and must not hold back a small
     reply waiting for an ACK.
     """
-    if _isTLS(transport):
-        transport = transport.transport
+    transport = side.transport.transport if side.tls else side.transport
     if ITCPTransport.providedBy(transport):
         transport.setTcpNoDelay(True)
 
@@ -247,6 +246,7 @@ class _RelaySide(Protocol):
     @ivar throttle: with a bandwidth limit, the L{Throttle} this side's
         transport produces through (told of every chunk read); else C{None}.
     @ivar dropping: in a lingering close: what arrives is dropped.
+    @ivar tls: this side's transport is a TLS one (looked at once).
     """
 
     # Slots: a relayed pair is two of these for as long as it is open, and
@@ -266,10 +266,12 @@ class _RelaySide(Protocol):
         "closed",
         "received",
         "dropping",
+        "tls",
     )
 
     def __init__(self) -> None:
         self.factory = None
+        self.tls = False
         self.transport = None
         self.connected = 0
         self.peer: _RelaySide | None = None
@@ -331,7 +333,7 @@ class _RelaySide(Protocol):
         side goes on reading (and relaying) until its peer answers.
         """
         peer = self.peer
-        if not _isTLS(peer.transport):
+        if not peer.tls:
             peer.transport.loseWriteConnection()
             return
         if peer.closer is not None:
@@ -359,7 +361,7 @@ class _RelaySide(Protocol):
         if reset:
             if peer.resetter is None:
                 peer.resetter = ResetWhenSent(transport, self.relay.factory.clock)
-        elif _isTLS(transport):
+        elif peer.tls:
             if peer.closer is None:
                 peer.closer = TLSCloser(transport, self.relay.factory.clock)
         elif peer.readDone:
@@ -522,7 +524,8 @@ class ProxyServerProtocol(_RelaySide):
             self._refuse(refused)
             return
         factory.relays.add(self)
-        _noDelay(self.transport)
+        self.tls = _isTLS(self.transport)
+        _noDelay(self)
         self._dialling = factory.dialer.dial(factory.clientFactory, factory.balancer.order())
         self._dialling.addCallbacks(self._targetConnected, self._noTarget)
 
@@ -557,7 +560,8 @@ class ProxyServerProtocol(_RelaySide):
         self.failures = dialled.failures
         client = self.client = dialled.protocol
         client.relay = self
-        _noDelay(client.transport)
+        client.tls = _isTLS(client.transport)
+        _noDelay(client)
         pending, self._pending = self._pending or (), None
         if self.closed:
             # The client left cleanly after sending this: deliver it, then
