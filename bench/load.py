@@ -193,6 +193,41 @@ def tlsBulk(address: Address, serverName: str, warmup: float, duration: float) -
         sock.close()
 
 
+class _Window:
+    """
+    The measurement window of a loop: it opens C{warmup} seconds after it
+    is made, and closes C{duration} seconds later.
+
+    @ivar start: when it opened (C{time.perf_counter}), or C{None} yet.
+    @ivar now: when L{over} was last asked.
+    """
+
+    def __init__(self, warmup: float, duration: float) -> None:
+        self._openAt = time.perf_counter() + warmup
+        self._duration = duration
+        self.start: float | None = None
+        self.now = 0.0
+
+    @property
+    def open(self) -> bool:
+        return self.start is not None
+
+    def over(self) -> bool:
+        """
+        Whether the window has closed (opening it when its time has come).
+        """
+        self.now = time.perf_counter()
+        if self.start is None:
+            if self.now >= self._openAt:
+                self.start = self.now
+            return False
+        return self.now >= self.start + self._duration
+
+    @property
+    def seconds(self) -> float:
+        return self.now - self.start
+
+
 def _tlsContext() -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
@@ -234,10 +269,9 @@ def tlsPingPong(address: Address, serverName: str, size: int, warmup: float, dur
     payload = b"p" * size
     samples: list[int] = []
     clock = time.perf_counter_ns
+    window = _Window(warmup, duration)
     try:
-        markAt = time.perf_counter() + warmup
-        mark = None
-        while True:
+        while not window.over():
             started = clock()
             sock.sendall(payload)
             got = 0
@@ -246,14 +280,8 @@ def tlsPingPong(address: Address, serverName: str, size: int, warmup: float, dur
                 if not data:
                     raise LoadError("the connection was closed in the middle of the ping-pong")
                 got += len(data)
-            if mark is not None:
+            if window.open:
                 samples.append(clock() - started)
-            now = time.perf_counter()
-            if mark is None:
-                if now >= markAt:
-                    mark = now
-            elif now >= mark + duration:
-                break
     except (OSError, ssl.SSLError) as e:
         raise LoadError(f"the TLS connection broke during the ping-pong: {e}") from None
     finally:
@@ -263,7 +291,7 @@ def tlsPingPong(address: Address, serverName: str, size: int, warmup: float, dur
     samples.sort()
     micro = [s / 1000 for s in samples]
     return {
-        "req/s": len(samples) / (now - mark),
+        "req/s": len(samples) / window.seconds,
         "requests": len(samples),
         "p50": percentile(micro, 0.50),
         "p99": percentile(micro, 0.99),
@@ -280,30 +308,23 @@ def tlsConnectionRate(address: Address, serverName: str, warmup: float, duration
     """
     context = _tlsContext()
     done = errors = 0
-    markAt = time.perf_counter() + warmup
-    mark = None
-    while True:
+    window = _Window(warmup, duration)
+    while not window.over():
         try:
             sock = _tlsConnect(context, address, serverName, ECHO)
             try:
                 sock.sendall(b"ping")
                 if sock.recv(4) != b"ping":
                     errors += 1
-                elif mark is not None:
+                elif window.open:
                     done += 1
             finally:
                 sock.close()
         except (OSError, ssl.SSLError):
             errors += 1
-        now = time.perf_counter()
-        if mark is None:
-            if now >= markAt:
-                mark = now
-        elif now >= mark + duration:
-            break
     if not done:
         raise LoadError(f"no TLS connection succeeded ({errors} errors)")
-    return {"conn/s": done / (now - mark), "connections": done, "errors": errors}
+    return {"conn/s": done / window.seconds, "connections": done, "errors": errors}
 
 
 def percentile(ordered: Sequence[float], fraction: float) -> float:

@@ -30,21 +30,8 @@ from tcpproxy.tests.loopback import (
     echoBackend,
     engineFor,
     listen,
+    openSockets,
 )
-
-
-def openSockets() -> int:
-    """
-    How many sockets this process holds.  (Only sockets: the reactor opens
-    a pipe or two of its own when it first runs, and trial runs it lazily.)
-    """
-    count = 0
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            count += os.readlink(f"/proc/self/fd/{name}").startswith("socket:")
-        except OSError:
-            pass  # the descriptor of the listing itself, already closed
-    return count
 
 
 def canListenOn(address: str) -> bool:

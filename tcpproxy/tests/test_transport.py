@@ -59,6 +59,7 @@ from tcpproxy.tests.loopback import (
     deadPort,
     eventually,
     listen,
+    openSockets,
     unansweredPort,
 )
 from tcpproxy.transport import engine as engineModule
@@ -73,17 +74,6 @@ if not AVAILABLE:
     skip = "no epoll here: the fast engine cannot run"
 
 
-def openSockets() -> int:
-    """
-    How many sockets this process holds.
-    """
-    count = 0
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            count += os.readlink(f"/proc/self/fd/{name}").startswith("socket:")
-        except OSError:
-            pass  # the descriptor of the listing itself, already closed
-    return count
 
 
 class _NoDNS:
