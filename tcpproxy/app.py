@@ -78,7 +78,7 @@ class ProxyServerFactory(Factory):
         self.dialer = dialer
         self.front: IProtocolFactory = self
         if tls is not None and tls.server is not None:
-            self.front = tls.serverFactory(self, self.clock)
+            self.front = tls.serverFactory(self, self.clock, self.gate)
 
     def admit(self, host: str) -> str | None:
         """

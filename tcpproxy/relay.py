@@ -192,7 +192,7 @@ class ResetWhenSent:
         self._call = None
         empty = _unsent(self._transport) <= 0
         if (empty and self._emptyBefore) or self._clock.seconds() >= self._deadline:
-            self._transport.abortConnection()
+            _abort(self._transport)
             return
         self._emptyBefore = empty
         self._call = self._clock.callLater(RESET_POLL, self._check)
@@ -215,6 +215,18 @@ def _noDelay(side: _RelaySide) -> None:
     transport = side.transport.transport if side.tls else side.transport
     if ITCPTransport.providedBy(transport):
         transport.setTcpNoDelay(True)
+
+
+def _abort(transport) -> None:
+    """
+    Reset a side's connection.  A TLS transport's own C{abortConnection}
+    sends C{close_notify} first (Twisted's C{TLSMemoryBIOProtocol}), which
+    the peer takes for a clean end; the TCP transport under it is aborted
+    instead, so the peer sees the reset it must see.
+    """
+    if _isTLS(transport):
+        transport = transport.transport
+    transport.abortConnection()
 
 
 def _isTLS(transport) -> bool:
@@ -381,7 +393,7 @@ class _RelaySide(Protocol):
         transport = self.transport
         transport.loseWriteConnection()
         transport.resumeProducing()
-        self.lingerCall = self.relay.factory.clock.callLater(LINGER, transport.abortConnection)
+        self.lingerCall = self.relay.factory.clock.callLater(LINGER, _abort, transport)
 
     def writeConnectionLost(self) -> None:
         self.writeDone = True
@@ -630,7 +642,7 @@ class ProxyServerProtocol(_RelaySide):
             self.transport.loseConnection()
         else:
             self.log.failure("dialling failed unexpectedly", reason)
-            self.transport.abortConnection()
+            _abort(self.transport)
 
     def readConnectionLost(self) -> None:
         if self.client is None:
@@ -686,7 +698,7 @@ class ProxyServerProtocol(_RelaySide):
             self._dialling.cancel()
         for side in (self, self.client):
             if side is not None and not side.closed:
-                side.transport.abortConnection()
+                _abort(side.transport)
 
     @property
     def bytesIn(self) -> int:

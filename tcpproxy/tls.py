@@ -338,8 +338,15 @@ class _HandshakeGate(Protocol):
         self.transport.abortConnection()
 
     def handshakeCompleted(self) -> None:
-        if self.factory.pending is not None:
-            self.factory.pending.remove(self)
+        try:
+            self._passOn()
+        finally:
+            # Only now: the protocol passed on has counted the client in by
+            # then (an accept gate never sees it gone in between).
+            if self.factory.pending is not None:
+                self.factory.pending.remove(self)
+
+    def _passOn(self) -> None:
         transport = self.transport
         if transport.disconnecting:
             # Verification failed inside the handshake: connectionLost follows.
@@ -398,14 +405,22 @@ class PendingHandshakes:
     Handshakes dropped per turn of the reactor at most.
     """
 
-    def __init__(self, clock: IReactorTime, timeout: float, maxPending: int | None) -> None:
+    def __init__(
+        self, clock: IReactorTime, timeout: float, maxPending: int | None, acceptGate=None
+    ) -> None:
         """
         @param timeout: seconds a handshake may take.
         @param maxPending: handshakes under way at most, or C{None}.
+        @param acceptGate: the proxy-wide L{tcpproxy.limits.AcceptGate}, if
+            any: a handshake under way holds a descriptor and counts as a
+            connection there, from its start to its end, or clients would
+            be accepted past the limit while their handshakes run (the
+            relay counts the client itself once it is handed over).
         """
         self.clock = clock
         self.timeout = timeout
         self.maxPending = maxPending
+        self.acceptGate = acceptGate
         self._deadlines: OrderedDict[_HandshakeGate, float] = OrderedDict()
         self._timer = None
 
@@ -422,6 +437,8 @@ class PendingHandshakes:
             self.remove(oldest)
             oldest.drop(f"{self.maxPending} TLS handshakes under way (MaxPendingHandshakes), this the oldest")
         self._deadlines[gate] = self.clock.seconds() + self.timeout
+        if self.acceptGate is not None:
+            self.acceptGate.connectionOpened()
         if self._timer is None:
             self._timer = self.clock.callLater(self.timeout, self._sweep)
 
@@ -431,7 +448,8 @@ class PendingHandshakes:
         ignored.  The timer stays while a handshake is left (when it fires
         it finds the next deadline), and goes with the last one.
         """
-        self._deadlines.pop(gate, None)
+        if self._deadlines.pop(gate, None) is not None:
+            self._ended()
         if not self._deadlines and self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -450,7 +468,12 @@ class PendingHandshakes:
                 return
             dropped += 1
             del self._deadlines[gate]
+            self._ended()
             gate.drop(f"no TLS handshake within {self.timeout:g}s")
+
+    def _ended(self) -> None:
+        if self.acceptGate is not None:
+            self.acceptGate.connectionClosed()
 
 
 class _GateFactory(Factory):
@@ -467,19 +490,22 @@ class _GateFactory(Factory):
         clock: IReactorTime,
         handshakeTimeout: float | None,
         maxPending: int | None = None,
+        acceptGate=None,
     ) -> None:
         """
         @param handshakeTimeout: seconds a handshake may take, or C{None}
             for no limit (then C{maxPending} is ignored too).
         @param maxPending: handshakes under way at most (see
             L{PendingHandshakes}), or C{None} for no cap.
+        @param acceptGate: what the handshakes under way count into (see
+            L{PendingHandshakes}).
         """
         self.wrappedFactory = wrappedFactory
         self.clock = clock
         self.handshakeTimeout = handshakeTimeout
         self.pending: PendingHandshakes | None = None
         if handshakeTimeout is not None:
-            self.pending = PendingHandshakes(clock, handshakeTimeout, maxPending)
+            self.pending = PendingHandshakes(clock, handshakeTimeout, maxPending, acceptGate)
 
     def buildProtocol(self, addr) -> _HandshakeGate:
         gate = _HandshakeGate(addr)
@@ -547,14 +573,15 @@ def serverTLSFactory(
     clock: IReactorTime,
     handshakeTimeout: float,
     maxPending: int | None = None,
+    acceptGate=None,
 ) -> TLSMemoryBIOFactory:
     """
     A factory that terminates TLS with C{creator} and hands each client
     whose handshake completes within C{handshakeTimeout} seconds to
     C{wrappedFactory}'s protocol, with at most C{maxPending} handshakes
-    under way (see L{PendingHandshakes}).
+    under way (see L{PendingHandshakes}), each counted in C{acceptGate}.
     """
-    gates = _ServerGateFactory(wrappedFactory, clock, handshakeTimeout, maxPending)
+    gates = _ServerGateFactory(wrappedFactory, clock, handshakeTimeout, maxPending, acceptGate)
     return TLSMemoryBIOFactory(creator, False, gates, clock)
 
 
@@ -637,14 +664,17 @@ class AppTLS:
     client: Callable[[Target], object] | None = None
     maxPendingHandshakes: int | None = None
 
-    def serverFactory(self, wrappedFactory: IProtocolFactory, clock: IReactorTime) -> IProtocolFactory:
+    def serverFactory(
+        self, wrappedFactory: IProtocolFactory, clock: IReactorTime, acceptGate=None
+    ) -> IProtocolFactory:
         """
-        C{wrappedFactory}, behind TLS termination if the app has it.
+        C{wrappedFactory}, behind TLS termination if the app has it; its
+        handshakes under way count into C{acceptGate}, if given.
         """
         if self.server is None:
             return wrappedFactory
         return serverTLSFactory(
-            self.server, wrappedFactory, clock, self.handshakeTimeout, self.maxPendingHandshakes
+            self.server, wrappedFactory, clock, self.handshakeTimeout, self.maxPendingHandshakes, acceptGate
         )
 
     def endpointFactory(self, endpointForTarget, clock: IReactorTime):

@@ -17,6 +17,7 @@ import ssl
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from OpenSSL import SSL
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
@@ -33,6 +34,7 @@ from tcpproxy.access import END_DONE, END_NO_TARGET, END_TARGET_LOST
 from tcpproxy.applying import APPLIED, REFUSED
 from tcpproxy.config import ConfigError, loadConfig
 from tcpproxy.demo import Echo, echoFactory
+from tcpproxy.limits import AcceptGate
 from tcpproxy.service import ProxyService
 from tcpproxy.tests.certs import ALPHA, BETA, GAMMA, pki, writePKI
 from tcpproxy.tests.loopback import (
@@ -46,7 +48,7 @@ from tcpproxy.tests.loopback import (
     listen,
     unansweredPort,
 )
-from tcpproxy.tests.test_relay_loopback import _Pusher, _SlowReader
+from tcpproxy.tests.test_relay_loopback import _isReset, _Pusher, _SendsThenResets, _SlowReader
 from tcpproxy.tls import (
     PendingHandshakes,
     TLSCloser,
@@ -215,6 +217,53 @@ class TLSServiceMixin:
         return client
 
 
+class _RawTLSClient(Protocol):
+    """
+    A TLS client done by hand (pyOpenSSL over memory BIOs) on a plain TCP
+    connection, to tell what ended the stream: C{close_notify}, or the
+    connection itself (Twisted's TLS transport reports the TCP end's
+    reason either way).
+
+    @ivar done: fires once the TCP connection is lost (the reason is kept
+        in C{reason}).
+    """
+
+    def __init__(self, serverName: str) -> None:
+        context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        self.tls = SSL.Connection(context, None)
+        self.tls.set_tlsext_host_name(serverName.encode("ascii"))
+        self.tls.set_connect_state()
+        self.data = b""
+        self.closeNotify = False
+        self.done: Deferred = Deferred()
+
+    def connectionMade(self) -> None:
+        self._pump()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.tls.bio_write(data)
+        self._pump()
+
+    def _pump(self) -> None:
+        try:
+            while True:
+                self.data += self.tls.recv(65536)
+        except SSL.WantReadError:
+            pass
+        except SSL.ZeroReturnError:
+            self.closeNotify = True
+        try:
+            outgoing = self.tls.bio_read(65536)
+        except SSL.WantReadError:
+            outgoing = b""
+        if outgoing:
+            self.transport.write(outgoing)
+
+    def connectionLost(self, reason) -> None:
+        self.reason = reason
+        self.done.callback(None)
+
+
 class TerminationTests(TLSServiceMixin, TestCase):
     """
     An app with C{"TLS"} serves the certificate the client's SNI asks for,
@@ -367,6 +416,25 @@ class TerminationTests(TLSServiceMixin, TestCase):
         dropped = [e for e in self.events if e.get("event") == "tls-handshake-failed"]
         self.assertEqual([e["why"] for e in dropped], ["unsupported protocol"] * 2)
         self.assertTrue(all(e["client"].startswith("127.0.0.1:") for e in dropped))
+
+    @inlineCallbacks
+    def test_targetResetReachesTLSClientAsReset(self):
+        """
+        A target that sends 16 bytes and resets: the TLS client gets the 16
+        bytes, then a reset -- not C{close_notify}, which would pass the
+        cut-off reply for a complete one (Twisted's TLS transport sends it
+        before aborting; the proxy aborts the TCP connection under it).
+        """
+        target = listen(self, Factory.forProtocol(_SendsThenResets))
+        app, port = self.terminating([target])
+        self.serve([app])
+        client = _RawTLSClient(ALPHA)
+        yield connectClient(port, client)
+        yield client.done
+        self.assertEqual(client.data, _SendsThenResets.reply)
+        self.assertFalse(client.closeNotify, "close_notify came: a clean end")
+        self.assertTrue(_isReset(client.reason), client.reason)
+        yield self.idle()
 
     @inlineCallbacks
     def test_sendThenCloseWhileDialling(self):
@@ -584,6 +652,16 @@ def _residentKiB() -> int | None:
     return None
 
 
+class _FakePort:
+    reading = True
+
+    def stopReading(self) -> None:
+        self.reading = False
+
+    def startReading(self) -> None:
+        self.reading = True
+
+
 class _FakeGate:
     def __init__(self, dropped: list) -> None:
         self.dropped = dropped
@@ -626,6 +704,30 @@ class PendingHandshakesTests(SynchronousTestCase):
         why = "3 TLS handshakes under way (MaxPendingHandshakes), this the oldest"
         self.assertEqual(dropped, [(gates[0], why)])
         self.assertEqual(len(pending), 3)
+
+    def test_countedInTheAcceptGate(self):
+        """
+        Every handshake under way counts in the proxy-wide accept gate,
+        from its start to its end however it ends (completed, failed,
+        dropped for the cap, timed out), so clients are not accepted past
+        the connection or descriptor limit while their handshakes run.
+        """
+        clock, dropped = Clock(), []
+        ports = [_FakePort()]
+        gate = AcceptGate(2, lambda: ports, clock)
+        pending = PendingHandshakes(clock, 10, 2, gate)
+        first, second, third = (_FakeGate(dropped) for _ in range(3))
+        pending.add(first)
+        pending.add(second)
+        self.assertEqual((gate.count, ports[0].reading), (2, False))
+        pending.add(third)  # the cap drops the oldest
+        self.assertEqual(gate.count, 2)
+        pending.remove(second)
+        pending.remove(second)  # known no more: not counted out twice
+        self.assertEqual((gate.count, ports[0].reading), (1, True))
+        clock.advance(10)  # the third times out
+        self.assertEqual(gate.count, 0)
+        self.assertEqual([g for g, _ in dropped], [first, third])
 
     def test_expiryInBatches(self):
         """
