@@ -45,7 +45,7 @@ from twisted.trial.unittest import FailTest, TestCase, TestSuite
 from zope.interface import implementer
 
 from tcpproxy.dialer import describeFailure
-from tcpproxy.tester.targets import ProxyPort
+from tcpproxy.tester.targets import TLS_SKIPPED, ProxyPort
 
 DEFAULT_MESSAGE = b"tcpproxy-tester check: hello through the proxy\n"
 
@@ -384,11 +384,10 @@ def buildSuite(ports: list[ProxyPort], settings: CheckSettings) -> TestSuite:
     """
     suite = TestSuite()
     for where in ports:
-        cls = type(
-            f"PortCheck_{where.port}",
-            (PortCheck,),
-            {"where": where, "settings": settings, "timeout": settings.timeout * 3 + 5},
-        )
+        attributes = {"where": where, "settings": settings, "timeout": settings.timeout * 3 + 5}
+        if where.tls:
+            attributes["skip"] = TLS_SKIPPED
+        cls = type(f"PortCheck_{where.port}", (PortCheck,), attributes)
         for name in CHECKS:
             suite.addTest(cls(name))
     return suite

@@ -378,6 +378,10 @@ class LoadPlan:
     ports: list[ProxyPort]
     payloads: Payloads
     shape: IShape | None
+    skipped: list[ProxyPort] = ()
+    """
+    Ports chosen but left out (TLS ones), said so before the run.
+    """
 
 
 def planLoad(options: LoadOptions) -> LoadPlan:
@@ -388,9 +392,14 @@ def planLoad(options: LoadOptions) -> LoadPlan:
     """
     from tcpproxy.tester import payloads
     from tcpproxy.tester.shapes import Constant, makeShape
+    from tcpproxy.tester.targets import TLS_SKIPPED
 
     config = _loadConfig(options)
-    ports = _selectPorts(options, config)
+    chosen = _selectPorts(options, config)
+    ports = [where for where in chosen if not where.tls]
+    if not ports:
+        raise UserError(f"every port chosen is left out: {TLS_SKIPPED}")
+    skipped = [where for where in chosen if where.tls]
     try:
         if options["message"] is not None:
             messages = payloads.fromText(options["message"])
@@ -415,7 +424,7 @@ def planLoad(options: LoadOptions) -> LoadPlan:
             )
         except ValueError as e:
             raise UserError(str(e)) from None
-    return LoadPlan(config, ports, messages, shape)
+    return LoadPlan(config, ports, messages, shape, skipped)
 
 
 def _pacer(options: LoadOptions, plan: LoadPlan, reactor):
@@ -438,7 +447,10 @@ async def runLoad(reactor, options: LoadOptions, plan: LoadPlan, stdout: TextIO,
     from tcpproxy.tester.load import LoadRun, LoadSettings, Unreachable
     from tcpproxy.tester.progress import ProgressLine
     from tcpproxy.tester.report import formatSweep, formatTable, reportDocument, writeReport
+    from tcpproxy.tester.targets import TLS_SKIPPED
 
+    for where in plan.skipped:
+        stderr.write(f"{where}: left out: {TLS_SKIPPED}\n")
     counts = options["sweep"] or [options["connections"]]
     results = []
     interrupted: list[bool] = []

@@ -20,6 +20,12 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from tcpproxy.config import ProxyConfig, Target, parseTarget
 from tcpproxy.dialer import endpointForTarget
 
+TLS_SKIPPED = "the app terminates TLS here, and the tester speaks plain TCP only"
+"""
+Why a TLS port is not tested: plaintext sent to it would only be refused
+by the TLS handshake, which would read as a broken proxy.
+"""
+
 
 class SelectionError(Exception):
     """
@@ -36,11 +42,14 @@ class ProxyPort:
     @ivar app: the app's name.
     @ivar port: the port, as configured.
     @ivar target: the address the tester connects to.
+    @ivar tls: the app terminates TLS on it (the tester speaks plain TCP
+        only, so such a port is left out, saying so: see L{TLS_SKIPPED}).
     """
 
     app: str
     port: int
     target: Target
+    tls: bool = False
 
     def __str__(self) -> str:
         return f"app {json.dumps(self.app)} port {self.port} ({self.target})"
@@ -111,7 +120,7 @@ def selectPorts(
             raise SelectionError(f"--port {port}: {why}")
     address = host if host is not None else connectHost(config.bindAddress)
     return [
-        ProxyPort(app.name, port, targetFor(address, port))
+        ProxyPort(app.name, port, targetFor(address, port), app.tls is not None)
         for app in chosen
         for port in app.ports
         if not ports or port in ports

@@ -18,13 +18,14 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import globalLogPublisher
+from twisted.trial.reporter import TestResult
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 import tcpproxy
 from tcpproxy.access import END_DONE
 from tcpproxy.tester.check import CHECKS, CheckSettings, buildSuite, describeMismatch, sizeText
-from tcpproxy.tester.targets import ProxyPort, targetFor
+from tcpproxy.tester.targets import TLS_SKIPPED, ProxyPort, targetFor
 from tcpproxy.tester.testing import InProcessProxy, freePorts
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(tcpproxy.__file__)))
@@ -200,6 +201,18 @@ class SuiteTests(SynchronousTestCase):
         )
         self.assertEqual(ids[-1], "b.port 3.echoes then closes after a half-close")
         self.assertEqual([test._testMethodName for test in suite][:5], list(CHECKS))
+
+    def test_tlsPortSkipped(self) -> None:
+        """
+        A port where the app terminates TLS is reported skipped, with the
+        reason, not failed: the tester speaks plain TCP, which a TLS port
+        can only refuse.
+        """
+        ports = [ProxyPort("secure", 8443, targetFor("127.0.0.1", 8443), tls=True)]
+        result = TestResult()
+        buildSuite(ports, CheckSettings()).run(result)
+        self.assertEqual((result.testsRun, len(result.skips), result.wasSuccessful()), (5, 5, True))
+        self.assertEqual({reason for _, reason in result.skips}, {TLS_SKIPPED})
 
     def test_describeMismatch(self) -> None:
         self.assertIsNone(describeMismatch(b"abc", b"abc"))
