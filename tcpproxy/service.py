@@ -147,13 +147,15 @@ class ProxyService(Service):
         """
         Bind every port of every app, or none; a second call does nothing.
 
-        @raise ListenError: naming the app and port that could not be bound.
+        @raise ListenError: naming the file, the app and the port that could
+            not be bound.
         """
         if self._sockets or self.listeningPorts:
             return
         listeners = self.config.listeners()
         address = self.config.bindAddress
-        sockets = bindAll([(owner(app.name), address, port) for app, port in listeners])
+        source = self.config.source
+        sockets = bindAll([(f"{source}: {owner(app.name)}", address, port) for app, port in listeners])
         self._sockets = {port: sock for (app, port), sock in zip(listeners, sockets, strict=True)}
 
     def unbind(self) -> None:

@@ -359,7 +359,8 @@ class MakeServiceTests(ConfigFileMixin, TestCase):
         path = self.loopbackConfig([taken], [target])
         line = self.assertExits(parse("--config", path))
         self.assertEqual(
-            line, f'tcpproxy: error: app "web": cannot listen on 127.0.0.1:{taken}: Address already in use'
+            line,
+            f'tcpproxy: error: {path}: app "web": cannot listen on 127.0.0.1:{taken}: Address already in use',
         )
 
     def test_service(self) -> None:
