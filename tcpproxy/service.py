@@ -175,6 +175,9 @@ class ProxyService(Service):
         limit = raiseFileLimit(self.log)
         Service.startService(self)
         self.engine.start()
+        self.log.info(
+            "connections run on {description}", engine=self.engine.name, description=self.engine.description
+        )
         for app, port in self.config.listeners():
             self.listen(port, self.factories[app.name], self._sockets.pop(port))
         for app in self.config.apps:

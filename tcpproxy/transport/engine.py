@@ -48,6 +48,8 @@ class IEngine(Interface):
     Where connections run.
     """
 
+    name = Attribute('C{"fast"} or C{"twisted"}: which engine, for the log.')
+    description = Attribute("Which engine, in a few words for the log.")
     reactor = Attribute(
         "What client endpoints are given: an L{IReactorTCP}, L{IReactorTime} and "
         "L{IReactorPluggableNameResolver}."
@@ -120,6 +122,7 @@ class TwistedEngine(_EngineReactor):
     """
 
     name = "twisted"
+    description = "Twisted's own TCP transports (TCPPROXY_ENGINE=twisted, or no epoll here)"
 
     @property
     def reactor(self):
@@ -160,6 +163,7 @@ class FastEngine(_EngineReactor):
     """
 
     name = "fast"
+    description = "the fast engine (the project's own transports on epoll, splice for bulk)"
 
     def __init__(self, reactor, nameResolver=None) -> None:
         _EngineReactor.__init__(self, reactor, nameResolver)
