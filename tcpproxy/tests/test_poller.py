@@ -16,7 +16,11 @@ if not AVAILABLE:
     skip = "no epoll here: the fast engine cannot run"
 
 
-class PollerTests(SynchronousTestCase):
+class _WithPoller(SynchronousTestCase):
+    """
+    A poller on a memory reactor, and a connected socket pair.
+    """
+
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
         self.poller = Poller(self.reactor)
@@ -24,6 +28,9 @@ class PollerTests(SynchronousTestCase):
         self.a, self.b = socket.socketpair()
         self.addCleanup(self.a.close)
         self.addCleanup(self.b.close)
+
+
+class PollerTests(_WithPoller):
 
     def test_oneReaderForTheReactor(self) -> None:
         """
@@ -175,19 +182,11 @@ class PollerTests(SynchronousTestCase):
         self.assertEqual(seen, [])
 
 
-class SoonTests(SynchronousTestCase):
+class SoonTests(_WithPoller):
     """
     L{Poller.soon}: what a transport must not do from inside a call its
     protocol made (such as C{connectionLost} from C{loseConnection}).
     """
-
-    def setUp(self) -> None:
-        self.reactor = MemoryReactorClock()
-        self.poller = Poller(self.reactor)
-        self.addCleanup(lambda: self.poller.fileno() == -1 or self.poller.close())
-        self.a, self.b = socket.socketpair()
-        self.addCleanup(self.a.close)
-        self.addCleanup(self.b.close)
 
     def test_notAtOnce(self) -> None:
         """
