@@ -110,15 +110,10 @@ class FakeDialer:
     cancelled: list
 
 
-class RelayTests(SynchronousTestCase):
-    def setUp(self):
-        self.clock = Clock()
-        self.clock.advance(100)
-        self.dialer = FakeDialer()
-        self.dialer.cancelled = []
-        app = AppConfig("web", (5001,), (A, B))
-        self.factory = ProxyServerFactory(app, RoundRobin(app.targets), self.dialer, self.clock)
-        self.events = captureEvents(self)
+class _ClientMixin:
+    """
+    A client of C{self.factory}'s app, on a L{StringTransport} of C{kind}.
+    """
 
     def connectClient(self, kind=_HalfCloseableTransport):
         server = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
@@ -128,6 +123,18 @@ class RelayTests(SynchronousTestCase):
         )
         server.makeConnection(transport)
         return server, transport
+
+
+class RelayTests(_ClientMixin, SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(100)
+        self.dialer = FakeDialer()
+        self.dialer.cancelled = []
+        app = AppConfig("web", (5001,), (A, B))
+        self.factory = ProxyServerFactory(app, RoundRobin(app.targets), self.dialer, self.clock)
+        self.events = captureEvents(self)
+
 
     def targetAnswers(self, index=0, target=A, failures=(), transport=_HalfCloseableTransport):
         client = ProxyClientProtocol()
@@ -434,7 +441,7 @@ class RelayTests(SynchronousTestCase):
         self.assertEqual(targetTransport.splicedTo, [])
 
 
-class DialThroughEndpointTests(SynchronousTestCase):
+class DialThroughEndpointTests(_ClientMixin, SynchronousTestCase):
     """
     The whole lifecycle in memory with the real dialer: client endpoints on
     a L{MemoryReactorClock}, connections completed by L{iosim}.
@@ -451,14 +458,6 @@ class DialThroughEndpointTests(SynchronousTestCase):
         self.backend = _MemoryBackend()
         self.reactor.listenTCP(B.port, self.backend, interface=B.host)
 
-    def connectClient(self):
-        server = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
-        transport = _HalfCloseableTransport(
-            hostAddress=IPv4Address("TCP", "127.0.0.1", 5001),
-            peerAddress=IPv4Address("TCP", "127.0.0.1", 40000),
-        )
-        server.makeConnection(transport)
-        return server, transport
 
     def test_failoverThenPair(self):
         """
