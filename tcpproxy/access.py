@@ -2,7 +2,10 @@
 The connection record: one log event when a client is refused, and one
 when a relayed connection ends, under the C{tcpproxy.access} namespace.
 
-The text is for people; the fields (C{client}, C{app}, C{port}, C{target},
+Every line starts with the connection's id in brackets (L{tcpproxy.connid}),
+which is also its C{connectionId} field.
+
+The text is for people; the fields (C{connectionId}, C{client}, C{app}, C{port}, C{target},
 C{failures}, C{bytesIn}, C{bytesOut}, C{duration}, C{end}, and for TLS
 terminated here C{tlsVersion}, C{cipher}, C{sni}) are for machines, as
 C{twistd --logger tcpproxy.jsonlog.observer} writes them.
@@ -31,6 +34,7 @@ class IConnectionRecord(Interface):
     What the access log writes of one client's connection.
     """
 
+    connectionId = Attribute("The connection's id (L{tcpproxy.connid.newConnectionId}).")
     clientAddress = Attribute("The client's address, as the log writes it.")
     clientHost = Attribute("The client's IP address, as counted by the limits.")
     port = Attribute("The proxy's port the client connected to.")
@@ -43,14 +47,17 @@ class IConnectionRecord(Interface):
     tlsFields = Attribute("TLS version, cipher and SNI name for the log; empty without TLS.")
 
 
-def logRefusal(app: str, clientAddress: str, port: int, reason: str, refusals: Mapping[str, int]) -> None:
+def logRefusal(
+    app: str, clientAddress: str, port: int, reason: str, refusals: Mapping[str, int], connectionId: str
+) -> None:
     """
     A client refused by the app's admission (and closed) on C{port}.
 
     @param refusals: how many clients the app has refused, by reason.
     """
     log.warn(
-        "{client} -> {app}:{port}: refused ({reason})",
+        "[{connectionId}] {client} -> {app}:{port}: refused ({reason})",
+        connectionId=connectionId,
         client=clientAddress,
         app=app,
         port=port,
@@ -74,8 +81,9 @@ def logConnection(app: str, record: IConnectionRecord, end: str, duration: float
         sni = "SNI {sni}" if tlsFields.get("sni") else "no SNI"
         tls = " ({tlsVersion} {cipher}, " + sni + ")"
     emit(
-        "{client} -> {app}:{port}" + tls + " -> {target}: {end} after {duration:.3f}s, "
+        "[{connectionId}] {client} -> {app}:{port}" + tls + " -> {target}: {end} after {duration:.3f}s, "
         "{bytesIn} bytes in, {bytesOut} bytes out" + ("; failed: {failed}" if failures else ""),
+        connectionId=record.connectionId,
         client=record.clientAddress,
         app=app,
         port=record.port,

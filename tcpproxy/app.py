@@ -94,11 +94,11 @@ class ProxyServerFactory(Factory):
             self.gate.connectionOpened()
         return refused
 
-    def logRefusal(self, clientAddress: str, port: int, reason: str) -> None:
+    def logRefusal(self, clientAddress: str, port: int, reason: str, connectionId: str) -> None:
         """
         Log a client refused by L{admit} (and closed) on C{port}.
         """
-        access.logRefusal(self.app.name, clientAddress, port, reason, self.counter.refusals)
+        access.logRefusal(self.app.name, clientAddress, port, reason, self.counter.refusals, connectionId)
 
     def relayEnded(self, relay: IRelayed) -> None:
         """

@@ -82,6 +82,7 @@ from tcpproxy.access import (
     END_TARGET_LOST,
     IConnectionRecord,
 )
+from tcpproxy.connid import newConnectionId
 from tcpproxy.describe import describeAddress
 from tcpproxy.dialer import Dialled, NoTargetAvailable
 from tcpproxy.idle import IIdleWatched
@@ -494,6 +495,7 @@ class ProxyServerProtocol(_RelaySide):
         "app",
         "clientHost",
         "_peer",
+        "connectionId",
     )
 
     _noFields: dict[str, str | None] = {}
@@ -518,6 +520,8 @@ class ProxyServerProtocol(_RelaySide):
         self.app = None
         self.clientHost = ""
         self._peer = None
+        # Replaced by the TLS gate's, for a client whose TLS ends here.
+        self.connectionId = newConnectionId()
 
     @property
     def relay(self) -> ProxyServerProtocol:
@@ -546,7 +550,7 @@ class ProxyServerProtocol(_RelaySide):
         Close a client the app does not take, before any target is dialled.
         """
         self.refused = reason
-        self.factory.logRefusal(self.clientAddress, self.port, reason)
+        self.factory.logRefusal(self.clientAddress, self.port, reason, self.connectionId)
         self.transport.loseConnection()
 
     @property
@@ -641,7 +645,9 @@ class ProxyServerProtocol(_RelaySide):
                 return
             self.transport.loseConnection()
         else:
-            self.log.failure("dialling failed unexpectedly", reason)
+            self.log.failure(
+                "[{connectionId}] dialling failed unexpectedly", reason, connectionId=self.connectionId
+            )
             _abort(self.transport)
 
     def readConnectionLost(self) -> None:

@@ -63,6 +63,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tcpproxy.config import AppConfig, ConfigError, Target, TargetTLSConfig, TLSConfig, normalName
+from tcpproxy.connid import newConnectionId
 from tcpproxy.describe import describeAddress
 from tcpproxy.transport.tcp import IWriteBuffer
 
@@ -315,11 +316,15 @@ class _HandshakeGate(Protocol):
     (the TLS transport delivers straight to the application from then on).
 
     @ivar factory: the L{_GateFactory} that made it.
+    @ivar connectionId: a client's connection id (L{tcpproxy.connid}),
+        given from its accept on, and to the protocol it is passed on to;
+        C{None} towards a target.
     """
 
     factory: _GateFactory
     passedOn = False
     reported = False
+    connectionId: str | None = None
 
     def __init__(self, addr) -> None:
         self.addr = addr
@@ -356,6 +361,8 @@ class _HandshakeGate(Protocol):
             transport.loseConnection()
             return
         protocol.tlsFields = sessionFields(transport)
+        if self.connectionId is not None:
+            protocol.connectionId = self.connectionId
         self.passedOn = True
         transport.wrappedProtocol = protocol
         protocol.makeConnection(transport)
@@ -520,9 +527,15 @@ class _GateFactory(Factory):
 
 
 class _ServerGateFactory(_GateFactory):
+    def buildProtocol(self, addr) -> _HandshakeGate:
+        gate = _GateFactory.buildProtocol(self, addr)
+        gate.connectionId = newConnectionId()
+        return gate
+
     def handshakeFailed(self, gate: _HandshakeGate, why: str, reason: Failure | None = None) -> None:
         log.warn(
-            "{client}: TLS client dropped: {why}",
+            "[{connectionId}] {client}: TLS client dropped: {why}",
+            connectionId=gate.connectionId,
             client=describeAddress(gate.transport.getPeer()),
             why=why,
             event="tls-handshake-failed",

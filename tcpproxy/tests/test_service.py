@@ -28,6 +28,7 @@ class FakeRelay:
     failures = ()
     bytesIn = bytesOut = 0
     tlsFields: dict = {}
+    connectionId = "0000000000000000-1"
     end = None
 
     def __init__(self, factory):

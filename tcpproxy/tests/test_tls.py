@@ -26,10 +26,12 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, CertificateOptions, PrivateCertificate, optionsForClientTLS
 from twisted.internet.testing import Clock
 from twisted.internet.threads import deferToThread
+from twisted.logger import formatEvent
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface import implementer
 
+from tcpproxy import tls as tlsModule
 from tcpproxy.access import END_DONE, END_NO_TARGET, END_TARGET_LOST
 from tcpproxy.applying import APPLIED, REFUSED
 from tcpproxy.config import ConfigError, loadConfig
@@ -288,6 +290,22 @@ class TerminationTests(TLSServiceMixin, TestCase):
             self.assertEqual((event["bytesIn"], event["bytesOut"]), (17, 17))
 
     @inlineCallbacks
+    def test_connectionIdFromAccept(self):
+        """
+        A client's connection id is given when it is accepted, before its
+        handshake, and its record carries that one.
+        """
+        gateIds = iter(["GATE-1", "GATE-2"])
+        self.patch(tlsModule, "newConnectionId", lambda: next(gateIds))
+        app, port = self.terminating([listen(self, echoFactory())])
+        self.serve([app])
+        yield self.echoThrough(port, trusting(BETA))
+        yield self.idle()
+        [event] = relayEvents(self.events)
+        self.assertEqual(event["connectionId"], "GATE-1")
+        self.assertTrue(formatEvent(event).startswith("[GATE-1] 127.0.0.1:"))
+
+    @inlineCallbacks
     def test_defaultCertificate(self):
         """
         Without SNI, or with a name no certificate covers, the first
@@ -416,6 +434,14 @@ class TerminationTests(TLSServiceMixin, TestCase):
         dropped = [e for e in self.events if e.get("event") == "tls-handshake-failed"]
         self.assertEqual([e["why"] for e in dropped], ["unsupported protocol"] * 2)
         self.assertTrue(all(e["client"].startswith("127.0.0.1:") for e in dropped))
+        self.assertEqual(len({e["connectionId"] for e in dropped}), 2)
+        self.assertEqual(
+            [formatEvent(e) for e in dropped],
+            [
+                f"[{e['connectionId']}] {e['client']}: TLS client dropped: unsupported protocol"
+                for e in dropped
+            ],
+        )
 
     @inlineCallbacks
     def test_targetResetReachesTLSClientAsReset(self):
