@@ -21,6 +21,7 @@ from tcpproxy.dialer import FailoverDialer, IDialer, endpointForTarget
 from tcpproxy.health import DEFAULT_FALL, DEFAULT_RISE, HealthTracker
 from tcpproxy.idle import IdleSweeper
 from tcpproxy.limits import REFUSED_DENIED, AcceptGate, ConnectionCounter, permitted
+from tcpproxy.metrics import REFUSED_DRAINING, AppStats
 from tcpproxy.relay import IRelayed, ProxyClientProtocol, ProxyServerProtocol
 from tcpproxy.tls import AppTLS
 from tcpproxy.transport.engine import IEngine
@@ -38,6 +39,7 @@ class ProxyServerFactory(Factory):
     @ivar counter: the app's L{ConnectionCounter} (open and refused clients).
     @ivar gate: the proxy-wide L{AcceptGate}, if any.
     @ivar health: the app's L{HealthTracker}, if any.
+    @ivar stats: the app's L{AppStats} (bytes, durations, targets' connects).
     """
 
     noisy = False
@@ -52,9 +54,11 @@ class ProxyServerFactory(Factory):
         tls: AppTLS | None = None,
         health: HealthTracker | None = None,
         gate: AcceptGate | None = None,
+        stats: AppStats | None = None,
     ) -> None:
         self.clock = clock
         self.health = health
+        self.stats = stats if stats is not None else AppStats(app.targets)
         self.gate = gate
         self.relays: set[IRelayed] = set()
         self.counter = ConnectionCounter()
@@ -78,17 +82,21 @@ class ProxyServerFactory(Factory):
         self.dialer = dialer
         self.front: IProtocolFactory = self
         if tls is not None and tls.server is not None:
-            self.front = tls.serverFactory(self, self.clock, self.gate)
+            self.front = tls.serverFactory(self, self.clock, self.gate, self.counter.refusals)
 
     def admit(self, host: str) -> str | None:
         """
         Count a new client from C{host} in, or say why it is refused
-        (C{Allow}/C{Deny}, C{MaxConnections}, C{MaxConnectionsPerClient}).
+        (C{Allow}/C{Deny}, C{MaxConnections}, C{MaxConnectionsPerClient},
+        or every target drained by an operator).
         """
         app = self.app
         if not permitted(host, app.allow, app.deny):
             self.counter.refusals[REFUSED_DENIED] += 1
             return REFUSED_DENIED
+        if self.health is not None and self.health.allDrained:
+            self.counter.refusals[REFUSED_DRAINING] += 1
+            return REFUSED_DRAINING
         refused = self.counter.tryOpen(host, app.maxConnections, app.maxConnectionsPerClient)
         if refused is None and self.gate is not None:
             self.gate.connectionOpened()
@@ -111,10 +119,12 @@ class ProxyServerFactory(Factory):
         if self.gate is not None:
             self.gate.connectionClosed()
         end = relay.end or END_DONE
+        duration = self.clock.seconds() - relay.started
+        self.stats.ended(relay.bytesIn, relay.bytesOut, end, duration)
         # A connection nobody could serve is worth a warning whatever the
         # AccessLog switch.
         if self.app.accessLog or end == END_NO_TARGET:
-            access.logConnection(self.app.name, relay, end, self.clock.seconds() - relay.started)
+            access.logConnection(self.app.name, relay, end, duration)
         if not self.relays:
             self.idleSweeper.stop()
             waiters, self._idleWaiters = self._idleWaiters, []
@@ -139,10 +149,13 @@ class ProxyServerFactory(Factory):
             relay.abort()
 
 
-def buildDialer(app: AppConfig, tls: AppTLS, engine: IEngine, health: HealthTracker | None) -> FailoverDialer:
+def buildDialer(
+    app: AppConfig, tls: AppTLS, engine: IEngine, health: HealthTracker | None, stats: AppStats | None = None
+) -> FailoverDialer:
     """
     The dialer of C{app}: an endpoint per target on C{engine}'s reactor
-    (wrapped in TLS if the app originates it), C{ConnectTimeout} per attempt.
+    (wrapped in TLS if the app originates it), C{ConnectTimeout} per attempt,
+    each attempt's outcome told to C{health} and C{stats}.
     """
     reactor = engine.reactor
     return FailoverDialer(
@@ -150,6 +163,7 @@ def buildDialer(app: AppConfig, tls: AppTLS, engine: IEngine, health: HealthTrac
         app.connectTimeout,
         endpointFactory=tls.endpointFactory(endpointForTarget, reactor),
         health=health,
+        stats=stats,
     )
 
 
@@ -171,14 +185,16 @@ def buildApp(
     @param tls: C{app}'s TLS, loaded (L{tcpproxy.tls.loadAppTLS}).
     """
     health = HealthTracker(app.name, app.targets, clock, *_healthSettings(app))
+    stats = AppStats(app.targets)
     return ProxyServerFactory(
         app,
         RoundRobin(app.targets, health),
-        buildDialer(app, tls, engine, health),
+        buildDialer(app, tls, engine, health, stats),
         clock,
         tls=tls,
         health=health,
         gate=gate,
+        stats=stats,
     )
 
 
@@ -194,10 +210,11 @@ def updateApp(factory: ProxyServerFactory, app: AppConfig, tls: AppTLS, engine: 
     """
     old = factory.app
     factory.health.update(app.name, app.targets, *_healthSettings(app))
+    factory.stats.keepTargets(app.targets)
     balancer = factory.balancer
     if old.targets != app.targets:
         balancer = balancer.withTargets(app.targets)
     dialer = factory.dialer
     if (old.connectTimeout, old.targetTLS) != (app.connectTimeout, app.targetTLS) or tls.client is not None:
-        dialer = buildDialer(app, tls, engine, factory.health)
+        dialer = buildDialer(app, tls, engine, factory.health, factory.stats)
     factory.reconfigure(app, balancer, dialer, tls)

@@ -81,6 +81,21 @@ class Reloader:
         @return: fires with the L{ReloadResult} once the listeners of
             removed ports are closed.
         """
+        return self._reload().addCallback(self._count)
+
+    def _count(self, result: ReloadResult) -> ReloadResult:
+        """
+        Count a reload by its result (the metrics' C{tcpproxy_reloads_total}),
+        and note when the file was last loaded: a reload that changed
+        something, or found nothing to change.
+        """
+        service = self._service
+        service.reloadCounts[result.status.replace(" ", "_")] += 1
+        if result.status in (APPLIED, APPLIED_WITH_ERRORS, UNCHANGED):
+            service.loadedAt = service.reactor.seconds()
+        return result
+
+    def _reload(self) -> Deferred[ReloadResult]:
         service = self._service
         if not service.running:
             service.log.info("reload ignored: the proxy is stopping", path=service.configPath, result=REFUSED)
@@ -116,6 +131,8 @@ class Reloader:
           - A removed app's open connections go on, and are drained (or
             aborted) with the others when the proxy stops.
           - C{DrainTimeout} applies to the next stop.
+          - C{Admin}: the endpoint is turned on, off or moved (a new
+            address that cannot be bound leaves it as it was, logged).
           - C{BindAddress}: see L{_rebind}.
 
         @return: fires with the L{ReloadResult} once the listeners of removed
@@ -146,7 +163,17 @@ class Reloader:
             except ListenError as e:
                 errors.append(str(e))
         failed = {port for port, _ in plan.addedPorts} - set(bound)
-        running = withoutPorts(dataclasses.replace(new, bindAddress=address), failed)
+        admin = new.admin
+        closing = []
+        if plan.admin is not None:
+            # Turned on, off or moved: bound before the old one closes, and
+            # left as it was if the new address cannot be bound.
+            try:
+                closing.append(service.admin.reconfigure(new.admin))
+            except ListenError as e:
+                errors.append(str(e))
+                admin = old.admin
+        running = withoutPorts(dataclasses.replace(new, bindAddress=address, admin=admin), failed)
 
         # Apps before ports, so that a port always finds its app's factory.
         for app in running.apps:
@@ -170,7 +197,6 @@ class Reloader:
         for port, name in plan.addedPorts:
             if port in bound:
                 service.listen(port, service.factories[name], bound[port])
-        closing = []
         for port, _ in plan.removedPorts:
             del service.portFactories[port]
             closing.append(maybeDeferred(service.listeningPorts.pop(port).stopListening))
@@ -261,4 +287,3 @@ class Reloader:
             appsChanged={c.name: list(c.keys) for c in plan.changedApps},
             errors=list(result.errors),
         )
-

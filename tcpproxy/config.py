@@ -25,6 +25,10 @@ object holds the same keys for every app, and an app's own value wins):
 C{IdleTimeout}, C{HealthCheck}, C{MaxConnections}, C{MaxConnectionsPerClient},
 C{BandwidthLimit}, C{Allow}, C{Deny}; and a top-level C{MaxConnections} for
 the whole proxy.
+
+The admin endpoint (optional, top level, off without it; see L{AdminConfig})::
+
+    "Admin": {"Listen": "127.0.0.1:9901", "Allow": ["10.0.0.0/8"]}
 """
 
 from __future__ import annotations
@@ -53,7 +57,8 @@ IPV4 = "ipv4"
 IPV6 = "ipv6"
 HOSTNAME = "hostname"
 
-_TOP_KEYS = ("Apps", "BindAddress", "DrainTimeout", "Defaults", "MaxConnections")
+_TOP_KEYS = ("Apps", "BindAddress", "DrainTimeout", "Defaults", "MaxConnections", "Admin")
+_ADMIN_KEYS = ("Listen", "Allow")
 _APP_KEYS = (
     "Name",
     "Ports",
@@ -234,6 +239,40 @@ class AppConfig:
     deny: tuple[Network, ...] = ()
 
 
+LOOPBACK: tuple[Network, ...] = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+"""
+Who may use the admin endpoint when its C{Allow} is not given.
+"""
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    """
+    The admin endpoint (the top-level C{"Admin"} key): metrics, status,
+    readiness and runtime control over HTTP (L{tcpproxy.admin}).
+
+    @ivar host: the address it listens on (an IPv4 or IPv6 literal).
+    @ivar port: its port.
+    @ivar allow: the networks whose clients may use it; others get 403.
+    @ivar allowGiven: C{Allow} was written (else L{allow} is L{LOOPBACK}).
+    """
+
+    host: str
+    port: int
+    allow: tuple[Network, ...] = LOOPBACK
+    allowGiven: bool = False
+
+    def __str__(self) -> str:
+        return hostPort(self.host, self.port)
+
+    @property
+    def loopback(self) -> bool:
+        """
+        Whether it listens on a loopback address only.
+        """
+        return ipaddress.ip_address(self.host).is_loopback
+
+
 @dataclass(frozen=True)
 class ProxyConfig:
     """
@@ -247,6 +286,7 @@ class ProxyConfig:
     drainTimeout: float = DEFAULT_DRAIN_TIMEOUT
     source: str = "<config>"
     maxConnections: int | None = None
+    admin: AdminConfig | None = None
 
     def listeners(self) -> list[tuple[AppConfig, int]]:
         """
@@ -800,7 +840,36 @@ def parseConfig(document: object, source: str = "<config>") -> ProxyConfig:
     if document.get("MaxConnections") is not None:
         maxConnections = _count(where, "MaxConnections", document["MaxConnections"])
 
-    return ProxyConfig(tuple(apps), bindAddress or DEFAULT_BIND_ADDRESS, drainTimeout, source, maxConnections)
+    admin = _parseAdmin(where, document["Admin"]) if document.get("Admin") is not None else None
+
+    return ProxyConfig(
+        tuple(apps), bindAddress or DEFAULT_BIND_ADDRESS, drainTimeout, source, maxConnections, admin
+    )
+
+
+def _parseAdmin(where: _Where, value: object) -> AdminConfig:
+    """
+    The C{"Admin"} object: C{"Listen": "host:port"} (an IP literal, IPv6 in
+    brackets, as a target is written) and an optional C{"Allow"} list of
+    networks.
+    """
+    within = _Within(where, "Admin")
+    obj = _object(where, "Admin", value, 'an object like {"Listen": "127.0.0.1:9901"}')
+    _checkKeys(within, obj, _ADMIN_KEYS, ("Listen",))
+    listen = obj["Listen"]
+    try:
+        if not isinstance(listen, str):
+            raise ValueError("is not a string")
+        address = parseTarget(listen)
+    except ValueError:
+        address = None
+    if address is None or address.kind == HOSTNAME:
+        raise within.error(
+            "Listen", f'{_show(listen)} is not an IP address and port (like "127.0.0.1:9901" or "[::1]:9901")'
+        )
+    if "Allow" in obj:
+        return AdminConfig(address.host, address.port, _networks(within, "Allow", obj["Allow"]), True)
+    return AdminConfig(address.host, address.port)
 
 
 def _noteDuplicateKeys(pairs: list[tuple[str, object]]) -> _JSONObject:

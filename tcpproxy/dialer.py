@@ -29,6 +29,7 @@ from zope.interface import Interface, implementer
 
 from tcpproxy.config import IPV4, IPV6, Target
 from tcpproxy.deadlines import Deadlines, IExpiring
+from tcpproxy.tls import TLSHandshakeFailed
 
 
 def endpointForTarget(reactor: IReactorTCP, target: Target) -> IStreamClientEndpoint:
@@ -67,6 +68,28 @@ def describeFailure(reason: Failure, timeout: float) -> str:
             return describeError(code, timeout)
         return f"no socket could be made: {os.strerror(code) if isinstance(code, int) else code}"
     return reason.getErrorMessage() or reason.type.__name__
+
+
+def failureKind(reason: Failure, expired: bool) -> str:
+    """
+    The kind of a failed connect, for the metrics' C{reason} label:
+    C{refused}, C{timeout} (C{expired}: cut short by the connect timeout),
+    C{unreachable}, C{dns}, C{tls} (the handshake with the target failed)
+    or C{reset} (the connection was lost while it was being made).
+    """
+    if expired or reason.check(defer.TimeoutError, error.TimeoutError, error.ConnectingCancelledError):
+        return "timeout"
+    if reason.check(error.ConnectionRefusedError):
+        return "refused"
+    if reason.check(error.DNSLookupError):
+        return "dns"
+    if reason.check(error.NoRouteError):
+        return "unreachable"
+    if reason.check(TLSHandshakeFailed):
+        return "tls"
+    if reason.check(error.ConnectError) and reason.value.osError in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+        return "unreachable"
+    return "reset"
 
 
 OWN_ERRORS = frozenset((errno.EMFILE, errno.ENFILE))
@@ -175,6 +198,7 @@ class _FailoverAttempt:
             return
         health = self._dialer.health
         token = health.attemptStarted(target) if health is not None else None
+        self._began = self._dialer.clock.seconds()
         attempt = self._dialer.endpointFor(target).connect(self._protocolFactory)
         self._current = attempt
         if not attempt.called:
@@ -198,6 +222,8 @@ class _FailoverAttempt:
         self._settled()
         if self._dialer.health is not None:
             self._dialer.health.connectSucceeded(target)
+        if self._dialer.stats is not None:
+            self._dialer.stats.connected(target, self._dialer.clock.seconds() - self._began)
         self.result.callback(Dialled(target, protocol, self._failures))
 
     def _failed(self, reason: Failure, target: Target, token: int | None) -> None:
@@ -205,7 +231,8 @@ class _FailoverAttempt:
         if self._cancelled:
             reason.trap(CancelledError, error.ConnectingCancelledError)
             return
-        if self._expired:
+        expired = self._expired
+        if expired:
             # Cut short by our deadline, whatever the stage (a lookup, the
             # TCP handshake, TLS): a timeout, not what the cancel raised.
             self._expired = False
@@ -213,6 +240,8 @@ class _FailoverAttempt:
         else:
             why = describeFailure(reason, self._dialer.timeout)
         self._failures.append((target, why))
+        if self._dialer.stats is not None and not reason.check(error.ConnectBindError):
+            self._dialer.stats.failed(target, failureKind(reason, expired), why, self._dialer.clock.seconds())
         if self._dialer.health is not None and not reason.check(error.ConnectBindError):
             # A socket the proxy could not make says nothing of the target.
             self._dialer.health.connectFailed(target, why, token)
@@ -233,9 +262,12 @@ class FailoverDialer:
         tried; it covers name resolution as well as the TCP handshake.
     @ivar health: told of every attempt's outcome (passive health checks),
         if not C{None}: a L{tcpproxy.health.HealthTracker}.
+    @ivar stats: told of every attempt's outcome too (its time, or the kind
+        of failure), if not C{None}: a L{tcpproxy.metrics.AppStats}.
     """
 
     health = None
+    stats = None
 
     def __init__(
         self,
@@ -244,8 +276,10 @@ class FailoverDialer:
         clock: IReactorTime | None = None,
         endpointFactory: Callable[[IReactorTCP, Target], IStreamClientEndpoint] = endpointForTarget,
         health=None,
+        stats=None,
     ) -> None:
         self.health = health
+        self.stats = stats
         self._reactor = reactor
         self.timeout = timeout
         self.clock = clock if clock is not None else reactor

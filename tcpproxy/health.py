@@ -24,6 +24,14 @@ by a periodic TCP connect when the app has a C{HealthCheck}.
 The balancer asks L{HealthTracker.usable} for the targets to rotate over;
 when none is usable it tries them all (fail open): a proxy that refuses
 every client because its checks are wrong is worse than one that tries.
+
+  - Drained, by an operator (L{HealthTracker.drain}, from the admin
+    endpoint; HAProxy's C{set server state drain}): a target that gets no
+    new client, up or down, whatever the checks say, until it is made
+    ready again (L{HealthTracker.ready}) or leaves the configuration.  Its
+    open connections go on.  Failing open never reaches a drained target:
+    an operator's word is not a guess.
+
 Every change of state is logged.
 """
 
@@ -45,6 +53,7 @@ from tcpproxy.dialer import describeFailure, endpointForTarget
 
 UP = "up"
 DOWN = "down"
+DRAINING = "draining"
 DEFAULT_RISE = 2
 DEFAULT_FALL = 3
 """
@@ -66,9 +75,11 @@ class TargetHealth:
     @ivar epoch: bumped whenever a failure is counted or the target comes
         up: an attempt started in an earlier epoch has nothing new to say
         when it fails.
+    @ivar drained: an operator took it out of rotation (L{HealthTracker.drain}).
     """
 
     def __init__(self) -> None:
+        self.drained = False
         self.up = True
         self.successes = 0
         self.failures = 0
@@ -103,33 +114,96 @@ class HealthTracker:
         self.policy = policy if policy is not None else backoffPolicy()
         self.states: dict[Target, TargetHealth] = {}
         self._down: set[Target] = set()
+        self._drained: set[Target] = set()
         self.update(app, targets, rise, fall)
 
     def update(self, app: str, targets: Sequence[Target], rise: int, fall: int) -> None:
         """
-        New settings (a reload): targets that stay keep their state.
+        New settings (a reload): targets that stay keep their state (a
+        drained one stays drained).
         """
         self.app = app
         self.rise = rise
         self.fall = fall
         self.states = {t: self.states.get(t) or TargetHealth() for t in targets}
         self._down = {t for t, state in self.states.items() if not state.up}
+        self._drained = {t for t, state in self.states.items() if state.drained}
 
     def isUp(self, target: Target) -> bool:
         state = self.states.get(target)
         return state is None or state.up
+
+    def stateOf(self, target: Target) -> str:
+        """
+        L{DRAINING}, L{UP} or L{DOWN}: what the status page shows.
+        """
+        state = self.states.get(target)
+        if state is None:
+            return UP
+        if state.drained:
+            return DRAINING
+        return UP if state.up else DOWN
+
+    @property
+    def allDrained(self) -> bool:
+        """
+        Whether every target is drained: the app has nowhere to send a client.
+        """
+        return len(self._drained) == len(self.states)
+
+    # Runtime control, from the admin endpoint.
+
+    def drain(self, target: Target, why: str) -> bool:
+        """
+        Send C{target} no new client until L{ready}; logged, with C{why}.
+
+        @return: whether it changed (it was not drained already).
+        @raise KeyError: C{target} is not one of the app's.
+        """
+        return self._setDrained(target, True, why)
+
+    def ready(self, target: Target, why: str) -> bool:
+        """
+        Put a drained C{target} back in rotation (the checks still decide
+        whether it is up); logged, with C{why}.
+
+        @return: whether it changed (it was drained).
+        @raise KeyError: C{target} is not one of the app's.
+        """
+        return self._setDrained(target, False, why)
+
+    def _setDrained(self, target: Target, drained: bool, why: str) -> bool:
+        state = self.states[target]
+        if state.drained == drained:
+            return False
+        state.drained = drained
+        if drained:
+            self._drained.add(target)
+        else:
+            self._drained.discard(target)
+        (self.log.warn if drained else self.log.info)(
+            "app {app}: target {target} is {state}: {why}",
+            app=self.app,
+            target=str(target),
+            state=DRAINING if drained else "ready",
+            why=why,
+        )
+        return True
 
     def usable(self, targets: Sequence[Target]) -> list[Target]:
         """
         The targets of C{targets} (in that order) a client may try now: the
         ones up, and a down one whose back-off is over (until a client
         actually dials it: L{attemptStarted}).  All of them if none is
-        usable (fail open).  Nothing changes here: a client that connects
-        to its first choice leaves the retry of a later one to the next
-        client.
+        usable (fail open), but for the drained ones, which are never
+        usable.  Nothing changes here: a client that connects to its first
+        choice leaves the retry of a later one to the next client.
         """
-        if not self._down:
+        if not self._down and not self._drained:
             return list(targets)
+        drained = self._drained
+        if drained:
+            targets = [target for target in targets if target not in drained]
         now = self.clock.seconds()
         usable = []
         for target in targets:

@@ -64,9 +64,11 @@ class ConnectionCounter:
     what it opened, so the counts return to zero.
 
     @ivar refusals: how many clients were refused, by reason.
+    @ivar opened: how many connections were counted in, ever.
     """
 
     def __init__(self) -> None:
+        self.opened = 0
         self.total = 0
         self.perClient: Counter[str] = Counter()
         self.refusals: Counter[str] = Counter()
@@ -86,6 +88,7 @@ class ConnectionCounter:
         if reason is not None:
             self.refusals[reason] += 1
             return reason
+        self.opened += 1
         self.total += 1
         self.perClient[host] += 1
         return None

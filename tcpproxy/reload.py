@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from tcpproxy.config import AppConfig, ProxyConfig
+from tcpproxy.config import AdminConfig, AppConfig, ProxyConfig
 from tcpproxy.describe import quoted
 
 _KEYS = {
@@ -95,6 +95,7 @@ class ReloadPlan:
     @ivar changedApps: apps in both, with some setting changed.
     @ivar bindAddress: C{(old, new)} if C{BindAddress} changed, else C{None}.
     @ivar drainTimeout: C{(old, new)} if C{DrainTimeout} changed, else C{None}.
+    @ivar admin: C{(old, new)} if C{Admin} changed (C{None} for off), else C{None}.
     """
 
     old: ProxyConfig
@@ -108,6 +109,7 @@ class ReloadPlan:
     bindAddress: tuple[str, str] | None = None
     drainTimeout: tuple[float, float] | None = None
     maxConnections: tuple[int | None, int | None] | None = None
+    admin: tuple[AdminConfig | None, AdminConfig | None] | None = None
 
     def __bool__(self) -> bool:
         """
@@ -124,6 +126,7 @@ class ReloadPlan:
                 self.bindAddress,
                 self.drainTimeout,
                 self.maxConnections,
+                self.admin,
             )
         )
 
@@ -159,6 +162,16 @@ class ReloadPlan:
             parts.append(
                 "MaxConnections: {} -> {}".format(*("none" if m is None else m for m in self.maxConnections))
             )
+        if self.admin:
+            before, after = self.admin
+            if (
+                before is not None
+                and after is not None
+                and (before.host, before.port) == (after.host, after.port)
+            ):
+                parts.append(f"Admin: Allow changed on {after}")
+            else:
+                parts.append("Admin: {} -> {}".format(*("off" if a is None else a for a in self.admin)))
         return parts
 
 
@@ -212,6 +225,7 @@ def planReload(old: ProxyConfig, new: ProxyConfig) -> ReloadPlan:
         maxConnections=None
         if old.maxConnections == new.maxConnections
         else (old.maxConnections, new.maxConnections),
+        admin=None if old.admin == new.admin else (old.admin, new.admin),
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import resource
 import socket
+from collections import Counter
 from collections.abc import Sequence
 
 from twisted.application.service import Service
@@ -17,6 +18,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from tcpproxy.admin import AdminServer
 from tcpproxy.app import ProxyServerFactory, buildApp
 from tcpproxy.applying import Reloader, ReloadResult, owner
 from tcpproxy.config import AppConfig, ProxyConfig
@@ -82,6 +84,11 @@ class ProxyService(Service):
         L{config}.  An app removed by a reload keeps its factory elsewhere
         until its last connection ends, so that stopping drains it too.
     @ivar listeningPorts: port number to its L{IListeningPort}.
+    @ivar admin: the admin endpoint (L{AdminServer}), on if the
+        configuration has C{Admin}.
+    @ivar reloadCounts: reloads of the file, by result (C{tcpproxy_reloads_total}).
+    @ivar loadedAt: when the configuration was last loaded (the reactor's
+        time: a Unix time).
     """
 
     log = Logger()
@@ -117,6 +124,9 @@ class ProxyService(Service):
         self._sockets: dict[int, socket.socket] = {}
         self.portFactories: dict[int, _PortFactory] = {}
         self.listeningPorts: dict[int, IListeningPort] = {}
+        self.admin = AdminServer(self, reactor)
+        self.reloadCounts: Counter[str] = Counter()
+        self.loadedAt = reactor.seconds()
 
     def newFactory(self, app: AppConfig, tls: AppTLS | None = None) -> ProxyServerFactory:
         """
@@ -157,6 +167,11 @@ class ProxyService(Service):
         source = self.config.source
         sockets = bindAll([(f"{source}: {owner(app.name)}", address, port) for app, port in listeners])
         self._sockets = {port: sock for (app, port), sock in zip(listeners, sockets, strict=True)}
+        try:
+            self.admin.bind(self.config.admin)
+        except BaseException:
+            self.unbind()
+            raise
 
     def unbind(self) -> None:
         """
@@ -165,6 +180,7 @@ class ProxyService(Service):
         for sock in self._sockets.values():
             sock.close()
         self._sockets.clear()
+        self.admin.unbind()
 
     def privilegedStartService(self) -> None:
         self.bind()
@@ -192,6 +208,7 @@ class ProxyService(Service):
                 targetList=", ".join(map(str, app.targets)) + (" (TLS)" if app.targetTLS else ""),
             )
         self._budgetDescriptors(limit)
+        self.admin.start()
         for app in self.config.apps:
             self.startChecks(app)
         for trigger in self._triggers:
@@ -253,6 +270,9 @@ class ProxyService(Service):
         """
         Stop accepting now; give open connections the drain period to end.
 
+        The admin endpoint stays until the drain is over: its C{/ready}
+        answers 503 from now on (L{running} is false).
+
         The reload triggers stop only once the drain is over: until then a
         C{SIGHUP} (a configuration tool reloading as it always does) is
         still ours, and only logged, instead of ending the process with the
@@ -277,6 +297,7 @@ class ProxyService(Service):
         for trigger in self._triggers:
             trigger.stop()
         self.engine.stop()
+        self.admin.stop()
         return result
 
     def _drain(self) -> Deferred[None]:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import datetime
 import json
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -498,10 +498,13 @@ class _GateFactory(Factory):
         handshakeTimeout: float | None,
         maxPending: int | None = None,
         acceptGate=None,
+        refusals: Counter[str] | None = None,
     ) -> None:
         """
         @param handshakeTimeout: seconds a handshake may take, or C{None}
             for no limit (then C{maxPending} is ignored too).
+        @param refusals: where a client whose handshake failed is counted,
+            under C{"tls_handshake"} (the app's refusals, for its metrics).
         @param maxPending: handshakes under way at most (see
             L{PendingHandshakes}), or C{None} for no cap.
         @param acceptGate: what the handshakes under way count into (see
@@ -510,6 +513,7 @@ class _GateFactory(Factory):
         self.wrappedFactory = wrappedFactory
         self.clock = clock
         self.handshakeTimeout = handshakeTimeout
+        self.refusals = refusals
         self.pending: PendingHandshakes | None = None
         if handshakeTimeout is not None:
             self.pending = PendingHandshakes(clock, handshakeTimeout, maxPending, acceptGate)
@@ -533,6 +537,8 @@ class _ServerGateFactory(_GateFactory):
         return gate
 
     def handshakeFailed(self, gate: _HandshakeGate, why: str, reason: Failure | None = None) -> None:
+        if self.refusals is not None:
+            self.refusals["tls_handshake"] += 1
         log.warn(
             "[{connectionId}] {client}: TLS client dropped: {why}",
             connectionId=gate.connectionId,
@@ -587,14 +593,16 @@ def serverTLSFactory(
     handshakeTimeout: float,
     maxPending: int | None = None,
     acceptGate=None,
+    refusals: Counter[str] | None = None,
 ) -> TLSMemoryBIOFactory:
     """
     A factory that terminates TLS with C{creator} and hands each client
     whose handshake completes within C{handshakeTimeout} seconds to
     C{wrappedFactory}'s protocol, with at most C{maxPending} handshakes
-    under way (see L{PendingHandshakes}), each counted in C{acceptGate}.
+    under way (see L{PendingHandshakes}), each counted in C{acceptGate};
+    a client whose handshake fails is counted in C{refusals}.
     """
-    gates = _ServerGateFactory(wrappedFactory, clock, handshakeTimeout, maxPending, acceptGate)
+    gates = _ServerGateFactory(wrappedFactory, clock, handshakeTimeout, maxPending, acceptGate, refusals)
     return TLSMemoryBIOFactory(creator, False, gates, clock)
 
 
@@ -678,16 +686,23 @@ class AppTLS:
     maxPendingHandshakes: int | None = None
 
     def serverFactory(
-        self, wrappedFactory: IProtocolFactory, clock: IReactorTime, acceptGate=None
+        self, wrappedFactory: IProtocolFactory, clock: IReactorTime, acceptGate=None, refusals=None
     ) -> IProtocolFactory:
         """
         C{wrappedFactory}, behind TLS termination if the app has it; its
-        handshakes under way count into C{acceptGate}, if given.
+        handshakes under way count into C{acceptGate}, if given, and the
+        failed ones into C{refusals}.
         """
         if self.server is None:
             return wrappedFactory
         return serverTLSFactory(
-            self.server, wrappedFactory, clock, self.handshakeTimeout, self.maxPendingHandshakes, acceptGate
+            self.server,
+            wrappedFactory,
+            clock,
+            self.handshakeTimeout,
+            self.maxPendingHandshakes,
+            acceptGate,
+            refusals,
         )
 
     def endpointFactory(self, endpointForTarget, clock: IReactorTime):

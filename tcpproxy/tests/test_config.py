@@ -1134,3 +1134,49 @@ class LinearTimeTests(ConfigFileMixin, TestCase):
         apps = [app(f"app{i}", Ports=[i + 1], Targets=[f"127.0.0.1:{i + 1}"]) for i in range(20_000)]
         self.assertQuick(document(*apps))
         self.assertQuick(document(*apps, app("app0", Ports=[30000])), "is the name of another app too")
+
+
+class AdminConfigTests(ConfigFileMixin, TestCase):
+    """
+    The top-level C{"Admin"} key: off without it, C{Listen} an IP address
+    and port, C{Allow} networks (loopback by default).
+    """
+
+    def test_offByDefault(self) -> None:
+        self.assertIsNone(loadConfig(self.writeConfig(document())).admin)
+        self.assertIsNone(loadConfig(self.writeConfig(document(Admin=None))).admin)
+
+    def test_listen(self) -> None:
+        admin = loadConfig(self.writeConfig(document(Admin={"Listen": "127.0.0.1:9901"}))).admin
+        self.assertEqual((admin.host, admin.port, admin.allowGiven), ("127.0.0.1", 9901, False))
+        self.assertEqual([str(n) for n in admin.allow], ["127.0.0.0/8", "::1/128"])
+        self.assertTrue(admin.loopback)
+        admin = loadConfig(
+            self.writeConfig(document(Admin={"Listen": "[::1]:9901", "Allow": ["10.0.0.0/8"]}))
+        ).admin
+        self.assertEqual((admin.host, str(admin), admin.allowGiven), ("::1", "[::1]:9901", True))
+        self.assertEqual([str(n) for n in admin.allow], ["10.0.0.0/8"])
+        admin = loadConfig(self.writeConfig(document(Admin={"Listen": "0.0.0.0:9901"}))).admin
+        self.assertFalse(admin.loopback)
+
+    def test_refused(self) -> None:
+        for value, fragment in [
+            (
+                {"Listen": "localhost:9901"},
+                'key "Admin.Listen": "localhost:9901" is not an IP address and port',
+            ),
+            ({"Listen": "127.0.0.1"}, 'key "Admin.Listen": "127.0.0.1" is not an IP address and port'),
+            ({"Listen": 9901}, 'key "Admin.Listen": 9901 is not an IP address and port'),
+            ({"Listen": "127.0.0.1:0"}, 'key "Admin.Listen": "127.0.0.1:0"'),
+            ({}, 'key "Admin.Listen": missing required key'),
+            (
+                {"Listen": "127.0.0.1:9901", "Alow": []},
+                'key "Admin.Alow": unknown key (did you mean "Allow"?)',
+            ),
+            (
+                {"Listen": "127.0.0.1:9901", "Allow": ["nope"]},
+                'key "Admin.Allow": "nope" is not an IPv4 or IPv6',
+            ),
+            ("127.0.0.1:9901", 'key "Admin": "127.0.0.1:9901" is not an object'),
+        ]:
+            self.assertRefused(document(Admin=value), fragment)
