@@ -14,7 +14,7 @@ from twisted.internet.interfaces import IProtocolFactory, IReactorTime
 from twisted.internet.protocol import Factory
 
 from tcpproxy import access
-from tcpproxy.access import END_DONE, END_NO_TARGET
+from tcpproxy.access import END_DONE, END_NO_TARGET, END_OPEN, InterimRecords, formatFor
 from tcpproxy.balancer import IBalancer, RoundRobin
 from tcpproxy.config import AppConfig
 from tcpproxy.dialer import FailoverDialer, IDialer, endpointForTarget
@@ -64,6 +64,7 @@ class ProxyServerFactory(Factory):
         self.counter = ConnectionCounter()
         self._idleWaiters: list[Deferred[None]] = []
         self.idleSweeper = IdleSweeper(clock, lambda: self.relays)
+        self.interim = InterimRecords(clock, lambda: self.relays, self._logInterim)
         self.clientFactory = Factory.forProtocol(ProxyClientProtocol)
         self.clientFactory.noisy = False
         self.reconfigure(app, balancer, dialer, tls)
@@ -98,15 +99,36 @@ class ProxyServerFactory(Factory):
             self.counter.refusals[REFUSED_DRAINING] += 1
             return REFUSED_DRAINING
         refused = self.counter.tryOpen(host, app.maxConnections, app.maxConnectionsPerClient)
-        if refused is None and self.gate is not None:
-            self.gate.connectionOpened()
+        if refused is None:
+            if self.gate is not None:
+                self.gate.connectionOpened()
+            if app.accessLogInterval:
+                self.interim.start(app.accessLogInterval)
         return refused
 
     def logRefusal(self, clientAddress: str, port: int, reason: str, connectionId: str) -> None:
         """
         Log a client refused by L{admit} (and closed) on C{port}.
         """
-        access.logRefusal(self.app.name, clientAddress, port, reason, self.counter.refusals, connectionId)
+        app = self.app
+        access.logRefusal(
+            app.name,
+            clientAddress,
+            port,
+            reason,
+            self.counter.refusals,
+            connectionId,
+            formatFor(app.accessLogFormat),
+            self.clock.seconds(),
+        )
+
+    def _logInterim(self, relay: IRelayed, now: float) -> None:
+        """
+        Write the interim record of C{relay}, open since its C{started}
+        (L{InterimRecords}), if the app's C{AccessLog} is on.
+        """
+        if self.app.accessLog:
+            access.logConnection(self.app.name, relay, END_OPEN, now - relay.started)
 
     def relayEnded(self, relay: IRelayed) -> None:
         """
@@ -127,6 +149,7 @@ class ProxyServerFactory(Factory):
             access.logConnection(self.app.name, relay, end, duration)
         if not self.relays:
             self.idleSweeper.stop()
+            self.interim.stop()
             waiters, self._idleWaiters = self._idleWaiters, []
             for d in waiters:
                 d.callback(None)

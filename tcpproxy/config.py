@@ -17,6 +17,8 @@ The accepted shape is the classic one, extended only by optional keys::
                            "[::1]:6003"],
                "ConnectTimeout": 5,     # optional, seconds per attempt
                "AccessLog": true,       # optional, a log line per connection
+               "AccessLogFormat": "text",   # optional, or "json", or a template
+               "AccessLogInterval": 60,     # optional, interim records (seconds)
                "TLS": {...},            # optional, see TLSConfig
                "TargetTLS": {...}}]}    # optional, see TargetTLSConfig
 
@@ -46,6 +48,7 @@ from dataclasses import dataclass
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 
+from tcpproxy.access import FORMAT_JSON, FORMAT_TEXT, checkTemplate
 from tcpproxy.describe import hostPort
 
 DEFAULT_DRAIN_TIMEOUT = 10.0
@@ -65,6 +68,8 @@ _APP_KEYS = (
     "Targets",
     "ConnectTimeout",
     "AccessLog",
+    "AccessLogFormat",
+    "AccessLogInterval",
     "IdleTimeout",
     "HealthCheck",
     "MaxConnections",
@@ -94,6 +99,10 @@ MIN_DURATION = 0.01
 The shortest duration (seconds) any key accepts, besides an C{IdleTimeout}
 or C{DrainTimeout} of 0: a timer or check more frequent than this would only
 keep a core busy.
+"""
+MIN_ACCESS_LOG_INTERVAL = 1.0
+"""
+The shortest C{AccessLogInterval} (seconds) besides 0 (off).
 """
 MAX_DURATION = 604800.0
 """
@@ -213,6 +222,10 @@ class AppConfig:
     """
     One app: the ports it listens on and the targets it relays to.
 
+    @ivar accessLogFormat: C{"text"}, C{"json"} or a template of the
+        access log (L{tcpproxy.access.formatFor}).
+    @ivar accessLogInterval: seconds between interim records of an open
+        connection; 0 turns them off (L{tcpproxy.access.InterimRecords}).
     @ivar idleTimeout: seconds without a byte either way that close a
         relayed pair; 0 turns it off.
     @ivar healthCheck: active checks, or C{None} for passive checks only.
@@ -228,6 +241,8 @@ class AppConfig:
     targets: tuple[Target, ...]
     connectTimeout: float = DEFAULT_CONNECT_TIMEOUT
     accessLog: bool = True
+    accessLogFormat: str = FORMAT_TEXT
+    accessLogInterval: float = 0.0
     tls: TLSConfig | None = None
     targetTLS: TargetTLSConfig | None = None
     idleTimeout: float = DEFAULT_IDLE_TIMEOUT
@@ -562,6 +577,17 @@ def _parseSettings(where: _Where, obj: dict) -> dict:
         if not isinstance(accessLog, bool):
             raise where.error("AccessLog", f"{_show(accessLog)} is not true or false")
         settings["accessLog"] = accessLog
+    if "AccessLogFormat" in obj:
+        settings["accessLogFormat"] = _accessLogFormat(where, obj["AccessLogFormat"])
+    if "AccessLogInterval" in obj:
+        interval = _duration(where, "AccessLogInterval", obj["AccessLogInterval"])
+        if 0 < interval < MIN_ACCESS_LOG_INTERVAL:
+            raise where.error(
+                "AccessLogInterval",
+                f"{_show(obj['AccessLogInterval'])} is less than {MIN_ACCESS_LOG_INTERVAL:g} second:"
+                " interim records more often would flood the log (0 turns them off)",
+            )
+        settings["accessLogInterval"] = interval
     if "IdleTimeout" in obj:
         settings["idleTimeout"] = _duration(where, "IdleTimeout", obj["IdleTimeout"])
     if "HealthCheck" in obj:
@@ -593,6 +619,25 @@ def _parseSettings(where: _Where, obj: dict) -> dict:
         if key in obj:
             settings[field] = _networks(where, key, obj[key])
     return settings
+
+
+def _accessLogFormat(where: _Where, value: object) -> str:
+    """
+    An C{"AccessLogFormat"}: C{"text"}, C{"json"}, or a template of
+    C{{field}} placeholders (L{tcpproxy.access.checkTemplate}).
+    """
+    if not isinstance(value, str):
+        raise where.error(
+            "AccessLogFormat",
+            f'{_show(value)} is not "text", "json" or a template with {{field}} placeholders',
+        )
+    if value in (FORMAT_TEXT, FORMAT_JSON):
+        return value
+    try:
+        checkTemplate(value)
+    except ValueError as e:
+        raise where.error("AccessLogFormat", f"{_show(value)} {e}") from None
+    return value
 
 
 def _parseDefaults(where: _Where, value: object) -> dict:

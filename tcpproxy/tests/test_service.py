@@ -33,6 +33,7 @@ class FakeRelay:
 
     def __init__(self, factory):
         self.factory = factory
+        self.app = factory.app
         self.aborted = False
         factory.admit(self.clientHost)
         factory.relays.add(self)

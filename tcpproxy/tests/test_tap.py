@@ -336,7 +336,8 @@ class MakeServiceTests(ConfigFileMixin, TestCase):
         self.assertEqual(
             line,
             f'tcpproxy: error: {path}: app "web": key "Tragets": unknown key (did you mean "Targets"?); '
-            "known keys are Name, Ports, Targets, ConnectTimeout, AccessLog, IdleTimeout, HealthCheck, "
+            "known keys are Name, Ports, Targets, ConnectTimeout, AccessLog, AccessLogFormat, "
+            "AccessLogInterval, IdleTimeout, HealthCheck, "
             "MaxConnections, MaxConnectionsPerClient, BandwidthLimit, Allow, Deny, TLS, TargetTLS",
         )
 
