@@ -25,7 +25,7 @@ from tcpproxy.triggers import EarlySignal, ReloadOnChange, ReloadOnSignal, fileS
 
 
 class Options(usage.Options):
-    synopsis = "[--config FILE] [--watch] [--demo-backends [--demo-down HOST:PORT ...]]"
+    synopsis = "[--config FILE] [--watch] [--json-log FILE] [--demo-backends [--demo-down HOST:PORT ...]]"
     longdesc = (
         "Listen on every port of every app in the configuration and relay each "
         "connection to one of the app's targets, round-robin, failing over to "
@@ -34,6 +34,12 @@ class Options(usage.Options):
     )
     optParameters = [
         ["config", "c", "config.json", "The JSON configuration file."],
+        [
+            "json-log",
+            None,
+            None,
+            "Also write every log event, with all its fields, as a JSON line appended to this file.",
+        ],
     ]
     optFlags = [
         ["watch", None, "Also reload the configuration whenever its file changes (checked every second)."],
@@ -71,15 +77,38 @@ def buildService(options: Options, reactor=None, early: EarlySignal | None = Non
     @param early: the C{SIGHUP} caught since start-up, handed over to the
         reload trigger (see L{EarlySignal}).
 
-    @raise ConfigError: the configuration is refused.
+    @raise ConfigError: the configuration is refused, or the C{--json-log}
+        file cannot be written.
     @raise ListenError: a port cannot be bound.
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+    if options["json-log"] is None:
+        return _buildProxy(options, reactor, early)
+    from tcpproxy.jsonlog import JSONLogService
+
+    # Opened first: a file that cannot be written is refused before any
+    # port is bound.
+    try:
+        logging = JSONLogService(options["json-log"])
+    except OSError as e:
+        raise ConfigError(f"--json-log {options['json-log']}: cannot be written: {e.strerror}") from None
+    try:
+        _buildProxy(options, reactor, early).setServiceParent(logging)
+    except BaseException:
+        logging.close()
+        raise
+    return logging
+
+
+def _buildProxy(options: Options, reactor, early: EarlySignal | None) -> IService:
+    """
+    L{buildService} but for C{--json-log}.
     """
     from tcpproxy.demo import DemoBackendsService
     from tcpproxy.listening import ListenError
     from tcpproxy.service import ProxyService
 
-    if reactor is None:
-        from twisted.internet import reactor
     # Absolute, so a reload still finds the file whatever the working directory.
     path = os.path.abspath(options["config"])
     # Taken before reading: an edit made from now on is reloaded by --watch.
