@@ -22,6 +22,7 @@ that wants text); JSON and templates are written when the record is.
 
 from __future__ import annotations
 
+import difflib
 import json
 import string
 from collections.abc import Callable, Iterable, Mapping
@@ -235,7 +236,11 @@ def checkTemplate(template: str) -> None:
         if name is None:
             continue
         if name not in FIELDS:
-            raise ValueError(f"has an unknown placeholder {{{name}}}; the fields are {', '.join(FIELDS)}")
+            close = difflib.get_close_matches(name, FIELDS, n=1, cutoff=0.6)
+            hint = f" (did you mean {{{close[0]}}}?)" if close else ""
+            raise ValueError(
+                f"has an unknown placeholder {{{name}}}{hint}; the fields are {', '.join(FIELDS)}"
+            )
         if "{" in (spec or ""):
             raise ValueError(f"has a placeholder inside {{{name}}}'s format")
     try:

@@ -407,14 +407,25 @@ class ConfigTests(SynchronousTestCase):
 
     def test_unknownPlaceholder(self):
         self.assertEqual(
-            self.refusal(AccessLogFormat="{client} {bytes}"),
-            'proxy.json: app "web": key "AccessLogFormat": "{client} {bytes}" has an unknown placeholder '
-            "{bytes}; the fields are " + ", ".join(FIELDS),
+            self.refusal(AccessLogFormat="{client} {user}"),
+            'proxy.json: app "web": key "AccessLogFormat": "{client} {user}" has an unknown placeholder '
+            "{user}; the fields are " + ", ".join(FIELDS),
+        )
+
+    def test_closePlaceholder(self):
+        """
+        A placeholder close to a field's name is taken for a typo of it.
+        """
+        self.assertEqual(
+            self.refusal(AccessLogFormat="{bytes_in}"),
+            'proxy.json: app "web": key "AccessLogFormat": "{bytes_in}" has an unknown placeholder '
+            "{bytes_in} (did you mean {bytesIn}?); the fields are " + ", ".join(FIELDS),
         )
 
     def test_indexedPlaceholder(self):
         self.assertIn(
-            'key "AccessLogFormat": "{failures[0]}" has an unknown placeholder {failures[0]}; ',
+            'key "AccessLogFormat": "{failures[0]}" has an unknown placeholder {failures[0]} '
+            "(did you mean {failures}?); ",
             self.refusal(AccessLogFormat="{failures[0]}"),
         )
         self.assertIn(
