@@ -90,7 +90,8 @@ The fields of a record, in the order C{"json"} writes them:
     C{idle timeout}), C{open} in an interim record, C{refused} for a
     refused client;
   - C{reason}: why a client was refused (C{denied} by C{Allow} or
-    C{Deny}, C{MaxConnections}, C{MaxConnectionsPerClient}), else none;
+    C{Deny}, C{MaxConnections}, C{MaxConnectionsPerClient}, C{draining}:
+    every target drained by an operator), else none;
   - C{tlsVersion}, C{cipher}, C{sni}, C{alpn}: of TLS terminated here,
     else none.
 """
