@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 from twisted.internet import defer, error
 from twisted.internet.defer import CancelledError, Deferred
@@ -39,12 +39,19 @@ def endpointForTarget(reactor: IReactorTCP, target: Target) -> IStreamClientEndp
     IP literals get a plain TCP endpoint of their family; a hostname gets a
     L{HostnameEndpoint}, which resolves on every connect (so DNS changes are
     followed) and tries IPv6 and IPv4 addresses alike.
+
+    The endpoints get no timeout of their own (C{None}: the connector sets
+    no timer): whoever connects through them bounds the whole attempt
+    (lookup, handshake, TLS) with a deadline of theirs and cancels it,
+    which aborts the connect (the dialer's C{ConnectTimeout}, a health
+    check's timeout).  A second, longer timer would be one more to set
+    and cancel for every connection, to no effect.
     """
     if target.kind == IPV4:
-        return TCP4ClientEndpoint(reactor, target.host, target.port)
+        return TCP4ClientEndpoint(reactor, target.host, target.port, timeout=None)
     if target.kind == IPV6:
-        return TCP6ClientEndpoint(reactor, target.host, target.port)
-    return HostnameEndpoint(reactor, target.host.encode("idna"), target.port)
+        return TCP6ClientEndpoint(reactor, target.host, target.port, timeout=None)
+    return HostnameEndpoint(reactor, target.host.encode("idna"), target.port, timeout=None)
 
 
 def describeFailure(reason: Failure, timeout: float) -> str:
@@ -122,7 +129,7 @@ class NoTargetAvailable(Exception):
     @ivar failures: C{(target, reason text)} for each target, in the order tried.
     """
 
-    def __init__(self, failures: list[tuple[Target, str]]) -> None:
+    def __init__(self, failures: Sequence[tuple[Target, str]]) -> None:
         super().__init__(failures)
         self.failures = failures
 
@@ -145,7 +152,7 @@ class Dialled:
 
     target: Target
     protocol: IProtocol
-    failures: list[tuple[Target, str]] = field(default_factory=list)
+    failures: Sequence[tuple[Target, str]] = ()
 
 
 class IDialer(Interface):
@@ -185,7 +192,9 @@ class _FailoverAttempt:
         self._dialer = dialer
         self._protocolFactory = protocolFactory
         self._targets = targets
-        self._failures: list[tuple[Target, str]] = []
+        # A tuple, grown only by a failure: most dials fail nowhere, and the
+        # relay keeps what this is for the life of its connection.
+        self._failures: tuple[tuple[Target, str], ...] = ()
         self._current: Deferred | None = None
         self._cancelled = False
         self.result: Deferred[Dialled] = Deferred(self._cancel)
@@ -239,7 +248,7 @@ class _FailoverAttempt:
             why = describeError(errno.ETIMEDOUT, self._dialer.timeout)
         else:
             why = describeFailure(reason, self._dialer.timeout)
-        self._failures.append((target, why))
+        self._failures += ((target, why),)
         if self._dialer.stats is not None and not reason.check(error.ConnectBindError):
             self._dialer.stats.failed(target, failureKind(reason, expired), why, self._dialer.clock.seconds())
         if self._dialer.health is not None and not reason.check(error.ConnectBindError):

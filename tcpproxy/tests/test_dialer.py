@@ -53,7 +53,7 @@ class FailoverDialerTests(SynchronousTestCase):
         self.accept(0)
         result = self.successResultOf(d)
         self.assertIsInstance(result, Dialled)
-        self.assertEqual((result.target, result.failures), (A, []))
+        self.assertEqual((result.target, result.failures), (A, ()))
         self.assertIsInstance(result.protocol, Protocol)
 
     def test_failoverInOrder(self):
@@ -68,7 +68,7 @@ class FailoverDialerTests(SynchronousTestCase):
         self.accept(1)
         result = self.successResultOf(d)
         self.assertEqual(result.target, A)
-        self.assertEqual(result.failures, [(B, "connection refused")])
+        self.assertEqual(result.failures, ((B, "connection refused"),))
         self.assertEqual(len(self.dialled()), 2, "dialled a target after one answered")
 
     def test_allFail(self):
@@ -83,7 +83,7 @@ class FailoverDialerTests(SynchronousTestCase):
         self.assertEqual(len(self.dialled()), 3)
         self.assertEqual(
             reason.value.failures,
-            [(A, "connection refused"), (B, "connection refused"), (C, "connection refused")],
+            ((A, "connection refused"), (B, "connection refused"), (C, "connection refused")),
         )
         self.assertEqual(
             str(reason.value),
@@ -103,7 +103,7 @@ class FailoverDialerTests(SynchronousTestCase):
         self.assertTrue(self.reactor.connectors[0].stoppedConnecting)
         self.assertEqual(len(self.dialled()), 2)
         self.accept(1)
-        self.assertEqual(self.successResultOf(d).failures, [(A, "no answer within 5s")])
+        self.assertEqual(self.successResultOf(d).failures, ((A, "no answer within 5s"),))
 
     def test_cancelStopsTheWalk(self):
         """
@@ -158,7 +158,7 @@ class FailoverDialerTests(SynchronousTestCase):
             self.reactor, 5, endpointFactory=lambda reactor, target: NoSocket(), health=health
         )
         reason = self.failureResultOf(dialer.dial(self.factory, [A]), NoTargetAvailable)
-        self.assertEqual(reason.value.failures, [(A, "the proxy is out of file descriptors")])
+        self.assertEqual(reason.value.failures, ((A, "the proxy is out of file descriptors"),))
         self.assertEqual(health.failed, [], "the target was marked down for the proxy's own trouble")
 
     def test_noTargets(self):

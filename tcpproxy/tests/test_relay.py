@@ -57,7 +57,7 @@ class _SplicingTransport(_HalfCloseableTransport):
         _HalfCloseableTransport.__init__(self, *args, **kwargs)
         self.splicedTo: list = []
 
-    def spliceTo(self, consumer, counted) -> bool:
+    def spliceTo(self, consumer, counter) -> bool:
         self.splicedTo.append(consumer)
         return True
 
@@ -73,8 +73,8 @@ class _WrappingTransport(_HalfCloseableTransport):
         self.under = _SplicingTransport()
         directlyProvides(self, providedBy(self.under))
 
-    def spliceTo(self, consumer, counted) -> bool:
-        return self.under.spliceTo(consumer, counted)
+    def spliceTo(self, consumer, counter) -> bool:
+        return self.under.spliceTo(consumer, counter)
 
 
 class _MemoryBackend(Factory):

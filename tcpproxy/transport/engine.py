@@ -40,7 +40,7 @@ from tcpproxy.deadlines import Deadlines
 from tcpproxy.describe import hostPort
 from tcpproxy.resolve import NameResolver
 from tcpproxy.transport.poller import AVAILABLE, GONE, WRITE, Poller
-from tcpproxy.transport.tcp import SocketTransport
+from tcpproxy.transport.tcp import IClosedListener, SocketTransport
 
 
 class IEngine(Interface):
@@ -184,7 +184,9 @@ class FastEngine(_EngineReactor):
             self.poller = None
 
     def adopt(self, sock: socket.socket, address: tuple, factory: IProtocolFactory, host=None) -> None:
-        peer = peerAddress(sock.family, address)
+        # accept gives IPv6 addresses as 4-tuples: no enum conversion of
+        # sock.family per client.
+        peer = peerAddress(socket.AF_INET6 if len(address) == 4 else socket.AF_INET, address)
         protocol = factory.buildProtocol(peer)
         if protocol is None:
             sock.close()
@@ -224,7 +226,7 @@ def _family(host: str) -> int | None:
     return family
 
 
-@implementer(IConnector)
+@implementer(IConnector, IClosedListener)
 class Connector:
     """
     One non-blocking connect, as Twisted's client connectors report it to
@@ -315,11 +317,14 @@ class Connector:
             self.factory.doStop()
             return
         self.transport = SocketTransport(
-            self._engine.poller, sock, protocol, address, onClose=self._closed, watched=WRITE
+            self._engine.poller, sock, protocol, address, connector=self, watched=WRITE
         )
         self.transport.startReading()
 
-    def _closed(self, reason: Failure) -> None:
+    def transportClosed(self, reason: Failure) -> None:
+        """
+        The connection made is gone (L{IClosedListener}): tell the factory.
+        """
         self.state = "disconnected"
         self.transport = None
         self.factory.clientConnectionLost(self, reason)
