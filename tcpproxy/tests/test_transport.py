@@ -759,7 +759,8 @@ class ConnectorTests(_TransportTestMixin, TestCase):
     @inlineCallbacks
     def test_connects(self):
         """
-        A dial gets a protocol on our transport; its factory hears of the end.
+        A dial gets a protocol on our transport, whose peer is the address
+        dialled; its factory hears of the end.
         """
         port = listen(self, echoFactory())
         factory = _Recorder()
@@ -769,6 +770,7 @@ class ConnectorTests(_TransportTestMixin, TestCase):
         protocol = connector.transport.protocol
         yield protocol.made
         self.assertIsInstance(protocol.transport, SocketTransport)
+        self.assertEqual(protocol.transport.getPeer(), IPv4Address("TCP", "127.0.0.1", port))
         protocol.transport.write(b"echo")
         yield eventually(lambda: bytes(protocol.data) == b"echo")
         self.assertEqual(len(self.engine.deadlines), 0)

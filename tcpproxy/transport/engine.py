@@ -308,8 +308,7 @@ class Connector:
         self._stopTimer()
         self._sock = None
         self.state = "connected"
-        address = self.getDestination()
-        protocol = self.factory.buildProtocol(address)
+        protocol = self.factory.buildProtocol(self.getDestination())
         if protocol is None:
             self._engine.poller.forget(sock.fileno())
             sock.close()
@@ -317,7 +316,7 @@ class Connector:
             self.factory.doStop()
             return
         self.transport = SocketTransport(
-            self._engine.poller, sock, protocol, address, connector=self, watched=WRITE
+            self._engine.poller, sock, protocol, None, connector=self, watched=WRITE
         )
         self.transport.startReading()
 

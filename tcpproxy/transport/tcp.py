@@ -183,13 +183,17 @@ class SocketTransport:
         poller: Poller,
         sock: socket.socket,
         protocol: IProtocol,
-        peer: IPv4Address | IPv6Address,
+        peer: IPv4Address | IPv6Address | None,
         host: IPv4Address | IPv6Address | None = None,
         connector: IClosedListener | None = None,
         watched: int = 0,
         noDelay: bool | None = None,
     ) -> None:
         """
+        @param peer: the remote address; C{None} for a dialled socket, whose
+            C{connector} (an L{IConnector}) gives it when asked: an address
+            object kept for the life of the connection is 150 bytes more
+            per idle one, and it is rarely asked for.
         @param connector: told with the reason after the protocol's
             C{connectionLost} (a client connector tells its factory).
         @param watched: the interest C{sock} is registered with in C{poller}
@@ -489,6 +493,8 @@ class SocketTransport:
                 self._connector.transportClosed(reason)
 
     def getPeer(self) -> IPv4Address | IPv6Address:
+        if self._peer is None:
+            return self._connector.getDestination()
         return self._peer
 
     def getHost(self) -> IPv4Address | IPv6Address:
