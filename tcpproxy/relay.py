@@ -335,6 +335,14 @@ class _RelaySide(Protocol):
         peer = self.peer
         if peer is not None and not peer.closed:
             self.stopFeeding()
+            if peer.readDone and self.writeDone and not peer.tls:
+                # The other direction is done: this EOF is the last thing
+                # the pair carries.  Closing the peer (once it has flushed
+                # what it holds) sends it, as its remote end already sent
+                # its own: the same end for it, without shutting its write
+                # side first (a system call less per connection).
+                self.relay.bothDirectionsDone()
+                return
             self.shutPeerWrite()
 
     def shutPeerWrite(self) -> None:
@@ -679,10 +687,17 @@ class ProxyServerProtocol(_RelaySide):
         """
         client = self.client
         if client is not None and self.writeDone and client.writeDone:
-            # Both have read EOF, so neither feeds the other any more.
-            self.end = self.end or END_DONE
-            self.transport.loseConnection()
-            client.transport.loseConnection()
+            self.bothDirectionsDone()
+
+    def bothDirectionsDone(self) -> None:
+        """
+        Each remote end has sent its EOF, and has (or is about to have, once
+        flushed) the other's: close both sides.
+        """
+        # Both have read EOF, so neither feeds the other any more.
+        self.end = self.end or END_DONE
+        self.transport.loseConnection()
+        self.client.transport.loseConnection()
 
     def sideLost(self, side: _RelaySide, reason: Failure) -> None:
         """

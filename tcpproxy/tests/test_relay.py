@@ -285,6 +285,33 @@ class RelayTests(_ClientMixin, SynchronousTestCase):
         self.assertEqual((event["end"], event["bytesIn"], event["bytesOut"]), (END_DONE, 5, 0))
         self.assertEqual(self.factory.relays, set())
 
+    def test_lastEOFCloses(self):
+        """
+        Once one direction is done (the client's EOF passed on, the target's
+        write side shut), the target's EOF closes the client after what it
+        was sent, rather than shutting the client's write side first and
+        closing it next: the client sees the same end (the reply, then EOF),
+        one system call sooner.
+        """
+        server, clientTransport = self.connectClient()
+        target, targetTransport = self.targetAnswers()
+        server.dataReceived(b"request")
+        server.readConnectionLost()
+        self.assertTrue(targetTransport.writeShut)
+        self.assertFalse(targetTransport.disconnecting)
+        target.writeConnectionLost()
+        target.dataReceived(b"reply")
+        target.readConnectionLost()
+        self.assertEqual(clientTransport.value(), b"reply")
+        self.assertFalse(clientTransport.writeShut)
+        self.assertTrue(clientTransport.disconnecting)
+        self.assertTrue(targetTransport.disconnecting)
+        server.connectionLost(Failure(ConnectionDone()))
+        target.connectionLost(Failure(ConnectionDone()))
+        [event] = self.events
+        self.assertEqual((event["end"], event["bytesIn"], event["bytesOut"]), (END_DONE, 7, 5))
+        self.assertEqual(self.factory.relays, set())
+
     def test_lingerBounded(self):
         """
         A target that never sends its EOF after the client left is reset
