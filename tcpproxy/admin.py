@@ -63,6 +63,23 @@ def allowed(host: str, networks: Sequence[Network]) -> bool:
     return any(address in network for network in networks)
 
 
+def sameOrigin(request) -> bool:
+    """
+    Whether a request comes from no web page (C{curl}, a script) or from a
+    page of the admin endpoint itself.
+
+    A browser sends C{Origin} with a cross-site C{POST} (RFC 6454 section
+    7.3; the Fetch standard), and a page on any site may make one to a
+    loopback address: without this check, a page an operator happens to
+    visit could drain targets through the operator's browser.
+    """
+    origin = request.getHeader(b"origin")
+    if origin is None:
+        return True
+    host = request.getHeader(b"host")
+    return host is not None and origin == b"http://" + host
+
+
 def statusOf(service: ProxyService) -> dict:
     """
     What C{/status} answers: for every app of the running configuration,
@@ -156,6 +173,8 @@ class AdminResource(Resource):
             if method != "POST":
                 request.setHeader(b"allow", b"POST")
                 return self._answer(request, 405, "use POST\n")
+            if not sameOrigin(request):
+                return self._answer(request, 403, "forbidden: a POST from another site's page\n")
             return self._control(request, parts[1], parts[3], parts[4])
         page = {
             "": self._page,
@@ -179,8 +198,8 @@ class AdminResource(Resource):
         request.setHeader(b"cache-control", b"no-store")
         return text.encode("utf-8")
 
-    def _json(self, request, code: int, value: object) -> bytes:
-        return self._answer(request, code, json.dumps(value, indent=1) + "\n", b"application/json")
+    def _json(self, request, code: int, value: object, indent: int | None = None) -> bytes:
+        return self._answer(request, code, json.dumps(value, indent=indent) + "\n", b"application/json")
 
     def _metrics(self, request) -> bytes:
         # generate_latest here, in the reactor thread: prometheus_client's
@@ -190,7 +209,7 @@ class AdminResource(Resource):
         return generate_latest(self.registry)
 
     def _status(self, request) -> bytes:
-        return self._json(request, 200, statusOf(self.service))
+        return self._json(request, 200, statusOf(self.service), indent=1)
 
     def _page(self, request) -> bytes:
         html = renderPage(statusOf(self.service), self.service.reactor.seconds())
@@ -232,6 +251,9 @@ class AdminResource(Resource):
 
 class _AdminSite(Site):
     noisy = False
+
+    def logPrefix(self) -> str:
+        return "admin endpoint"
 
     def log(self, request) -> None:
         # A line per scrape would drown the proxy's own log.

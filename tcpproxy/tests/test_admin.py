@@ -33,11 +33,13 @@ from tcpproxy.tests.ports import freePorts
 
 
 @inlineCallbacks
-def request(url: str, method: bytes = b"GET"):
+def request(url: str, method: bytes = b"GET", headers: dict[bytes, list[bytes]] | None = None):
     """
     Ask the admin endpoint; return C{(status code, body text, content type)}.
     """
-    response = yield Agent(reactor).request(method, url.encode("ascii"))
+    from twisted.web.http_headers import Headers
+
+    response = yield Agent(reactor).request(method, url.encode("ascii"), Headers(headers or {}))
     body = yield readBody(response)
     contentType = (response.headers.getRawHeaders(b"content-type") or [b""])[0].decode()
     return response.code, body.decode("utf-8"), contentType
@@ -211,6 +213,30 @@ class MetricsTests(AdminMixin, TestCase):
         self.assertEqual(
             refused, {"denied": 3, "limit": 0, "no_target": 0, "tls_handshake": 0, "draining": 0}
         )
+        self.assertEqual(found[("tcpproxy_connections_total", (("app", "web"),))], 0)
+
+    @inlineCallbacks
+    def test_tlsHandshakeRefused(self):
+        """
+        A client that speaks plaintext to a TLS port is refused as
+        C{tls_handshake}, and not counted as accepted.
+        """
+        from tcpproxy.tests.certs import writePKI
+
+        folder = writePKI(os.path.dirname(self.path))
+        tls = {
+            "Certificates": [
+                {"Cert": os.path.join(folder, "alpha.pem"), "Key": os.path.join(folder, "alpha.key")}
+            ]
+        }
+        self.serve(self.document([f"127.0.0.1:{echoBackend(self)}"], TLS=tls))
+        client = yield connectClient(self.appPort)
+        client.transport.write(b"GET / HTTP/1.0\r\n\r\n")
+        yield client.readDone  # dropped by the proxy
+        client.transport.loseConnection()
+        yield eventually(lambda: self.service.factories["web"].counter.refusals["tls_handshake"] == 1)
+        found = yield self.scrape()
+        self.assertEqual(found[("tcpproxy_refused_total", (("app", "web"), ("reason", "tls_handshake")))], 1)
         self.assertEqual(found[("tcpproxy_connections_total", (("app", "web"),))], 0)
 
     @inlineCallbacks
@@ -437,6 +463,27 @@ class TargetControlTests(AdminMixin, TestCase):
         self.assertEqual(code, 404)
         code, _, _ = yield request(self.url(f"/apps/web/targets/{target}/drain"))
         self.assertEqual(code, 405)
+
+    @inlineCallbacks
+    def test_otherSite(self):
+        """
+        A POST a browser makes for another site's page (its C{Origin} is
+        not the endpoint's) is refused; one from the status page's own
+        origin is not.
+        """
+        target = f"127.0.0.1:{echoBackend(self)}"
+        self.serve(self.document([target]))
+        url = self.url(f"/apps/web/targets/{target}/drain")
+        code, _, _ = yield request(url, b"POST", {b"origin": [b"https://evil.example"]})
+        self.assertEqual(code, 403)
+        self.assertEqual(
+            self.service.factories["web"].health.stateOf(
+                next(iter(self.service.factories["web"].health.states))
+            ),
+            "up",
+        )
+        code, _, _ = yield request(url, b"POST", {b"origin": [f"http://127.0.0.1:{self.adminPort}".encode()]})
+        self.assertEqual(code, 200)
 
     @inlineCallbacks
     def test_drainLastsUntilTargetLeaves(self):
