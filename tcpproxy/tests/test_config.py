@@ -611,6 +611,7 @@ class AcceptedConfigTests(ConfigFileMixin, TestCase):
         self.assertEqual(config.source, path)
         self.assertEqual(config.bindAddress, "127.0.0.1")
         self.assertEqual(config.drainTimeout, 10.0)
+        self.assertEqual(str(config.admin), "127.0.0.1:9901")
         self.assertEqual([a.name for a in config.apps], ["five-thousand", "six-thousand", "seven-thousand"])
         self.assertEqual(len(config.listeners()), 12)
         self.assertEqual(
