@@ -64,7 +64,8 @@ def parser() -> argparse.ArgumentParser:
         "--only",
         type=_proxyList,
         metavar="NAMES",
-        help=f"comma-separated proxies to measure, from {', '.join(PROXY_NAMES)} (direct is always measured)",
+        help=f"comma-separated proxies to measure, from {', '.join(PROXY_NAMES)} (direct is always measured;"
+        " tcpproxy-admin, tcpproxy with its admin endpoint on, only when named here)",
     )
     p.add_argument("--scenario", metavar="NAMES", help="comma-separated scenarios (or prefixes) to run")
     p.add_argument(
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             parser().error(f"--json {options.json!r}: no directory {folder!r}")
     if options.baseline and not os.path.isdir(os.path.join(options.baseline, "tcpproxy")):
         parser().error(f"--baseline {options.baseline!r} is not a tcpproxy checkout")
-    wanted = set(options.only or PROXY_NAMES) | {"direct"}
+    wanted = set(options.only or [name for name in PROXY_NAMES if name != "tcpproxy-admin"]) | {"direct"}
     if not options.baseline:
         wanted.discard("baseline")
     proxies = sorted(wanted, key=PROXY_NAMES.index)

@@ -267,19 +267,28 @@ class TcpProxy(_ProxyProcess):
 
     name = "tcpproxy"
 
-    def __init__(self, workdir: str, cpus: frozenset[int] | None, root: str | None = None) -> None:
+    def __init__(
+        self, workdir: str, cpus: frozenset[int] | None, root: str | None = None, admin: bool = False
+    ) -> None:
         """
         @param root: the checkout to run (another commit's, to compare
             before and after a change in the same run); by default this one.
+        @param admin: with the admin endpoint on (C{"Admin"}), as proxy
+            C{tcpproxy-admin}: what keeping the metrics costs.
         """
         if root is not None:
             self.name = "baseline"
+        if admin:
+            self.name = "tcpproxy-admin"
+        self._admin = admin
         _ProxyProcess.__init__(self, workdir, cpus)
         self._root = root or checkoutRoot()
 
     @property
     def description(self) -> str:
         shape = "one app, one port, one target; TLS on a second port"
+        if self._admin:
+            shape += "; Admin on (metrics kept, not scraped during the windows)"
         return f"twistd -n tcpproxy --config ({shape}), from {self._root}"
 
     def environment(self) -> dict[str, str]:
@@ -310,6 +319,8 @@ class TcpProxy(_ProxyProcess):
                 },
             ],
         }
+        if self._admin:
+            config["Admin"] = {"Listen": f"{LOOPBACK}:{freePort()}"}
         path = os.path.join(self._workdir, "config.json")
         with open(path, "w") as f:
             json.dump(config, f)

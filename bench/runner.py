@@ -24,9 +24,11 @@ from bench.report import Measurement
 from bench.scenarios import Budget, Scenario
 from bench.system import CpuPlan, CpuWatch, allowedCpus, describeMachine
 
-PROXY_NAMES = ("direct", "tcpproxy", "baseline", "haproxy", "portforward")
+PROXY_NAMES = ("direct", "tcpproxy", "tcpproxy-admin", "baseline", "haproxy", "portforward")
 """
-C{baseline} is tcpproxy from another checkout (C{--baseline DIR}).
+C{baseline} is tcpproxy from another checkout (C{--baseline DIR});
+C{tcpproxy-admin} is tcpproxy with its admin endpoint on, measured only
+when C{--only} names it.
 """
 """
 Every proxy under test, in the order they are measured and shown.
@@ -83,6 +85,8 @@ class BenchmarkRun:
             cpus = self.plan.proxy
             if name == "tcpproxy":
                 proxy = TcpProxy(where, cpus)
+            elif name == "tcpproxy-admin":
+                proxy = TcpProxy(where, cpus, admin=True)
             elif name == "baseline":
                 proxy = TcpProxy(where, cpus, root=self.baselineRoot)
             elif name == "haproxy":
