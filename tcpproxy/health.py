@@ -149,7 +149,8 @@ class HealthTracker:
         """
         Whether every target is drained: the app has nowhere to send a client.
         """
-        return len(self._drained) == len(self.states)
+        drained = self._drained
+        return bool(drained) and len(drained) == len(self.states)
 
     # Runtime control, from the admin endpoint.
 
