@@ -26,15 +26,13 @@ the speeds.  On top of that:
     complete one.  A clean close stays clean.
 
   - A client that sends and leaves cleanly while its target is dialled
-    (TLS gives a client's C{close_notify} no half-close) has what it sent
-    delivered, then EOF.
+    has what it sent delivered, then EOF.
 
-  - TLS (L{tcpproxy.tls}) has no half-close.  An EOF on a plain side whose
-    peer is TLS sends C{close_notify} to the peer (which stops writing to
-    it, and keeps reading until the peer answers); an EOF or
-    C{close_notify} on a TLS side arrives as C{connectionLost}, and closes
-    the other side once what is in flight to it has been written.  A TLS
-    transport being closed is aborted if its peer stops answering (see
+  - TLS (L{tcpproxy.tlslayer}) half-closes as TCP does: C{close_notify}
+    from a TLS side is its EOF, and an EOF passed on to a TLS side is sent
+    as C{close_notify}, after which that side is still read (RFC 8446
+    section 6.1).  A TLS side closed for good (its peer gone) is sent
+    C{close_notify} and aborted if it stops answering (see
     L{tcpproxy.tls.TLSCloser}).
 
   - Two transports that can splice (L{ISplicing}: the fast engine's) move
@@ -192,10 +190,9 @@ def _noDelay(side: _RelaySide) -> None:
 
 def _abort(transport) -> None:
     """
-    Reset a side's connection.  A TLS transport's own C{abortConnection}
-    sends C{close_notify} first (Twisted's C{TLSMemoryBIOProtocol}), which
-    the peer takes for a clean end; the TCP transport under it is aborted
-    instead, so the peer sees the reset it must see.
+    Reset a side's connection: the TCP transport itself, under a TLS one,
+    so that no C{close_notify} can go first (the peer would take it for a
+    clean end).
     """
     if _isTLS(transport):
         transport = transport.transport
@@ -214,7 +211,7 @@ def _orderly(reason: Failure) -> bool:
 
 def _isTLS(transport) -> bool:
     """
-    Whether C{transport} is a TLS one (which has no half-close).
+    Whether C{transport} is a TLS one.
     """
     return ISSLTransport.providedBy(transport)
 
@@ -348,22 +345,11 @@ class _RelaySide(Protocol):
     def shutPeerWrite(self) -> None:
         """
         Pass this side's EOF on to the peer: shut its transport for writing
-        once flushed, or, TLS having no half-close (C{loseWriteConnection}
-        is broken on it, Twisted #5341), send it C{close_notify}; the TLS
-        side goes on reading (and relaying) until its peer answers.
+        once flushed -- for a TLS peer, C{close_notify}, which closes only
+        the sender's side (RFC 8446 section 6.1, L{tcpproxy.tlslayer}); the
+        peer goes on being read (and relayed) until its own EOF.
         """
-        peer = self.peer
-        if not peer.tls:
-            peer.transport.loseWriteConnection()
-            return
-        if peer.closer is not None:
-            return
-
-        def activity() -> object:
-            return (peer.received, TLSCloser.unsent(peer.transport), TLSCloser.unsent(self.transport))
-
-        # Still this side's producer if it feeds it: not resumed by force.
-        peer.closer = TLSCloser(peer.transport, self.relay.factory.clock, activity, resume=False)
+        self.peer.transport.loseWriteConnection()
 
     def closePeer(self, reset: bool) -> None:
         """
@@ -668,9 +654,9 @@ class ProxyServerProtocol(_RelaySide):
         if self._dialling is not None:
             if self._pending and _orderly(reason):
                 # It sent what it had and left cleanly while its target was
-                # dialled (a TLS client's close_notify, which TLS gives no
-                # half-close for): deliver that, then EOF, as for a client
-                # that shut its side (see _targetConnected).
+                # dialled (as openssl s_client does: close_notify, then the
+                # TCP connection closed): deliver that, then EOF, as for a
+                # client that shut its side (see _targetConnected).
                 self.closed = self.readDone = True
                 return
             self.end = self.end or END_CLIENT_LEFT

@@ -2,9 +2,10 @@
 TLS for the proxy: terminating it for an app's clients (with SNI), and
 originating it towards an app's targets (with verification).
 
-Everything goes through Twisted's own TLS (L{TLSMemoryBIOFactory},
-L{CertificateOptions}, L{optionsForClientTLS}), so the relay sees a TLS side
-as just another transport.  What this module adds:
+TLS runs in the proxy's own layer (L{tcpproxy.tlslayer}, which gives TLS
+1.3's half-close to the relay), configured with Twisted's
+L{CertificateOptions} and L{optionsForClientTLS}, so the relay sees a TLS
+side as just another transport.  What this module adds:
 
   - L{loadAppTLS}: the PEM files of an app's C{TLS} and C{TargetTLS}
     settings, read and checked at start-up (and reload), so that a missing
@@ -58,13 +59,13 @@ from twisted.internet.ssl import (
     trustRootFromCertificates,
 )
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tcpproxy.config import AppConfig, ConfigError, Target, TargetTLSConfig, TLSConfig, normalName
 from tcpproxy.connid import newConnectionId
 from tcpproxy.describe import describeAddress
+from tcpproxy.tlslayer import TLSLayerFactory
 from tcpproxy.transport.tcp import IWriteBuffer
 
 log = Logger()
@@ -594,7 +595,7 @@ def serverTLSFactory(
     maxPending: int | None = None,
     acceptGate=None,
     refusals: Counter[str] | None = None,
-) -> TLSMemoryBIOFactory:
+) -> TLSLayerFactory:
     """
     A factory that terminates TLS with C{creator} and hands each client
     whose handshake completes within C{handshakeTimeout} seconds to
@@ -603,7 +604,7 @@ def serverTLSFactory(
     a client whose handshake fails is counted in C{refusals}.
     """
     gates = _ServerGateFactory(wrappedFactory, clock, handshakeTimeout, maxPending, acceptGate, refusals)
-    return TLSMemoryBIOFactory(creator, False, gates, clock)
+    return TLSLayerFactory(creator, False, gates, clock)
 
 
 @implementer(IStreamClientEndpoint)
@@ -631,7 +632,7 @@ class TLSClientEndpoint:
 
         result: Deferred = Deferred(cancel)
         gates = _ClientGateFactory(protocolFactory, self.clock, result)
-        connecting = self.endpoint.connect(TLSMemoryBIOFactory(self.creator, True, gates, self.clock))
+        connecting = self.endpoint.connect(TLSLayerFactory(self.creator, True, gates, self.clock))
 
         def failed(reason: Failure) -> None:
             if not result.called:

@@ -307,11 +307,7 @@ def bufferedBytes(factory: ProxyServerFactory) -> int:
                 continue
             t = side.transport
             if ISSLTransport.providedBy(t):
-                # Not yet encrypted: held before the handshake, or gathered
-                # for one write per reactor turn (Twisted's private state,
-                # read in test code only).
-                total += sum(map(len, t._appSendBuffer or ()))
-                total += sum(map(len, getattr(getattr(t, "_aggregator", None), "_buffer", ())))
+                total += t.heldBytes  # not yet encrypted
             total += unsentUnder(t)
     return total
 

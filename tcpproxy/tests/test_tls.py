@@ -21,9 +21,16 @@ from OpenSSL import SSL
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.ssl import Certificate, CertificateOptions, PrivateCertificate, optionsForClientTLS
+from twisted.internet.ssl import (
+    Certificate,
+    CertificateOptions,
+    PrivateCertificate,
+    TLSVersion,
+    optionsForClientTLS,
+)
 from twisted.internet.testing import Clock
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent
@@ -266,6 +273,119 @@ class _RawTLSClient(Protocol):
         self.done.callback(None)
 
 
+def clientContext(version: int = SSL.TLS1_3_VERSION) -> SSL.Context:
+    """
+    A client context for L{HandTLS} that checks nothing, with C{version}
+    as the only TLS version.
+    """
+    context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    context.set_min_proto_version(version)
+    context.set_max_proto_version(version)
+    return context
+
+
+def serverContext(stem: str = "alpha", version: int = SSL.TLS1_3_VERSION) -> SSL.Context:
+    """
+    A server context for L{HandTLS} serving C{stem}'s certificate, with
+    C{version} as the only TLS version.
+    """
+    pair = keyPair(stem)
+    context = SSL.Context(SSL.TLS_SERVER_METHOD)
+    context.use_certificate(pair.original)
+    context.use_privatekey(pair.privateKey.original)
+    context.set_min_proto_version(version)
+    context.set_max_proto_version(version)
+    return context
+
+
+class HandTLS(Protocol):
+    """
+    A TLS peer done by hand (pyOpenSSL over memory BIOs) on a plain TCP
+    connection, whose every close is the test's to make: C{closeNotify}
+    sends C{close_notify} alone (as Go's C{tls.Conn.CloseWrite}), and
+    nothing is answered by itself.
+
+    @ivar handshake: fires once the handshake is complete.
+    @ivar closeNotified: fires with the bytes received so far once the
+        peer's C{close_notify} has come (C{onCloseNotify} is called first).
+    @ivar done: fires once the TCP connection is lost (its reason is kept
+        in C{reason}).
+    @ivar events: what came, in order: C{"data"}, C{"close_notify"}.
+    """
+
+    def __init__(self, context: SSL.Context, serverName: str | None = None, onCloseNotify=None) -> None:
+        self.tls = SSL.Connection(context, None)
+        if serverName is None:
+            self.tls.set_accept_state()
+        else:
+            self.tls.set_tlsext_host_name(serverName.encode("ascii"))
+            self.tls.set_connect_state()
+        self.onCloseNotify = onCloseNotify
+        self.data = b""
+        self.events: list[str] = []
+        self.handshake: Deferred = Deferred()
+        self.closeNotified: Deferred = Deferred()
+        self.done: Deferred = Deferred()
+
+    def connectionMade(self) -> None:
+        self._pump()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.tls.bio_write(data)
+        self._pump()
+
+    def _pump(self) -> None:
+        if not self.handshake.called:
+            try:
+                self.tls.do_handshake()
+            except SSL.WantReadError:
+                self._flush()
+                return
+            self._flush()
+            self.handshake.callback(self)
+        notified = False
+        try:
+            while True:
+                chunk = self.tls.recv(65536)
+                self.data += chunk
+                if self.events[-1:] != ["data"]:
+                    self.events.append("data")
+        except SSL.WantReadError:
+            pass
+        except SSL.ZeroReturnError:
+            notified = "close_notify" not in self.events
+            if notified:
+                self.events.append("close_notify")
+        self._flush()
+        if notified:
+            if self.onCloseNotify is not None:
+                self.onCloseNotify(self)
+            self.closeNotified.callback(self.data)
+
+    def _flush(self) -> None:
+        try:
+            outgoing = self.tls.bio_read(1 << 20)
+        except SSL.WantReadError:
+            return
+        if self.transport is not None and self.transport.connected:
+            self.transport.write(outgoing)
+
+    def send(self, data: bytes) -> None:
+        self.tls.sendall(data)
+        self._flush()
+
+    def closeNotify(self) -> None:
+        try:
+            self.tls.shutdown()
+        except SSL.Error:
+            pass
+        self._flush()
+
+    def connectionLost(self, reason) -> None:
+        self.reason = reason
+        self.done.callback(None)
+
+
 class TerminationTests(TLSServiceMixin, TestCase):
     """
     An app with C{"TLS"} serves the certificate the client's SNI asks for,
@@ -476,11 +596,13 @@ class TerminationTests(TLSServiceMixin, TestCase):
         app, port = self.terminating([unansweredPort(self), listen(self, backend)])
         app["ConnectTimeout"] = 0.5
         self.serve([app])
-        client = yield connectTLS(port, trusting(ALPHA))
+        client = HandTLS(clientContext(), serverName=ALPHA)
+        yield connectClient(port, client)
         yield client.handshake
-        client.transport.write(request)
+        client.send(request)
+        client.closeNotify()
         client.transport.loseConnection()
-        yield client.lost
+        yield client.done
         target = yield backend.accepted.get()
         self.assertEqual((yield target.readDone), request)
         target.transport.loseConnection()
@@ -526,8 +648,10 @@ class TerminationTests(TLSServiceMixin, TestCase):
         plaintext.transport.loseConnection()
         yield stalled.lost
         client.transport.loseConnection()
-        yield client.lost
+        # Its close_notify closes only its side: it is answered once the
+        # target's side is closed too.
         target.transport.loseConnection()
+        yield client.lost
         yield self.idle()
         self.assertEqual(bytes(target.data), b"served")
         self.assertEqual(len(backend.protocols), 1)
@@ -1118,6 +1242,199 @@ class OriginationTests(TLSServiceMixin, TestCase):
         self.assertEqual((event["bytesIn"], event["bytesOut"]), (len(payload), len(payload)))
 
 
+@implementer(IHalfCloseableProtocol)
+class _AnswersAtEOF(Protocol):
+    """
+    A target that answers only once it has read EOF (C{"reply to "} and
+    what it read), then closes.
+    """
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def readConnectionLost(self) -> None:
+        self.transport.write(b"reply to " + self.data)
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+
+def _answerCloseNotify(peer: HandTLS) -> None:
+    """
+    What a TLS 1.3 server that answers after its client's C{close_notify}
+    does: reply, then send its own.
+    """
+    peer.send(b"reply to " + peer.data)
+    peer.closeNotify()
+
+
+class _HandTLSFactory(Factory):
+    """
+    TLS backends done by hand (L{HandTLS}, server side), kept in
+    C{protocols}.
+    """
+
+    noisy = False
+
+    def __init__(self, version: int = SSL.TLS1_3_VERSION, onCloseNotify=_answerCloseNotify) -> None:
+        self.version = version
+        self.onCloseNotify = onCloseNotify
+        self.protocols: list[HandTLS] = []
+
+    def buildProtocol(self, addr) -> HandTLS:
+        protocol = HandTLS(serverContext(version=self.version), onCloseNotify=self.onCloseNotify)
+        self.protocols.append(protocol)
+        return protocol
+
+
+def capped(name: str, version: TLSVersion):
+    """
+    A client TLS creator that verifies C{name} and speaks C{version} at
+    most.
+    """
+    return optionsForClientTLS(
+        name,
+        trustRoot=Certificate.loadPEM(pki()["ca.pem"]),
+        extraCertificateOptions={"lowerMaximumSecurityTo": version},
+    )
+
+
+class CloseNotifyTests(TLSServiceMixin, TestCase):
+    """
+    C{close_notify} closes only its sender's side (RFC 8446 section 6.1):
+    it is relayed as EOF, and the answer to it still comes back, in both
+    directions; a peer that answers C{close_notify} at once with its own
+    (the TLS 1.2 habit) still closes cleanly.
+    """
+
+    def assertDone(self, bytesIn: int, bytesOut: int) -> None:
+        [event] = relayEvents(self.events)
+        self.assertEqual((event["end"], event["bytesIn"], event["bytesOut"]), (END_DONE, bytesIn, bytesOut))
+
+    @inlineCallbacks
+    def test_clientCloseNotifyIsHalfClose(self):
+        """
+        A TLS 1.3 client sends its request and C{close_notify} (as Go's
+        C{CloseWrite}), and waits: the target gets the request and EOF,
+        and its answer reaches the client, then C{close_notify}; then the
+        proxy closes the connection, the pair being done.
+        """
+        app, port = self.terminating([listen(self, Factory.forProtocol(_AnswersAtEOF))])
+        self.serve([app])
+        client = HandTLS(clientContext(), serverName=ALPHA)
+        yield connectClient(port, client)
+        yield client.handshake
+        client.send(b"request")
+        client.closeNotify()
+        self.assertEqual((yield client.closeNotified), b"reply to request")
+        self.assertEqual(client.events, ["data", "close_notify"])
+        yield client.done
+        self.assertTrue(client.reason.check(ConnectionDone), client.reason)
+        yield self.idle()
+        self.assertDone(7, 16)
+
+    @inlineCallbacks
+    def test_targetCloseNotifyIsHalfClose(self):
+        """
+        Towards a TLS target, a plain client's EOF is C{close_notify}, and
+        the target's answer to it still reaches the client, then EOF.
+        """
+        backend = _HandTLSFactory()
+        app, port = self.originating([listen(self, backend)], Verify=False)
+        self.serve([app])
+        client = yield connectClient(port)
+        client.transport.write(b"request")
+        client.transport.loseWriteConnection()
+        self.assertEqual((yield client.readDone), b"reply to request")
+        yield client.lost
+        [target] = backend.protocols
+        yield target.done
+        self.assertEqual(target.events, ["data", "close_notify"])
+        self.assertTrue(target.reason.check(ConnectionDone), target.reason)
+        yield self.idle()
+        self.assertDone(7, 16)
+
+    @inlineCallbacks
+    def test_bothSidesTLS(self):
+        """
+        TLS on both sides: the client's C{close_notify} becomes the
+        target's, the target answers and sends its own, and the client gets
+        the answer and C{close_notify}.
+        """
+        backend = _HandTLSFactory()
+        app, port = self.terminating([listen(self, backend)])
+        app["TargetTLS"] = {"Verify": False}
+        self.serve([app])
+        client = HandTLS(clientContext(), serverName=ALPHA)
+        yield connectClient(port, client)
+        yield client.handshake
+        client.send(b"request")
+        client.closeNotify()
+        self.assertEqual((yield client.closeNotified), b"reply to request")
+        yield client.done
+        self.assertTrue(client.reason.check(ConnectionDone), client.reason)
+        [target] = backend.protocols
+        yield target.done
+        self.assertEqual(target.events, ["data", "close_notify"])
+        yield self.idle()
+        self.assertDone(7, 16)
+
+    @inlineCallbacks
+    def test_tls12ClientAnswersAtOnce(self):
+        """
+        The target sends its answer and closes; the proxy sends the TLS 1.2
+        client the answer and C{close_notify}, which it answers at once with
+        its own and closes (Twisted's TLS does): a clean end.
+        """
+        backend = CollectorFactory()
+        app, port = self.terminating([listen(self, backend)])
+        self.serve([app])
+        client = yield connectTLS(port, capped(ALPHA, TLSVersion.TLSv1_2))
+        yield client.handshake
+        self.assertEqual(client.transport.getHandle().get_protocol_version_name(), "TLSv1.2")
+        target = yield backend.accepted.get()
+        client.transport.write(b"request")
+        yield eventually(lambda: bytes(target.data) == b"request")
+        target.transport.write(b"answer")
+        target.transport.loseWriteConnection()
+        self.assertEqual((yield target.readDone), b"request")
+        yield client.lost
+        self.assertEqual(bytes(client.data), b"answer")
+        self.assertTrue(client.reason.check(ConnectionDone), client.reason)
+        yield target.lost
+        yield self.idle()
+        self.assertDone(7, 6)
+
+    @inlineCallbacks
+    def test_tls12TargetAnswersAtOnce(self):
+        """
+        A TLS 1.2 target that answers C{close_notify} at once with its own
+        (Twisted's TLS echo): the plain client gets the echo, then EOF; a
+        clean end.
+        """
+        pair = keyPair("alpha")
+        options = CertificateOptions(
+            privateKey=pair.privateKey.original,
+            certificate=pair.original,
+            lowerMaximumSecurityTo=TLSVersion.TLSv1_2,
+        )
+        tlsFactory = TLSMemoryBIOFactory(options, False, echoFactory())
+        tlsFactory.protocol = TLSMemoryBIOProtocol
+        app, port = self.originating([listen(self, tlsFactory)])
+        self.serve([app])
+        client = yield connectClient(port)
+        client.transport.write(b"request")
+        client.transport.loseWriteConnection()
+        self.assertEqual((yield client.readDone), b"request")
+        yield client.lost
+        yield self.idle()
+        self.assertDone(7, 7)
+
+
 class CloseTests(TestCase):
     """
     L{TLSCloser} on a peer that never answers C{close_notify}.
@@ -1397,4 +1714,8 @@ class TwistedNamesAsWrittenTests(NamesAsWrittenTests):
 
 
 class TwistedOriginationTests(OriginationTests):
+    engine = "twisted"
+
+
+class TwistedCloseNotifyTests(CloseNotifyTests):
     engine = "twisted"
