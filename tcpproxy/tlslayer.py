@@ -258,7 +258,7 @@ class TLSLayer(Protocol):
         several) from C{connectionLost}.
         """
         if representsEOF(reason.value):
-            reason = Failure(ConnectionLost("the connection ended without a TLS close_notify"))
+            reason = Failure(ConnectionLost())
         if self._reason is None:
             self._reason = reason
         self._lost = True

@@ -550,6 +550,15 @@ class TerminationTests(TLSServiceMixin, TestCase):
             self.handshakeWith(strictPort, ssl.TLSVersion.TLSv1_2), ssl.SSLError, OSError
         )
         self.assertEqual((yield self.handshakeWith(strictPort, ssl.TLSVersion.TLSv1_3)), "TLSv1.3")
+        # A TLS 1.3 client is done before the proxy has read its Finished:
+        # its handshakes may still be under way here.
+        factories = [self.service.factories[name].front.wrappedFactory for name in ("secure", "strict")]
+
+        def handshakesOver() -> bool:
+            """no handshake under way"""
+            return all(len(f.pending) == 0 for f in factories)
+
+        yield eventually(handshakesOver)
         yield self.idle()
         dropped = [e for e in self.events if e.get("event") == "tls-handshake-failed"]
         self.assertEqual([e["why"] for e in dropped], ["unsupported protocol"] * 2)
