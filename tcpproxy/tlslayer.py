@@ -199,8 +199,10 @@ class TLSLayer(Protocol):
             except Error:
                 ended = Failure()
                 break
-        if chunks and not self._aborted:
+        if chunks:
             self.wrappedProtocol.dataReceived(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            if self._aborted:
+                return
         if ended is None:
             self._flush()
         elif isinstance(ended, Failure):
