@@ -1347,6 +1347,27 @@ class CloseNotifyTests(TLSServiceMixin, TestCase):
         self.assertDone(7, 16)
 
     @inlineCallbacks
+    def test_clientCloseNotifyWhileDialling(self):
+        """
+        The same while the target is still being dialled (the first one
+        does not answer): the request and EOF are delivered once a target
+        is connected, and its answer still reaches the client.
+        """
+        answering = listen(self, Factory.forProtocol(_AnswersAtEOF))
+        app, port = self.terminating([unansweredPort(self), answering])
+        app["ConnectTimeout"] = 0.5
+        self.serve([app])
+        client = HandTLS(clientContext(), serverName=ALPHA)
+        yield connectClient(port, client)
+        yield client.handshake
+        client.send(b"request")
+        client.closeNotify()
+        self.assertEqual((yield client.closeNotified), b"reply to request")
+        yield client.done
+        yield self.idle()
+        self.assertDone(7, 16)
+
+    @inlineCallbacks
     def test_targetCloseNotifyIsHalfClose(self):
         """
         Towards a TLS target, a plain client's EOF is C{close_notify}, and
