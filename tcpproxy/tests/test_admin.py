@@ -17,7 +17,6 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, readBody
 
 from tcpproxy.config import AdminConfig, loadConfig
-from tcpproxy.health import HealthTracker
 from tcpproxy.service import ProxyService
 from tcpproxy.statuspage import renderPage
 from tcpproxy.tests.loopback import (
@@ -553,48 +552,6 @@ class AdminReloadTests(AdminMixin, TestCase):
         self.assertEqual(service.config.admin, AdminConfig("127.0.0.1", self.adminPort))
         code, _, _ = yield request(self.url("/live"))
         self.assertEqual(code, 200)
-
-
-class HealthDrainTests(TestCase):
-    """
-    Drain as a state of L{HealthTracker}, alone.
-    """
-
-    def setUp(self):
-        from twisted.internet.task import Clock
-
-        from tcpproxy.config import parseTarget
-
-        self.a, self.b = parseTarget("127.0.0.1:1"), parseTarget("127.0.0.1:2")
-        self.tracker = HealthTracker("app", [self.a, self.b], Clock())
-
-    def test_drainedNeverUsable(self):
-        """
-        A drained target is left out, even when every other target is down
-        (failing open never reaches it).
-        """
-        self.assertTrue(self.tracker.drain(self.a, "test"))
-        self.assertFalse(self.tracker.drain(self.a, "test"))
-        self.assertEqual(self.tracker.usable([self.a, self.b]), [self.b])
-        self.tracker.connectFailed(self.b, "refused")
-        self.assertEqual(self.tracker.usable([self.a, self.b]), [self.b])
-        self.assertEqual(self.tracker.stateOf(self.a), "draining")
-        self.assertEqual(self.tracker.stateOf(self.b), "down")
-        self.assertFalse(self.tracker.allDrained)
-        self.tracker.drain(self.b, "test")
-        self.assertTrue(self.tracker.allDrained)
-        self.assertEqual(self.tracker.usable([self.a, self.b]), [])
-
-    def test_ready(self):
-        self.tracker.drain(self.a, "test")
-        self.assertTrue(self.tracker.ready(self.a, "test"))
-        self.assertEqual(self.tracker.usable([self.a, self.b]), [self.a, self.b])
-        self.assertEqual(self.tracker.stateOf(self.a), "up")
-
-    def test_unknownTarget(self):
-        from tcpproxy.config import parseTarget
-
-        self.assertRaises(KeyError, self.tracker.drain, parseTarget("127.0.0.1:3"), "test")
 
 
 class WarningTests(TestCase):

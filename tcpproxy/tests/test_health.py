@@ -237,3 +237,51 @@ class CheckerTests(SynchronousTestCase):
         self.assertTrue(health.isUp(A))
         checker.stop()
         self.assertEqual(reactor.getDelayedCalls(), [])
+
+
+class DrainTests(SynchronousTestCase):
+    """
+    Drain as a state of L{HealthTracker}, alone.
+    """
+
+    def setUp(self):
+        self.a, self.b = parseTarget("127.0.0.1:1"), parseTarget("127.0.0.1:2")
+        self.tracker = HealthTracker("app", [self.a, self.b], Clock())
+
+    def test_drainedNeverUsable(self):
+        """
+        A drained target is left out, even when every other target is down
+        (failing open never reaches it).
+        """
+        self.assertTrue(self.tracker.drain(self.a, "test"))
+        self.assertFalse(self.tracker.drain(self.a, "test"))
+        self.assertEqual(self.tracker.usable([self.a, self.b]), [self.b])
+        self.tracker.connectFailed(self.b, "refused")
+        self.assertEqual(self.tracker.usable([self.a, self.b]), [self.b])
+        self.assertEqual(self.tracker.stateOf(self.a), "draining")
+        self.assertEqual(self.tracker.stateOf(self.b), "down")
+        self.assertFalse(self.tracker.allDrained)
+        self.tracker.drain(self.b, "test")
+        self.assertTrue(self.tracker.allDrained)
+        self.assertEqual(self.tracker.usable([self.a, self.b]), [])
+
+    def test_logged(self):
+        """
+        Each change is logged with its reason; one that changes nothing is not.
+        """
+        events = captureEvents(self, "tcpproxy.health")
+        self.tracker.drain(self.a, "by hand")
+        self.tracker.drain(self.a, "by hand")
+        self.tracker.ready(self.a, "by hand")
+        self.assertEqual(
+            [(e["state"], e["why"]) for e in events], [("draining", "by hand"), ("ready", "by hand")]
+        )
+
+    def test_ready(self):
+        self.tracker.drain(self.a, "test")
+        self.assertTrue(self.tracker.ready(self.a, "test"))
+        self.assertEqual(self.tracker.usable([self.a, self.b]), [self.a, self.b])
+        self.assertEqual(self.tracker.stateOf(self.a), "up")
+
+    def test_unknownTarget(self):
+        self.assertRaises(KeyError, self.tracker.drain, parseTarget("127.0.0.1:3"), "test")
