@@ -12,10 +12,12 @@ import os
 import shutil
 import signal
 import socket
+import socketserver
 import ssl
 import subprocess
 import threading
 
+from OpenSSL import SSL
 from twisted.trial.unittest import TestCase
 
 from tcpproxy.tests.certs import ALPHA, BETA, writePKI
@@ -169,4 +171,51 @@ class TLSTwistdTests(TestCase):
                 expected = f"ALPN protocol: {chosen}" if chosen and alpn else "No ALPN negotiated"
                 self.assertIn(expected, session.stdout)
         self.assertIn("ALPN protocol: h2", sClient(alpnPort, "-alpn", "h2").stdout)
+        self.assertNotIn("Traceback", self.twistd.output())
+
+    def test_closeNotifyIsHalfClose(self) -> None:
+        """
+        A TLS 1.3 client that sends its request, then C{close_notify} alone
+        (as Go's C{tls.Conn.CloseWrite}), and waits, gets the answer its
+        target makes only after EOF, then C{close_notify}; the access log
+        says C{done} with the answer's bytes.
+        """
+
+        class AnswersAtEOF(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                request = self.rfile.read()  # up to EOF
+                self.wfile.write(b"reply to " + request)
+
+        server = socketserver.ThreadingTCPServer(("127.0.0.1", self.target), AnswersAtEOF)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, TIMEOUT)
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        config = self.writeConfig(self.document([("alpha.pem", "alpha.key")]))
+        self.twistd.start("-n", "--pidfile=", "tcpproxy", "--config", config)
+        self.twistd.waitUntilServing(self.port)
+        context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        context.set_min_proto_version(SSL.TLS1_3_VERSION)
+        context.load_verify_locations(os.path.join(self.folder, "ca.pem"))
+        context.set_verify(SSL.VERIFY_PEER)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=TIMEOUT) as raw:
+            # pyOpenSSL on a blocking socket (a timeout would make its calls
+            # raise WantReadError): the proxy's own timeouts end this if the
+            # answer never comes.
+            raw.settimeout(None)
+            client = SSL.Connection(context, raw)
+            client.set_tlsext_host_name(ALPHA.encode("ascii"))
+            client.set_connect_state()
+            client.do_handshake()
+            client.sendall(b"request")
+            client.shutdown()  # close_notify, once: our side only
+            received = b""
+            with self.assertRaises(SSL.ZeroReturnError):  # its close_notify
+                while True:
+                    received += client.recv(65536)
+        self.assertEqual(received, b"reply to request")
+        waitUntil(lambda: "7 bytes in" in self.twistd.stdout(), "the access log line")
+        self.assertIn(": done after ", self.twistd.stdout())
+        self.assertIn("7 bytes in, 16 bytes out", self.twistd.stdout())
         self.assertNotIn("Traceback", self.twistd.output())
