@@ -174,8 +174,10 @@ class TLSLayer(Protocol):
             self._handshake()
             if not self._handshakeDone:
                 return
-            if self._waiting:
-                self._sendWaiting()
+        if self._waiting:
+            # Written while the handshake (or a renegotiation) waited for
+            # the peer: what just came may let it through.
+            self._sendWaiting()
         self._receive()
 
     def _receive(self) -> None:
@@ -225,7 +227,8 @@ class TLSLayer(Protocol):
             self._flush()
             protocol.readConnectionLost()
         else:
-            self.loseConnection()
+            self.disconnecting = True
+            self._fullClose()
 
     def connectionLost(self, reason: Failure) -> None:
         tls = self._tls
@@ -290,6 +293,7 @@ class TLSLayer(Protocol):
         """
         self._sendCloseNotify()
         if self._readClosed or not self._handshakeDone:
+            self._flush()
             self.transport.loseConnection()
 
     def _flush(self) -> None:
@@ -477,11 +481,13 @@ class TLSLayer(Protocol):
             producer.stopProducing()
             return
         if streaming:
-            producer = _Membrane(producer)
+            membrane = _Membrane(producer)
+            self.transport.registerProducer(membrane, True)
+            self._producer = membrane
             if self._waiting:
-                producer.pauseProducing()
-            self._producer = producer
-        self.transport.registerProducer(producer, streaming)
+                membrane.pauseProducing()
+        else:
+            self.transport.registerProducer(producer, False)
 
     def unregisterProducer(self) -> None:
         self._producer = None

@@ -577,7 +577,7 @@ class TerminationTests(TLSServiceMixin, TestCase):
         """
         A target that sends 16 bytes and resets: the TLS client gets the 16
         bytes, then a reset -- not C{close_notify}, which would pass the
-        cut-off reply for a complete one (Twisted's TLS transport sends it
+        cut-off reply for a complete one (Twisted's TLS transport sent it
         before aborting; the proxy aborts the TCP connection under it).
         """
         target = listen(self, Factory.forProtocol(_SendsThenResets))
@@ -598,7 +598,7 @@ class TerminationTests(TLSServiceMixin, TestCase):
         closes without waiting (as C{openssl s_client} does with its input
         on a pipe), while its target is still being dialled: the request
         reaches the target, then EOF -- it used to be dropped as "client left
-        while dialling", TLS having no half-close to say it was an EOF.
+        while dialling".
         """
         request = b"GET /x HTTP/1.0\r\n\r\n"
         backend = CollectorFactory()
