@@ -694,6 +694,12 @@ class ProxyServerProtocol(_RelaySide):
         client = self.client
         if self.closed and (client is None or client.closed) and self in self.factory.relays:
             self.factory.relayEnded(self)
+            if client is not None:
+                # The pair is over: undo the links back to this side, so
+                # that both are freed as soon as nothing holds them rather
+                # than left to the cyclic garbage collector, which a busy
+                # proxy would otherwise run several times as often.
+                client.relay = client.peer = self.peer = None
 
     def abort(self) -> None:
         """

@@ -5,11 +5,13 @@ The relay on real loopback sockets: what the test doubles cannot show
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+from twisted.internet.task import deferLater
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.protocol import Factory, Protocol
 from twisted.names import hosts
@@ -17,6 +19,7 @@ from twisted.trial.unittest import TestCase
 
 from tcpproxy.access import END_ABORTED, END_CLIENT_LOST, END_DONE, END_IDLE, END_NO_TARGET, END_TARGET_LOST
 from tcpproxy.demo import echoFactory
+from tcpproxy.relay import ProxyClientProtocol, ProxyServerProtocol
 from tcpproxy.resolve import NameResolver
 from tcpproxy.tests.loopback import (
     Collector,
@@ -66,6 +69,36 @@ class ByteExactTests(TestCase):
         self.assertTrue(received == payload, "relayed bytes differ from those sent")
         [event] = connectionEvents(events)
         self.assertEqual((event["bytesIn"], event["bytesOut"], event["end"]), (4 * MiB, 4 * MiB, END_DONE))
+
+    @inlineCallbacks
+    def test_freedWithoutTheGarbageCollector(self):
+        """
+        A relayed connection that has ended is freed at once, by reference
+        counting: its two sides and their transports hold no cycle that
+        only the cyclic garbage collector could undo -- which a busy proxy
+        would otherwise run several times as often, for a few per cent of
+        its CPU.
+        """
+        gc.collect()
+        gc.disable()
+        self.addCleanup(gc.enable)
+        factory, port = startProxy(self, [f"127.0.0.1:{echoBackend(self)}"])
+        for _ in range(3):
+            client = yield connectClient(port)
+            client.transport.write(b"ping")
+            client.transport.loseWriteConnection()
+            yield client.lost
+            yield factory.whenIdle()
+        yield deferLater(reactor, 0, lambda: None)
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            gc.collect()
+            ours = (ProxyServerProtocol, ProxyClientProtocol, tcp.SocketTransport)
+            left = [type(o).__name__ for o in gc.garbage if isinstance(o, ours)]
+        finally:
+            gc.set_debug(0)
+            del gc.garbage[:]
+        self.assertEqual(left, [])
 
     @inlineCallbacks
     def test_bulkIsSplicedOnTheFastEngine(self):

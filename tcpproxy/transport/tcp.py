@@ -486,8 +486,14 @@ class SocketTransport:
         producer, self._producer = self._producer, None
         if producer is not None:
             producer.stopProducing()
+        # Drop the links that make cycles (to the protocol, which refers
+        # back here, and to the splice consumer, which may refer back too),
+        # as Twisted's transports do: a closed connection is then freed as
+        # soon as nobody holds it, not left to the cyclic garbage collector.
+        self._spliceConsumer = self._spliceCounter = None
+        protocol, self.protocol = self.protocol, None
         try:
-            self.protocol.connectionLost(reason)
+            protocol.connectionLost(reason)
         finally:
             if self._connector is not None:
                 self._connector.transportClosed(reason)
