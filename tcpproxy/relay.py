@@ -513,14 +513,16 @@ class ProxyServerProtocol(_RelaySide):
         self.app = None
         self.clientHost = ""
         self._peer = None
-        # Replaced by the TLS gate's, for a client whose TLS ends here.
-        self.connectionId = newConnectionId()
+        # Given by the TLS gate, for a client whose TLS ends here.
+        self.connectionId: str | None = None
 
     @property
     def relay(self) -> ProxyServerProtocol:
         return self
 
     def connectionMade(self) -> None:
+        if self.connectionId is None:
+            self.connectionId = newConnectionId()
         factory = self.factory
         self.started = factory.clock.seconds()
         peer = self._peer = self.transport.getPeer()

@@ -38,6 +38,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface import implementer
 
+from tcpproxy import relay as relayModule
 from tcpproxy import tls as tlsModule
 from tcpproxy.access import END_DONE, END_NO_TARGET, END_TARGET_LOST
 from tcpproxy.applying import APPLIED, REFUSED
@@ -413,10 +414,12 @@ class TerminationTests(TLSServiceMixin, TestCase):
     def test_connectionIdFromAccept(self):
         """
         A client's connection id is given when it is accepted, before its
-        handshake, and its record carries that one.
+        handshake, and its record carries that one, the only one made.
         """
         gateIds = iter(["GATE-1", "GATE-2"])
+        relayIds: list[str] = []
         self.patch(tlsModule, "newConnectionId", lambda: next(gateIds))
+        self.patch(relayModule, "newConnectionId", lambda: relayIds.append("RELAY") or "RELAY")
         app, port = self.terminating([listen(self, echoFactory())])
         self.serve([app])
         yield self.echoThrough(port, trusting(BETA))
@@ -424,6 +427,8 @@ class TerminationTests(TLSServiceMixin, TestCase):
         [event] = relayEvents(self.events)
         self.assertEqual(event["connectionId"], "GATE-1")
         self.assertTrue(formatEvent(event).startswith("[GATE-1] 127.0.0.1:"))
+        # No id is made for nothing (the ids of a process go up one by one).
+        self.assertEqual(relayIds, [])
 
     @inlineCallbacks
     def test_defaultCertificate(self):
