@@ -22,6 +22,8 @@ from tcpproxy.health import DEFAULT_FALL, DEFAULT_RISE, HealthTracker
 from tcpproxy.idle import IdleSweeper
 from tcpproxy.limits import REFUSED_DENIED, AcceptGate, ConnectionCounter, permitted
 from tcpproxy.metrics import REFUSED_DRAINING, AppStats
+from tcpproxy.proxyaccept import HeaderStageFactory, ProxiedAddress
+from tcpproxy.proxysend import sendingEndpoints
 from tcpproxy.relay import IRelayed, ProxyClientProtocol, ProxyServerProtocol
 from tcpproxy.tls import AppTLS
 from tcpproxy.transport.engine import IEngine
@@ -84,6 +86,17 @@ class ProxyServerFactory(Factory):
         self.front: IProtocolFactory = self
         if tls is not None and tls.server is not None:
             self.front = tls.serverFactory(self, self.clock, self.gate, self.counter.refusals)
+        if app.acceptProxy is not None:
+            # The PROXY header comes first, before TLS (tcpproxy.proxyaccept).
+            self.front = HeaderStageFactory(app.acceptProxy, self.front, self.clock, app.name, self.counter)
+
+    def buildProtocol(self, addr) -> ProxyServerProtocol:
+        protocol = ProxyServerProtocol()
+        protocol.factory = self
+        if type(addr) is ProxiedAddress:
+            # The client as the PROXY header stage read it.
+            protocol.proxied = addr
+        return protocol
 
     def admit(self, host: str) -> str | None:
         """
@@ -184,7 +197,7 @@ def buildDialer(
     return FailoverDialer(
         reactor,
         app.connectTimeout,
-        endpointFactory=tls.endpointFactory(endpointForTarget, reactor),
+        endpointFactory=tls.endpointFactory(sendingEndpoints(endpointForTarget, app.sendProxy), reactor),
         health=health,
         stats=stats,
     )
@@ -238,6 +251,10 @@ def updateApp(factory: ProxyServerFactory, app: AppConfig, tls: AppTLS, engine: 
     if old.targets != app.targets:
         balancer = balancer.withTargets(app.targets)
     dialer = factory.dialer
-    if (old.connectTimeout, old.targetTLS) != (app.connectTimeout, app.targetTLS) or tls.client is not None:
+    if (old.connectTimeout, old.targetTLS, old.sendProxy) != (
+        app.connectTimeout,
+        app.targetTLS,
+        app.sendProxy,
+    ) or tls.client is not None:
         dialer = buildDialer(app, tls, engine, factory.health, factory.stats)
     factory.reconfigure(app, balancer, dialer, tls)

@@ -183,7 +183,11 @@ class Reloader:
                 service.startChecks(app)
             elif factory.app != app:
                 before = factory.app
-                restartChecks = (before.targets, before.healthCheck) != (app.targets, app.healthCheck)
+                restartChecks = (before.targets, before.healthCheck, before.sendProxy) != (
+                    app.targets,
+                    app.healthCheck,
+                    app.sendProxy,
+                )
                 updateApp(factory, app, tls[app.name], service.engine)
                 if restartChecks:
                     service.startChecks(app)

@@ -79,6 +79,8 @@ _APP_KEYS = (
     "Deny",
     "TLS",
     "TargetTLS",
+    "AcceptProxy",
+    "SendProxy",
 )
 # "Defaults" holds the settings common to apps; what names an app, and its
 # certificates, stay the app's own.
@@ -89,6 +91,9 @@ _HEALTH_KEYS = ("Interval", "Timeout", "Rise", "Fall")
 _TLS_KEYS = ("Certificates", "MinVersion", "HandshakeTimeout", "ALPN", "MaxPendingHandshakes")
 _CERTIFICATE_KEYS = ("Cert", "Key")
 _TARGET_TLS_KEYS = ("CA", "ServerName", "Cert", "Key", "Verify")
+_ACCEPT_PROXY_KEYS = ("From", "Required", "Timeout")
+SEND_PROXY_VERSIONS = {"v1": 1, "v2": 2}
+DEFAULT_ACCEPT_PROXY_TIMEOUT = 3.0
 TLS_VERSIONS = ("1.2", "1.3")
 DEFAULT_MIN_TLS_VERSION = "1.2"
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
@@ -201,6 +206,25 @@ class TargetTLSConfig:
 
 
 @dataclass(frozen=True)
+class AcceptProxyConfig:
+    """
+    PROXY protocol headers received from the app's clients (its
+    C{"AcceptProxy"} key; L{tcpproxy.proxyaccept}).
+
+    @ivar trusted: the networks of the peers (balancers) that may send a
+        header; anyone else who sends one is refused.
+    @ivar required: a trusted peer must send one (else it is refused), and
+        a peer outside C{trusted} is refused; with C{False}, either is
+        served with its own address.
+    @ivar timeout: seconds a peer has to send a complete header.
+    """
+
+    trusted: tuple[Network, ...]
+    required: bool = True
+    timeout: float = DEFAULT_ACCEPT_PROXY_TIMEOUT
+
+
+@dataclass(frozen=True)
 class HealthCheckConfig:
     """
     Active health checks of an app's targets: a TCP connect every
@@ -234,6 +258,9 @@ class AppConfig:
     @ivar bandwidthLimit: bytes per second per connection and direction.
     @ivar allow: a client must be in one of these networks, if any is given.
     @ivar deny: a client must be in none of these networks.
+    @ivar acceptProxy: PROXY protocol headers received, or C{None}.
+    @ivar sendProxy: the PROXY protocol version (1 or 2) sent to every
+        target first, or C{None}.
     """
 
     name: str
@@ -252,6 +279,8 @@ class AppConfig:
     bandwidthLimit: float | None = None
     allow: tuple[Network, ...] = ()
     deny: tuple[Network, ...] = ()
+    acceptProxy: AcceptProxyConfig | None = None
+    sendProxy: int | None = None
 
 
 LOOPBACK: tuple[Network, ...] = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
@@ -618,6 +647,15 @@ def _parseSettings(where: _Where, obj: dict) -> dict:
     for key, field in (("Allow", "allow"), ("Deny", "deny")):
         if key in obj:
             settings[field] = _networks(where, key, obj[key])
+    if "AcceptProxy" in obj and obj["AcceptProxy"] is not None:
+        settings["acceptProxy"] = _parseAcceptProxy(where, obj["AcceptProxy"])
+    if "SendProxy" in obj and obj["SendProxy"] is not None:
+        version = obj["SendProxy"]
+        if not isinstance(version, str) or version not in SEND_PROXY_VERSIONS:
+            raise where.error(
+                "SendProxy", f'{_show(version)} is not a PROXY protocol version; use "v1" or "v2"'
+            )
+        settings["sendProxy"] = SEND_PROXY_VERSIONS[version]
     return settings
 
 
@@ -638,6 +676,30 @@ def _accessLogFormat(where: _Where, value: object) -> str:
     except ValueError as e:
         raise where.error("AccessLogFormat", f"{_show(value)} {e}") from None
     return value
+
+
+def _parseAcceptProxy(where: _Where, value: object) -> AcceptProxyConfig:
+    """
+    The C{"AcceptProxy"} key: C{{"From": [networks], "Required": true,
+    "Timeout": 3}}, C{From} required (no peer is trusted by default).
+    """
+    if not isinstance(value, dict):
+        raise where.error(
+            "AcceptProxy",
+            f'{_show(value)} is not an object like {{"From": ["10.0.0.0/8"], "Required": true}}',
+        )
+    within = _Within(where, "AcceptProxy")
+    _checkKeys(within, value, _ACCEPT_PROXY_KEYS, ("From",))
+    trusted = _networks(within, "From", value["From"])
+    if not trusted:
+        raise within.error("From", "is empty; list the networks of the balancers that send PROXY headers")
+    required = value.get("Required", True)
+    if not isinstance(required, bool):
+        raise within.error("Required", f"{_show(required)} is not true or false")
+    timeout = DEFAULT_ACCEPT_PROXY_TIMEOUT
+    if "Timeout" in value:
+        timeout = _duration(within, "Timeout", value["Timeout"], positive=True)
+    return AcceptProxyConfig(trusted, required, timeout)
 
 
 def _parseDefaults(where: _Where, value: object) -> dict:

@@ -85,6 +85,7 @@ from tcpproxy.describe import describeAddress
 from tcpproxy.dialer import Dialled, NoTargetAvailable
 from tcpproxy.idle import IIdleWatched
 from tcpproxy.limits import Throttle, TokenBucket
+from tcpproxy.proxysend import HeaderSource
 from tcpproxy.tls import TLSCloser
 from tcpproxy.transport.tcp import ISpliceCounter, ISplicing, IWriteBuffer
 
@@ -489,6 +490,7 @@ class ProxyServerProtocol(_RelaySide):
         "clientHost",
         "_peer",
         "connectionId",
+        "proxied",
     )
 
     _noFields: dict[str, str | None] = {}
@@ -515,6 +517,9 @@ class ProxyServerProtocol(_RelaySide):
         self._peer = None
         # Given by the TLS gate, for a client whose TLS ends here.
         self.connectionId: str | None = None
+        # The client as a PROXY header gave it (tcpproxy.proxyaccept), set
+        # before connectionMade; else the transport's peer is the client.
+        self.proxied = None
 
     @property
     def relay(self) -> ProxyServerProtocol:
@@ -525,7 +530,8 @@ class ProxyServerProtocol(_RelaySide):
             self.connectionId = newConnectionId()
         factory = self.factory
         self.started = factory.clock.seconds()
-        peer = self._peer = self.transport.getPeer()
+        proxied = self.proxied
+        peer = self._peer = self.transport.getPeer() if proxied is None else proxied.address
         self.port = self.transport.getHost().port
         # The settings this connection keeps, whatever a reload does.
         self.app = factory.app
@@ -537,7 +543,11 @@ class ProxyServerProtocol(_RelaySide):
         factory.relays.add(self)
         self.tls = _isTLS(self.transport)
         _noDelay(self)
-        self._dialling = factory.dialer.dial(factory.clientFactory, factory.balancer.order())
+        clientFactory = factory.clientFactory
+        if self.app.sendProxy is not None:
+            # Its PROXY header goes first to the target (tcpproxy.proxysend).
+            clientFactory = HeaderSource(clientFactory, self)
+        self._dialling = factory.dialer.dial(clientFactory, factory.balancer.order())
         self._dialling.addCallbacks(self._targetConnected, self._noTarget)
 
     def _refuse(self, reason: str) -> None:

@@ -23,6 +23,7 @@ from tcpproxy.app import ProxyServerFactory, buildApp
 from tcpproxy.applying import Reloader, ReloadResult, owner
 from tcpproxy.config import AppConfig, ProxyConfig
 from tcpproxy.describe import quoted
+from tcpproxy.dialer import endpointForTarget
 from tcpproxy.health import HealthChecker
 from tcpproxy.limits import (
     DESCRIPTORS_PER_CONNECTION,
@@ -32,6 +33,7 @@ from tcpproxy.limits import (
     raiseFileLimit,
 )
 from tcpproxy.listening import ISocketAcceptor, SocketPort, bindAll
+from tcpproxy.proxysend import sendingEndpoints
 from tcpproxy.tls import AppTLS, loadAppTLS
 from tcpproxy.transport.engine import IEngine, defaultEngine
 from tcpproxy.triggers import IReloadTrigger
@@ -144,7 +146,12 @@ class ProxyService(Service):
         """
         self.stopChecks(app.name)
         if app.healthCheck is not None:
-            checker = HealthChecker(self.factories[app.name].health, self.reactor, app.healthCheck)
+            checker = HealthChecker(
+                self.factories[app.name].health,
+                self.reactor,
+                app.healthCheck,
+                endpointFactory=sendingEndpoints(endpointForTarget, app.sendProxy),
+            )
             self._checkers[app.name] = checker
             checker.start()
 

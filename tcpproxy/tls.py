@@ -65,6 +65,7 @@ from zope.interface import implementer
 from tcpproxy.config import AppConfig, ConfigError, Target, TargetTLSConfig, TLSConfig, normalName
 from tcpproxy.connid import newConnectionId
 from tcpproxy.describe import describeAddress
+from tcpproxy.proxysend import carryProxyHeader
 from tcpproxy.tlslayer import TLSLayerFactory
 from tcpproxy.transport.tcp import IWriteBuffer
 
@@ -632,7 +633,10 @@ class TLSClientEndpoint:
 
         result: Deferred = Deferred(cancel)
         gates = _ClientGateFactory(protocolFactory, self.clock, result)
-        connecting = self.endpoint.connect(TLSLayerFactory(self.creator, True, gates, self.clock))
+        tlsFactory = TLSLayerFactory(self.creator, True, gates, self.clock)
+        # A PROXY header is sent under TLS, first on the TCP connection.
+        carryProxyHeader(protocolFactory, tlsFactory)
+        connecting = self.endpoint.connect(tlsFactory)
 
         def failed(reason: Failure) -> None:
             if not result.called:

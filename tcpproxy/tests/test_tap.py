@@ -379,7 +379,8 @@ class MakeServiceTests(ConfigFileMixin, TestCase):
             f'tcpproxy: error: {path}: app "web": key "Tragets": unknown key (did you mean "Targets"?); '
             "known keys are Name, Ports, Targets, ConnectTimeout, AccessLog, AccessLogFormat, "
             "AccessLogInterval, IdleTimeout, HealthCheck, "
-            "MaxConnections, MaxConnectionsPerClient, BandwidthLimit, Allow, Deny, TLS, TargetTLS",
+            "MaxConnections, MaxConnectionsPerClient, BandwidthLimit, Allow, Deny, TLS, TargetTLS, "
+            "AcceptProxy, SendProxy",
         )
 
     def test_missingConfig(self) -> None:

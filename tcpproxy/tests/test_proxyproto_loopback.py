@@ -1,0 +1,248 @@
+"""
+The PROXY protocol on real loopback sockets, through a whole
+L{ProxyService} built from a configuration file, on both engines: a
+header received (split or with data) gives the client for everything after
+it, a header is sent first to each target, TLS is terminated after the
+header, health checks send C{LOCAL}, and a reload applies to new clients.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from tcpproxy.applying import APPLIED
+from tcpproxy.proxyproto import (
+    LOCAL_V2,
+    PP2_SUBTYPE_SSL_VERSION,
+    PP2_TYPE_AUTHORITY,
+    PP2_TYPE_SSL,
+    encodeV2,
+    parse,
+)
+from tcpproxy.tests.certs import ALPHA, pki
+from tcpproxy.tests.loopback import CollectorFactory, connectClient, deadPort, eventually, listen
+from tcpproxy.tests.test_tls import TLSServiceMixin
+
+HEADER_V1 = b"PROXY TCP4 203.0.113.9 10.0.0.1 51000 443\r\n"
+
+
+def accessEvents(events: list[dict]) -> list[dict]:
+    return [e for e in events if e.get("log_namespace") == "tcpproxy.access"]
+
+
+class ProxyProtocolMixin(TLSServiceMixin):
+    def app(self, backendPort: int, **keys) -> tuple[dict, int]:
+        port = deadPort()
+        return {"Name": "pp", "Ports": [port], "Targets": [f"127.0.0.1:{backendPort}"], **keys}, port
+
+    def backend(self) -> tuple[CollectorFactory, int]:
+        factory = CollectorFactory()
+        return factory, listen(self, factory)
+
+    @inlineCallbacks
+    def receivedHeader(self, backends: CollectorFactory, size: int):
+        """
+        The next target connection: its PROXY header, parsed, and C{size}
+        bytes after it.
+        """
+        target = yield backends.accepted.get()
+        yield eventually(
+            lambda: (
+                parse(bytes(target.data)) is not None
+                and len(target.data) >= parse(bytes(target.data))[1] + size
+            )
+        )
+        header, consumed = parse(bytes(target.data))
+        return target, header, bytes(target.data[consumed:])
+
+    @inlineCallbacks
+    def test_acceptAndSendV2(self):
+        """
+        A v1 header and data in one segment: the target gets a v2 header
+        with the header's client, then the data exactly; the reply comes
+        back; the access log names the header's client.
+        """
+        backends, backendPort = self.backend()
+        app, port = self.app(backendPort, AcceptProxy={"From": ["127.0.0.1/32"]}, SendProxy="v2")
+        self.serve([app])
+        client = yield connectClient(port)
+        client.transport.write(HEADER_V1 + b"hello")
+        target, header, rest = yield self.receivedHeader(backends, 5)
+        self.assertEqual((header.version, header.local), (2, False))
+        self.assertEqual((header.source, header.destination), (("203.0.113.9", 51000), ("10.0.0.1", 443)))
+        self.assertEqual(rest, b"hello")
+        target.transport.write(b"reply")
+        yield eventually(lambda: bytes(client.data) == b"reply")
+        client.transport.loseConnection()
+        target.transport.loseConnection()
+        yield self.idle()
+        [event] = accessEvents(self.events)
+        self.assertEqual(event["client"], "203.0.113.9:51000")
+        self.assertEqual(event["bytesIn"], 5)
+
+    @inlineCallbacks
+    def test_splitHeaderV1Sent(self):
+        """
+        A v2 header split over segments; C{SendProxy} v1 writes the client
+        as a v1 line.
+        """
+        backends, backendPort = self.backend()
+        app, port = self.app(backendPort, AcceptProxy={"From": ["127.0.0.0/8"]}, SendProxy="v1")
+        self.serve([app])
+        client = yield connectClient(port)
+        header = encodeV2(("198.51.100.4", 4000), ("192.0.2.1", 80))
+        for index in range(0, len(header), 5):
+            client.transport.write(header[index : index + 5])
+            yield deferToThread(lambda: None)  # a turn or more between the segments
+        client.transport.write(b"data")
+        target = yield backends.accepted.get()
+        yield eventually(lambda: len(target.data) >= 4 and target.data.endswith(b"data"))
+        self.assertEqual(bytes(target.data), b"PROXY TCP4 198.51.100.4 192.0.2.1 4000 80\r\ndata")
+        client.transport.loseConnection()
+        target.transport.loseConnection()
+        yield self.idle()
+
+    @inlineCallbacks
+    def test_denyUsesHeaderClient(self):
+        """
+        C{Deny} is applied to the header's client, not to the balancer.
+        """
+        backends, backendPort = self.backend()
+        app, port = self.app(backendPort, AcceptProxy={"From": ["127.0.0.1/32"]}, Deny=["203.0.113.0/24"])
+        self.serve([app])
+        client = yield connectClient(port)
+        client.transport.write(HEADER_V1 + b"hello")
+        self.assertEqual((yield client.readDone), b"")
+        client.transport.loseConnection()
+        self.assertEqual(backends.protocols, [])
+        [event] = accessEvents(self.events)
+        self.assertEqual((event["client"], event["reason"]), ("203.0.113.9:51000", "denied"))
+
+    @inlineCallbacks
+    def test_malformedReachesNoTarget(self):
+        backends, backendPort = self.backend()
+        app, port = self.app(backendPort, AcceptProxy={"From": ["127.0.0.1/32"]})
+        self.serve([app])
+        client = yield connectClient(port)
+        client.transport.write(b"PROXY TCP4 203.0.113.999 10.0.0.1 51000 443\r\nhello")
+        self.assertEqual((yield client.readDone), b"")
+        client.transport.loseConnection()
+        self.assertEqual(backends.protocols, [])
+        [event] = accessEvents(self.events)
+        self.assertIn("bad PROXY header: v1 bad address", event["reason"])
+        self.assertTrue(event["client"].startswith("127.0.0.1:"))
+
+    @inlineCallbacks
+    def test_plainClientSendV1(self):
+        """
+        Without C{AcceptProxy}, the header sent carries the peer and the
+        proxy's port it connected to.
+        """
+        backends, backendPort = self.backend()
+        app, port = self.app(backendPort, SendProxy="v1")
+        self.serve([app])
+        client = yield connectClient(port)
+        client.transport.write(b"x")
+        target, header, rest = yield self.receivedHeader(backends, 1)
+        mine = client.transport.getHost()
+        self.assertEqual((header.source, header.destination), ((mine.host, mine.port), ("127.0.0.1", port)))
+        self.assertEqual(rest, b"x")
+        client.transport.loseConnection()
+        target.transport.loseConnection()
+        yield self.idle()
+
+    @inlineCallbacks
+    def test_tlsAfterHeader(self):
+        """
+        A TLS app: the header is read first, TLS terminated after it; the
+        v2 header sent carries the SNI name and the TLS version.
+        """
+        backends, backendPort = self.backend()
+        app, port = self.app(
+            backendPort,
+            AcceptProxy={"From": ["127.0.0.1/32"]},
+            SendProxy="v2",
+            TLS={"Certificates": [{"Cert": "alpha.pem", "Key": "alpha.key"}]},
+        )
+        self.serve([app])
+
+        def client() -> bytes:
+            context = ssl.create_default_context(cadata=pki()["ca.pem"].decode("ascii"))
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                raw.sendall(HEADER_V1)
+                with context.wrap_socket(raw, server_hostname=ALPHA) as tls:
+                    tls.sendall(b"over TLS")
+                    return tls.version()
+
+        version = yield deferToThread(client)
+        target, header, rest = yield self.receivedHeader(backends, 8)
+        self.assertEqual(header.source, ("203.0.113.9", 51000))
+        self.assertEqual(header.tlv(PP2_TYPE_AUTHORITY), ALPHA.encode())
+        ssl_ = header.tlv(PP2_TYPE_SSL)
+        self.assertEqual(ssl_[0], 1)  # PP2_CLIENT_SSL
+        self.assertEqual(ssl_[5], PP2_SUBTYPE_SSL_VERSION)
+        self.assertEqual(ssl_[8 : 8 + len(version)], version.encode())
+        self.assertEqual(rest, b"over TLS")
+        target.transport.loseConnection()
+        yield self.idle()
+        [event] = accessEvents(self.events)
+        self.assertEqual(event["client"], "203.0.113.9:51000")
+
+    @inlineCallbacks
+    def test_healthCheckSendsLocal(self):
+        backends, backendPort = self.backend()
+        app, _ = self.app(backendPort, SendProxy="v2", HealthCheck={"Interval": 60})
+        self.serve([app])
+        probe = yield backends.accepted.get()
+        yield probe.readDone
+        probe.transport.loseConnection()
+        self.assertEqual(bytes(probe.data), LOCAL_V2)
+
+    @inlineCallbacks
+    def test_healthCheckV1Unknown(self):
+        backends, backendPort = self.backend()
+        app, _ = self.app(backendPort, SendProxy="v1", HealthCheck={"Interval": 60})
+        self.serve([app])
+        probe = yield backends.accepted.get()
+        yield probe.readDone
+        probe.transport.loseConnection()
+        self.assertEqual(bytes(probe.data), b"PROXY UNKNOWN\r\n")
+
+    @inlineCallbacks
+    def test_reload(self):
+        """
+        A reload that changes C{SendProxy} and C{AcceptProxy} applies to new
+        connections; one open keeps what it started with.
+        """
+        backends, backendPort = self.backend()
+        app, port = self.app(backendPort, SendProxy="v1")
+        self.serve([app])
+        before = yield connectClient(port)
+        before.transport.write(b"1")
+        first, header, _ = yield self.receivedHeader(backends, 1)
+        self.assertEqual(header.version, 1)
+        self.config([{**app, "SendProxy": "v2", "AcceptProxy": {"From": ["127.0.0.1/32"]}}])
+        result = yield self.service.reload()
+        self.assertEqual(result.status, APPLIED)
+        after = yield connectClient(port)
+        after.transport.write(HEADER_V1 + b"2")
+        second, header, rest = yield self.receivedHeader(backends, 1)
+        self.assertEqual((header.version, header.source, rest), (2, ("203.0.113.9", 51000), b"2"))
+        before.transport.write(b"more")
+        yield eventually(lambda: first.data.endswith(b"1more"))
+        for side in (before, after, first, second):
+            side.transport.loseConnection()
+        yield self.idle()
+
+
+class ProxyProtocolFastTests(ProxyProtocolMixin, TestCase):
+    pass
+
+
+class ProxyProtocolTwistedTests(ProxyProtocolMixin, TestCase):
+    engine = "twisted"
