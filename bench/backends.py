@@ -58,12 +58,40 @@ class _Conn:
     client has not taken yet.
     """
 
-    __slots__ = ("sock", "mode", "pending")
+    __slots__ = ("sock", "mode", "pending", "head")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.mode = b""
         self.pending = b""
+        self.head = b""
+
+
+_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+def proxyHeaderLength(data: bytes) -> int | None:
+    """
+    The length of the PROXY protocol header (HAProxy's
+    C{doc/proxy-protocol.txt}, v1 or v2) at the start of C{data}, as a
+    proxy with C{SendProxy} sends it first; 0 if C{data} starts with none,
+    C{None} if it holds only part of one.  Nothing in it is checked: the
+    backends only skip it, to pick their mode by the byte after it.
+    """
+    if data[:1] == b"P":
+        if len(data) < 6:
+            return None if b"PROXY "[: len(data)] == data else 0
+        if data[:6] != b"PROXY ":
+            return 0
+        end = data.find(b"\r\n")
+        return None if end < 0 else end + 2
+    if data[:1] == b"\r":
+        if len(data) < 16:
+            return None if _V2_SIGNATURE[: len(data)] == data[:12] else 0
+        if data[:12] != _V2_SIGNATURE:
+            return 0
+        return 16 + int.from_bytes(data[14:16], "big")
+    return 0
 
 
 class BackendServer:
@@ -173,6 +201,17 @@ class BackendServer:
             self._close(fd)
             return
         data = self._view[:n]
+        if not conn.mode and (conn.head or data[:1] in (b"P", b"\r")):
+            # A PROXY header first (a proxy with SendProxy): skip it.
+            head = conn.head + bytes(data)
+            length = proxyHeaderLength(head)
+            if length is None or len(head) < length:
+                conn.head = head
+                return
+            conn.head = b""
+            data = memoryview(head)[length:]
+            if not data:
+                return
         if not conn.mode:
             conn.mode = bytes(data[:1])
             data = data[1:]

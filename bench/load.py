@@ -48,25 +48,28 @@ class LoadError(Exception):
     """
 
 
-def openConnection(address: Address, mode: bytes, timeout: float = CONNECT_TIMEOUT) -> socket.socket:
+def openConnection(
+    address: Address, mode: bytes, timeout: float = CONNECT_TIMEOUT, preamble: bytes = b""
+) -> socket.socket:
     """
-    Connect to C{address} with C{TCP_NODELAY} and pick the backend's C{mode}.
+    Connect to C{address} with C{TCP_NODELAY} and pick the backend's C{mode},
+    after C{preamble} (a PROXY protocol header, as a balancer sends it).
     """
     sock = socket.create_connection(address, timeout=timeout)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.sendall(mode)
+        sock.sendall(preamble + mode)
     except BaseException:
         sock.close()
         raise
     return sock
 
 
-def _openMany(address: Address, count: int, mode: bytes) -> list[socket.socket]:
+def _openMany(address: Address, count: int, mode: bytes, preamble: bytes = b"") -> list[socket.socket]:
     socks: list[socket.socket] = []
     try:
         for _ in range(count):
-            socks.append(openConnection(address, mode))
+            socks.append(openConnection(address, mode, preamble=preamble))
     except OSError as e:
         closeAll(socks)
         raise LoadError(f"connecting to {address[0]}:{address[1]} failed: {_describe(e)}") from None
@@ -338,17 +341,19 @@ def percentile(ordered: Sequence[float], fraction: float) -> float:
 
 
 def pingPong(
-    address: Address, connections: int, size: int, warmup: float, duration: float
+    address: Address, connections: int, size: int, warmup: float, duration: float, preamble: bytes = b""
 ) -> dict[str, float]:
     """
     Over each of C{connections} connections, send C{size} bytes, wait for
     them to come back, and again, as fast as it goes.
 
+    @param preamble: sent first on each connection (a PROXY header).
+
     @return: requests a second over the window, and the p50, p90, p99 and
         p99.9 round-trip times in microseconds.
     @raise LoadError: a connection broke, or no round trip completed.
     """
-    socks = _openMany(address, connections, ECHO)
+    socks = _openMany(address, connections, ECHO, preamble)
     poller = select.epoll()
     try:
         byFd = {}

@@ -167,11 +167,14 @@ class _ProxyProcess:
 
     @ivar tlsAddress: where the proxy terminates TLS (for the same backend),
         or C{None} if it does not.
+    @ivar proxyProtocolAddress: where the proxy takes a PROXY protocol
+        header and sends one to the same backend, or C{None}.
     """
 
     hasProcess = True
     address: Address | None = None
     tlsAddress: Address | None = None
+    proxyProtocolAddress: Address | None = None
 
     def __init__(self, workdir: str, cpus: frozenset[int] | None) -> None:
         self._workdir = os.path.join(workdir, self.name)
@@ -289,6 +292,8 @@ class TcpProxy(_ProxyProcess):
         shape = "one app, one port, one target; TLS on a second port"
         if self._admin:
             shape += "; Admin on (metrics kept, not scraped during the windows)"
+        if self._speaksProxyProtocol():
+            shape += "; AcceptProxy and SendProxy on a third"
         return f"twistd -n tcpproxy --config ({shape}), from {self._root}"
 
     def environment(self) -> dict[str, str]:
@@ -321,10 +326,30 @@ class TcpProxy(_ProxyProcess):
         }
         if self._admin:
             config["Admin"] = {"Listen": f"{LOOPBACK}:{freePort()}"}
+        if self._speaksProxyProtocol():
+            proxyProtocolPort = freePort()
+            self.proxyProtocolAddress = (LOOPBACK, proxyProtocolPort)
+            config["Apps"].append(
+                {
+                    "Name": "bench-proxy-protocol",
+                    "Ports": [proxyProtocolPort],
+                    "Targets": [f"{backend[0]}:{backend[1]}"],
+                    "AccessLog": False,
+                    "AcceptProxy": {"From": [f"{LOOPBACK}/32"]},
+                    "SendProxy": "v2",
+                }
+            )
         path = os.path.join(self._workdir, "config.json")
         with open(path, "w") as f:
             json.dump(config, f)
         return _twistd("-n", "--pidfile=", "tcpproxy", "--config", path)
+
+    def _speaksProxyProtocol(self) -> bool:
+        """
+        Whether the checkout has the PROXY protocol (a baseline from before
+        it would refuse the keys).
+        """
+        return os.path.exists(os.path.join(self._root, "tcpproxy", "proxyaccept.py"))
 
 
 @implementer(IProxyUnderTest)

@@ -159,6 +159,8 @@ class BenchmarkRun:
             names = [n for n in names if n != "direct"]
         if scenario.needsTLS:
             names = [n for n in names if getattr(self._running.get(n), "tlsAddress", None)]
+        if scenario.needsProxyProtocol:
+            names = [n for n in names if getattr(self._running.get(n), "proxyProtocolAddress", None)]
         measured: dict[str, list[Measurement]] = {name: [] for name in names}
         for rep in range(1, self.repeat + 1):
             shown = []

@@ -73,6 +73,8 @@ RSS_BEFORE = Metric("rssBeforeMiB", "RSS before MiB", False)
 RSS_HELD = Metric("rssHeldMiB", "RSS held MiB", False)
 GROWTH = Metric("growthMiB", "RSS growth MiB", False)
 PUSHED = Metric("pushedMB", "taken MB", False)
+PLAIN_REQ_S = Metric("plainReqS", "without PROXY req/s", True)
+WITH_RATIO = Metric("withPerWithout", "with/without", True)
 
 
 class Scenario:
@@ -89,6 +91,8 @@ class Scenario:
     @cvar needsProcess: only meaningful for a proxy with a process.
     @cvar needsTLS: only meaningful for a proxy that terminates TLS (one
         with a C{tlsAddress}).
+    @cvar needsProxyProtocol: only meaningful for a proxy that takes and
+        sends PROXY headers (one with a C{proxyProtocolAddress}).
     @cvar freshProcess: wants a proxy process started for each measurement.
     @cvar skipped: why the scenario is not run at all, or C{None}.
     """
@@ -101,6 +105,7 @@ class Scenario:
     timed = True
     needsProcess = False
     needsTLS = False
+    needsProxyProtocol = False
     freshProcess = False
     skipped: str | None = None
 
@@ -146,6 +151,46 @@ class PingPong(Scenario):
 
     def measure(self, proxy, budget: Budget) -> dict:
         return load.pingPong(proxy.address, self.connections, self.size, budget.warmup, budget.window)
+
+
+PROXY_HEADER = b"PROXY TCP4 192.0.2.1 127.0.0.1 40000 443\r\n"
+"""
+What the load generator sends first, as a balancer does, where the proxy
+takes a PROXY header.
+"""
+
+
+class PingPongProxyProtocol(Scenario):
+    """
+    L{PingPong} with the PROXY protocol both ways (a v1 header received,
+    C{AcceptProxy}; a v2 header sent to the backend, C{SendProxy}), against
+    the same ping-pong without, on the same proxy in the same repetition:
+    what the header stages cost.
+    """
+
+    size = 64
+    ceiling = False
+    needsProxyProtocol = True
+
+    def __init__(self, connections: int) -> None:
+        self.connections = connections
+        self.name = f"pingpong-{connections}-proxyproto"
+        self.title = (
+            f"{self.size}-byte ping-pong, {connections} connections, with AcceptProxy and SendProxy "
+            "against without (same proxy, same repetition)"
+        )
+        self.metrics = (REQ_S, PLAIN_REQ_S, WITH_RATIO)
+        self.ratioMetrics = (WITH_RATIO.key,)
+
+    def measure(self, proxy, budget: Budget) -> dict:
+        without = load.pingPong(proxy.address, self.connections, self.size, budget.warmup, budget.window)
+        address = proxy.proxyProtocolAddress
+        figures = load.pingPong(
+            address, self.connections, self.size, budget.warmup, budget.window, PROXY_HEADER
+        )
+        figures[PLAIN_REQ_S.key] = without[REQ_S.key]
+        figures[WITH_RATIO.key] = figures[REQ_S.key] / without[REQ_S.key]
+        return figures
 
 
 class ConnectionRate(Scenario):
@@ -337,6 +382,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     Bulk(8, echo=True),
     PingPong(1),
     PingPong(50),
+    PingPongProxyProtocol(50),
     ConnectionRate(1),
     ConnectionRate(20),
     IdleMemory(),
@@ -403,6 +449,7 @@ TARGETS: tuple[Target, ...] = (
     Target("ping-pong 50 conns", "pingpong-50", REQ_S.key, "haproxy", True, 0.8),
     Target("ping-pong 1 conn", "pingpong-1", "p99", "haproxy", False, 1.05),
     Target("connections 20 concurrent", "connrate-20", CONN_S.key, "haproxy", True, 0.8),
+    Target("ping-pong 50 conns, PROXY both ways", "pingpong-50-proxyproto", WITH_RATIO.key, None, True, 0.9),
     Target("memory per idle conn", "idle-memory", KIB_PER_CONN.key, None, False, 3.5),
     Target("backpressure RSS growth", "backpressure", GROWTH.key, None, False, 2.0),
     Target("TLS bulk, 1 conn", "tls", MB_S.key, "haproxy", True, 0.8),

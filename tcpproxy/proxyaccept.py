@@ -119,7 +119,7 @@ class HeaderStage(Protocol):
         self._peer = self.transport.getPeer()
         self._trusted = permitted(getattr(self._peer, "host", ""), settings.trusted, ())
         if not self._trusted and settings.required:
-            self._refuse(REFUSED_UNTRUSTED, "sent from outside AcceptProxy.From")
+            self._refuse(REFUSED_UNTRUSTED, "a PROXY header is required")
             return
         self._waiting = True
         factory.deadlines.add(self, settings.timeout)
@@ -136,12 +136,12 @@ class HeaderStage(Protocol):
             return
         if version == NOT_A_HEADER:
             if self._trusted and self.factory.settings.required:
-                self._refuse(REFUSED_NO_HEADER, "no PROXY header from a peer in AcceptProxy.From")
+                self._refuse(REFUSED_NO_HEADER, "one is required from AcceptProxy.From")
                 return
             self._handOver(self._peer, buffer)
             return
         if not self._trusted:
-            self._refuse(REFUSED_UNTRUSTED, "a PROXY header from outside AcceptProxy.From")
+            self._refuse(REFUSED_UNTRUSTED, "it sent a PROXY header")
             return
         try:
             parsed = parse(buffer)

@@ -10,7 +10,6 @@ Skipped, saying so, where HAProxy is not installed.
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
@@ -102,7 +101,9 @@ class HAProxyInteropTests(TestCase):
             raise SkipTest("HAProxy is not installed (Debian: apt-get install haproxy; .ci/run installs it)")
         self.twistd = Twistd(self)
         echo = echoServer(self)
-        ports = dict(zip(("sendV1", "sendV2", "accepting", "haproxyAccepting", "v1", "v2"), freePorts(6), strict=True))
+        ports = dict(
+            zip(("sendV1", "sendV2", "accepting", "haproxyAccepting", "v1", "v2"), freePorts(6), strict=True)
+        )
         self.ports = ports
         config = self.twistd.writeConfig(
             {
@@ -144,7 +145,9 @@ class HAProxyInteropTests(TestCase):
         self.twistd.start("-n", "--pidfile=", "tcpproxy", "--config", config)
         self.twistd.waitUntilServing(ports["accepting"], ports["v1"], ports["v2"])
         for name in ("sendV1", "sendV2", "haproxyAccepting"):
-            waitUntil(lambda name=name: self._haproxyRunning() and _accepts(ports[name]), f"HAProxy on {name}")
+            waitUntil(
+                lambda name=name: self._haproxyRunning() and _accepts(ports[name]), f"HAProxy on {name}"
+            )
 
     def _haproxyRunning(self) -> bool:
         if self.haproxy.poll() is not None:
@@ -206,8 +209,10 @@ class HAProxyInteropTests(TestCase):
             sock.sendall(b"no header here")
             self.assertEqual(receive(sock, 1), b"")
         waitUntil(
-            lambda: f"{client} -> behind-haproxy:{self.ports['accepting']}: refused (no PROXY header"
-            in self.twistd.stdout(),
+            lambda: (
+                f"{client} -> behind-haproxy:{self.ports['accepting']}: refused (no PROXY header"
+                in self.twistd.stdout()
+            ),
             "the refusal",
         )
 

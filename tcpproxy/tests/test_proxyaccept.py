@@ -197,7 +197,7 @@ class HeaderStageTests(SynchronousTestCase):
         With C{Required}, a peer outside C{From} is refused at once.
         """
         _, transport = self.connect(peer=STRANGER)
-        self.assertRefused(transport, "not in AcceptProxy.From")
+        self.assertRefused(transport, "not in AcceptProxy.From: a PROXY header is required")
         self.assertIn("192.0.2.7", self.events[0]["client"])
 
     def test_untrustedSendsHeader(self) -> None:
@@ -207,7 +207,7 @@ class HeaderStageTests(SynchronousTestCase):
         """
         stage, transport = self.connect(peer=STRANGER, required=False)
         stage.dataReceived(V1)
-        self.assertRefused(transport, "not in AcceptProxy.From")
+        self.assertRefused(transport, "not in AcceptProxy.From: it sent a PROXY header")
 
     def test_untrustedPlain(self) -> None:
         """

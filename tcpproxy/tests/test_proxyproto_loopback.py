@@ -194,6 +194,34 @@ class ProxyProtocolMixin(TLSServiceMixin):
         self.assertEqual(event["client"], "203.0.113.9:51000")
 
     @inlineCallbacks
+    def test_headerBeforeTargetTLS(self):
+        """
+        With C{TargetTLS}, the header goes first on the TCP connection,
+        before the TLS handshake: here to a second app of the proxy that
+        reads it, then terminates TLS.
+        """
+        backends, backendPort = self.backend()
+        inner, innerPort = self.app(
+            backendPort,
+            AcceptProxy={"From": ["127.0.0.1/32"]},
+            TLS={"Certificates": [{"Cert": "alpha.pem", "Key": "alpha.key"}]},
+        )
+        inner["Name"] = "inner"
+        outer, port = self.app(innerPort, SendProxy="v1", TargetTLS={"CA": "ca.pem", "ServerName": ALPHA})
+        self.serve([inner, outer])
+        client = yield connectClient(port)
+        mine = client.transport.getHost()
+        client.transport.write(b"through two")
+        target = yield backends.accepted.get()
+        yield eventually(lambda: bytes(target.data) == b"through two")
+        client.transport.loseConnection()
+        target.transport.loseConnection()
+        yield self.idle()
+        events = {e["app"]: e for e in accessEvents(self.events)}
+        self.assertEqual(events["inner"]["client"], f"{mine.host}:{mine.port}")
+        self.assertEqual(events["pp"]["client"], f"{mine.host}:{mine.port}")
+
+    @inlineCallbacks
     def test_healthCheckSendsLocal(self):
         backends, backendPort = self.backend()
         app, _ = self.app(backendPort, SendProxy="v2", HealthCheck={"Interval": 60})
