@@ -88,7 +88,9 @@ class ProxyServerFactory(Factory):
             self.front = tls.serverFactory(self, self.clock, self.gate, self.counter.refusals)
         if app.acceptProxy is not None:
             # The PROXY header comes first, before TLS (tcpproxy.proxyaccept).
-            self.front = HeaderStageFactory(app.acceptProxy, self.front, self.clock, app.name, self.counter)
+            self.front = HeaderStageFactory(
+                app.acceptProxy, self.front, self.clock, self.logRefusal, self.counter.refusals
+            )
 
     def buildProtocol(self, addr) -> ProxyServerProtocol:
         protocol = ProxyServerProtocol()

@@ -40,20 +40,29 @@ The rules (the C{AcceptProxy} key, L{tcpproxy.config.AcceptProxyConfig}):
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable
+
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocolFactory, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tcpproxy import access
 from tcpproxy.config import AcceptProxyConfig
+from tcpproxy.connid import newConnectionId
 from tcpproxy.deadlines import Deadlines, IExpiring
 from tcpproxy.describe import describeAddress
 from tcpproxy.limits import permitted
 from tcpproxy.proxyproto import NOT_A_HEADER, ProxyHeader, ProxyHeaderError, detect, parse
 
-# Why a client was refused by the header stage, as logged and counted.
+REFUSED_PROXY_HEADER = "proxy_header"
+"""
+What every refusal of the header stage is counted as, in the app's
+refusals (the C{reason} label of C{tcpproxy_refused_total}).
+"""
+
+# Why a client was refused by the header stage, as logged.
 REFUSED_NO_HEADER = "no PROXY header"
 REFUSED_UNTRUSTED = "not in AcceptProxy.From"
 REFUSED_BAD_HEADER = "bad PROXY header"
@@ -244,25 +253,26 @@ class HeaderStageFactory(Factory):
         settings: AcceptProxyConfig,
         wrappedFactory: IProtocolFactory,
         clock: IReactorTime,
-        appName: str,
-        counter=None,
+        logRefusal: Callable[[str, int, str, str], None],
+        refusals: Counter[str] | None = None,
     ) -> None:
         """
-        @param counter: the app's L{tcpproxy.limits.ConnectionCounter},
-            whose refusals are counted by reason.
+        @param logRefusal: writes the access record of a refused client:
+            called with its address, the port, the reason and a connection
+            id (the app's L{tcpproxy.app.ProxyServerFactory.logRefusal}).
+        @param refusals: the app's refusals by reason, counted into.
         """
         self.settings = settings
         self.wrappedFactory = wrappedFactory
         self.deadlines = Deadlines(clock)
-        self.appName = appName
-        self.counter = counter
+        self._logRefusal = logRefusal
+        self.refusals = refusals
 
     def refused(self, client: str, port: int, reason: str, detail: str) -> None:
         """
-        Log (and count) a peer the stage closed.
+        Log (and count) a peer the stage closed; it gets a connection id of
+        its own (one the stage let through gets its id where it is served).
         """
-        refusals = {}
-        if self.counter is not None:
-            self.counter.refusals[reason] += 1
-            refusals = self.counter.refusals
-        access.logRefusal(self.appName, client, port, f"{reason}: {detail}", refusals)
+        if self.refusals is not None:
+            self.refusals[REFUSED_PROXY_HEADER] += 1
+        self._logRefusal(client, port, f"{reason}: {detail}", newConnectionId())

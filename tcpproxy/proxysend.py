@@ -53,13 +53,12 @@ from tcpproxy.proxyproto import (
 
 def connectionId(relay) -> bytes | None:
     """
-    The connection id sent as C{PP2_TYPE_UNIQUE_ID}.
-
-    HOOK: the per-connection id of the observability issue (13) has not
-    landed; when it does, return it here (ASCII, at most 128 bytes).  Until
-    then only an id received in a C{AcceptProxy} header is passed on.
+    The connection id sent as C{PP2_TYPE_UNIQUE_ID}: the one every log line
+    of the connection starts with (L{tcpproxy.connid}), so a target's log
+    and the proxy's can be matched.
     """
-    return None
+    ident = getattr(relay, "connectionId", None)
+    return ident.encode("ascii", "replace") if ident else None
 
 
 def headerFor(relay, version: int) -> bytes:
@@ -89,6 +88,8 @@ def headerFor(relay, version: int) -> bytes:
     def passOn(kind: int) -> bytes | None:
         return None if received is None else received.tlv(kind)
 
+    # Ours first (a target matches its log with the proxy's); a balancer's
+    # id received only where the connection has none of its own.
     unique = connectionId(relay) or passOn(PP2_TYPE_UNIQUE_ID)
     if unique:
         tlvs.append((PP2_TYPE_UNIQUE_ID, unique[:UNIQUE_ID_MAX]))

@@ -19,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from tcpproxy import access
 from tcpproxy.config import AcceptProxyConfig
 from tcpproxy.deadlines import IExpiring
 from tcpproxy.limits import ConnectionCounter
@@ -76,7 +77,10 @@ class HeaderStageTests(SynchronousTestCase):
 
     def connect(self, peer=BALANCER, required=True, timeout=3.0) -> tuple[HeaderStage, StringTransport]:
         settings = AcceptProxyConfig((ipaddress.ip_network("10.0.0.0/8"),), required, timeout)
-        factory = HeaderStageFactory(settings, self.app, self.clock, "web", self.counter)
+        def logRefusal(client: str, port: int, reason: str, connectionId: str) -> None:
+            access.logRefusal("web", client, port, reason, self.counter.refusals, connectionId)
+
+        factory = HeaderStageFactory(settings, self.app, self.clock, logRefusal, self.counter.refusals)
         stage = factory.buildProtocol(peer)
         transport = StringTransport(peerAddress=peer, hostAddress=IPv4Address("TCP", "10.0.0.1", 443))
         stage.makeConnection(transport)
@@ -88,7 +92,7 @@ class HeaderStageTests(SynchronousTestCase):
         self.assertEqual(len(self.events), 1, self.events)
         event = self.events[0]
         self.assertIn(reason, event["reason"])
-        self.assertEqual(self.counter.refusals[reason.split(":")[0]], 1)
+        self.assertEqual(self.counter.refusals, {"proxy_header": 1})
 
     def test_interfaces(self) -> None:
         stage, _ = self.connect()

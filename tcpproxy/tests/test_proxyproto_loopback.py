@@ -11,9 +11,11 @@ from __future__ import annotations
 import socket
 import ssl
 
+from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.error import CannotListenError
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from tcpproxy.applying import APPLIED
 from tcpproxy.proxyproto import (
@@ -21,6 +23,7 @@ from tcpproxy.proxyproto import (
     PP2_SUBTYPE_SSL_VERSION,
     PP2_TYPE_AUTHORITY,
     PP2_TYPE_SSL,
+    PP2_TYPE_UNIQUE_ID,
     encodeV2,
     parse,
 )
@@ -84,6 +87,8 @@ class ProxyProtocolMixin(TLSServiceMixin):
         [event] = accessEvents(self.events)
         self.assertEqual(event["client"], "203.0.113.9:51000")
         self.assertEqual(event["bytesIn"], 5)
+        # The connection id the proxy logs it with, for the target's log.
+        self.assertEqual(header.tlv(PP2_TYPE_UNIQUE_ID), event["connectionId"].encode())
 
     @inlineCallbacks
     def test_splitHeaderV1Sent(self):
@@ -152,6 +157,63 @@ class ProxyProtocolMixin(TLSServiceMixin):
         mine = client.transport.getHost()
         self.assertEqual((header.source, header.destination), ((mine.host, mine.port), ("127.0.0.1", port)))
         self.assertEqual(rest, b"x")
+        client.transport.loseConnection()
+        target.transport.loseConnection()
+        yield self.idle()
+
+    def ipv6Backend(self) -> tuple[CollectorFactory, int]:
+        if not socket.has_ipv6:
+            raise SkipTest("no IPv6 here")
+        backends = CollectorFactory()
+        try:
+            listening = reactor.listenTCP(0, backends, interface="::1")
+        except CannotListenError:
+            raise SkipTest("cannot listen on ::1 here") from None
+        self.addCleanup(listening.stopListening)
+        return backends, listening.getHost().port
+
+    @inlineCallbacks
+    def test_ipv4ClientIPv6Target(self):
+        """
+        A client and a target of different families: the header describes
+        the client's side (TCP4), whatever the target's family.
+        """
+        backends, backendPort = self.ipv6Backend()
+        port = deadPort()
+        self.serve([{"Name": "pp", "Ports": [port], "Targets": [f"[::1]:{backendPort}"], "SendProxy": "v1"}])
+        client = yield connectClient(port)
+        mine = client.transport.getHost()
+        client.transport.write(b"x")
+        target, header, rest = yield self.receivedHeader(backends, 1)
+        self.assertEqual(
+            bytes(target.data), f"PROXY TCP4 127.0.0.1 127.0.0.1 {mine.port} {port}\r\nx".encode()
+        )
+        client.transport.loseConnection()
+        target.transport.loseConnection()
+        yield self.idle()
+
+    @inlineCallbacks
+    def test_ipv6Client(self):
+        """
+        An IPv6 client (from its v2 header) sent on in v1 to an IPv6 target.
+        """
+        backends, backendPort = self.ipv6Backend()
+        port = deadPort()
+        app = {
+            "Name": "pp",
+            "Ports": [port],
+            "Targets": [f"[::1]:{backendPort}"],
+            "AcceptProxy": {"From": ["127.0.0.1/32"]},
+            "SendProxy": "v1",
+        }
+        self.serve([app])
+        client = yield connectClient(port)
+        client.transport.write(encodeV2(("2001:db8::7", 7000), ("2001:db8::1", 443)) + b"six")
+        target, header, rest = yield self.receivedHeader(backends, 3)
+        self.assertEqual(
+            bytes(target.data[: target.data.index(b"\r\n")]), b"PROXY TCP6 2001:db8::7 2001:db8::1 7000 443"
+        )
+        self.assertEqual(rest, b"six")
         client.transport.loseConnection()
         target.transport.loseConnection()
         yield self.idle()

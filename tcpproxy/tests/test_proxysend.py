@@ -122,6 +122,19 @@ class HeaderForTests(SynchronousTestCase):
         self.assertIn(b"TLSv1.3", header.tlv(PP2_TYPE_SSL))
         self.assertIsNone(header.tlv(PP2_TYPE_UNIQUE_ID))
 
+    def test_connectionId(self) -> None:
+        """
+        A relay's connection id goes as C{PP2_TYPE_UNIQUE_ID}, before one
+        received.
+        """
+        received = ProxyHeader(
+            2, False, ("198.51.100.7", 1234), ("203.0.113.1", 443), ((PP2_TYPE_UNIQUE_ID, b"lb"),)
+        )
+        relay = Relay(CLIENT, PORT, ProxiedAddress(CLIENT, received, CLIENT))
+        relay.connectionId = "k3x9-17"
+        header, _ = parse(headerFor(relay, 2))
+        self.assertEqual(header.tlv(PP2_TYPE_UNIQUE_ID), b"k3x9-17")
+
     def test_passedOn(self) -> None:
         """
         A header received gives the client and destination, and its TLVs
