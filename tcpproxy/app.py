@@ -117,7 +117,7 @@ class ProxyServerFactory(Factory):
         if refused is None:
             if self.gate is not None:
                 self.gate.connectionOpened()
-            if app.accessLogInterval:
+            if app.accessLogInterval and app.accessLog:
                 self.interim.start(app.accessLogInterval)
         return refused
 

@@ -335,10 +335,12 @@ class IntervalTests(_AppMixin, SynchronousTestCase):
 
     def test_accessLogOff(self):
         """
-        With C{"AccessLog": false}, no interim record is written either.
+        With C{"AccessLog": false}, no interim record is written either, and
+        no timer is set for them.
         """
-        self.serve(accessLogInterval=1.0, accessLog=False)
+        self.serve(accessLogInterval=1.0, accessLog=False, idleTimeout=0)
         self.relayed()
+        self.assertEqual(self.clock.getDelayedCalls(), [])  # no timer for nothing
         self.clock.pump([0.25] * 20)
         self.assertEqual(self.events, [])
 
