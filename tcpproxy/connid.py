@@ -42,6 +42,11 @@ Crockford's base 32 (U{https://www.crockford.com/base32.html}).
 
 TAG_LENGTH = 16
 
+PATTERN = "^[0-9A-HJKMNP-TV-Z]{16}-[1-9a-f][0-9a-f]*$"
+"""
+A regular expression that matches a connection id, whole.
+"""
+
 
 def _base32(value: int, length: int) -> str:
     digits = []

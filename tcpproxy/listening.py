@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
+from tcpproxy.connid import newConnectionId
 from tcpproxy.describe import hostPort
 
 BACKLOG = 1024
@@ -219,7 +220,8 @@ class SocketPort:
         logged is the one being handled.
         """
         self.log.failure(
-            "port {port}: serving client {client} failed; closed it",
+            "[{connectionId}] port {port}: serving client {client} failed; closed it",
+            connectionId=newConnectionId(),
             port=self.getHost().port,
             client=hostPort(str(address[0]), address[1]) if isinstance(address, tuple) else str(address),
         )
@@ -243,7 +245,8 @@ class SocketPort:
             self._shedSince += 1
             return
         self.log.warn(
-            "cannot accept a client on port {port}: {code} ({reason}); closed {client}",
+            "[{connectionId}] cannot accept a client on port {port}: {code} ({reason}); closed {client}",
+            connectionId=newConnectionId(),
             port=self.getHost().port,
             code=errno.errorcode.get(error.errno, error.errno),
             reason=error.strerror,

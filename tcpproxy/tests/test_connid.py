@@ -143,4 +143,4 @@ class LinesTests(_ClientMixin, SynchronousTestCase):
             f"[{second.connectionId}] 127.0.0.1:40000 -> web:5001: refused (MaxConnections)",
         )
         self.assertTrue(formatEvent(record).startswith(f"[{first.connectionId}] 127.0.0.1:40000 -> web:5001"))
-        self.assertRegex(first.connectionId, "^[0-9A-HJKMNP-TV-Z]{16}-[0-9a-f]+$")
+        self.assertRegex(first.connectionId, connid.PATTERN)

@@ -12,8 +12,10 @@ import os
 import socket
 
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
+from tcpproxy.connid import PATTERN as CONNECTION_ID
 from tcpproxy.listening import SocketPort, bindTCP
 from tcpproxy.tests.loopback import captureEvents
 
@@ -68,6 +70,12 @@ class ClientFailureTests(SynchronousTestCase):
             sock.close()
         [event] = events
         self.assertEqual(event["client"], f"127.0.0.1:{first.getsockname()[1]}")
+        self.assertEqual(
+            formatEvent(event),
+            f"[{event['connectionId']}] port {port.getHost().port}: serving client {event['client']} failed; "
+            "closed it",
+        )
+        self.assertRegex(event["connectionId"], CONNECTION_ID)
         self.assertEqual(event["log_level"].name, "critical")
         self.assertIsInstance(event["log_failure"].value, UnicodeError)
         self.flushLoggedErrors(UnicodeError)
@@ -190,6 +198,10 @@ class SocketPortTests(SynchronousTestCase):
         [event] = events
         self.assertEqual(event["code"], "EMFILE")
         self.assertEqual(event["client"], f"127.0.0.1:{refused.getsockname()[1]}")
+        self.assertRegex(event["connectionId"], CONNECTION_ID)
+        self.assertTrue(
+            formatEvent(event).startswith(f"[{event['connectionId']}] cannot accept a client on port "), event
+        )
         self.assertEqual(event["log_level"].name, "warn")
         self.connect()
         port.doRead()

@@ -40,6 +40,7 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import formatEvent
 from twisted.names import dns
 from twisted.names.error import DNSServerError
 from twisted.python.failure import Failure
@@ -177,6 +178,11 @@ class TwistedEngineAdoptTests(SynchronousTestCase):
         _, events = self.adopt(errno.EMFILE)
         [event] = events
         self.assertEqual((event["code"], event["client"]), ("EMFILE", "127.0.0.1:40000"))
+        self.assertEqual(
+            formatEvent(event),
+            f"[{event['connectionId']}] cannot serve client 127.0.0.1:40000: EMFILE (Too many open files); "
+            "closed it",
+        )
         self.assertEqual(event["log_level"].name, "warn")
 
     def test_clientGone(self) -> None:

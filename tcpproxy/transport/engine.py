@@ -36,6 +36,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
+from tcpproxy.connid import newConnectionId
 from tcpproxy.deadlines import Deadlines
 from tcpproxy.describe import hostPort
 from tcpproxy.resolve import NameResolver
@@ -144,7 +145,8 @@ class TwistedEngine(_EngineReactor):
             # where accept did not.  Any other error: the client is gone.
             if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                 self.log.warn(
-                    "cannot serve client {client}: {code} ({reason}); closed it",
+                    "[{connectionId}] cannot serve client {client}: {code} ({reason}); closed it",
+                    connectionId=newConnectionId(),
                     client=hostPort(str(address[0]), address[1]),
                     code=errno.errorcode.get(e.errno, e.errno),
                     reason=e.strerror,
