@@ -89,7 +89,7 @@ class ProxyServerFactory(Factory):
         if app.acceptProxy is not None:
             # The PROXY header comes first, before TLS (tcpproxy.proxyaccept).
             self.front = HeaderStageFactory(
-                app.acceptProxy, self.front, self.clock, self.logRefusal, self.counter.refusals
+                app.acceptProxy, self.front, self.clock, self.logRefusal, self.counter.refusals, self.gate
             )
 
     def buildProtocol(self, addr) -> ProxyServerProtocol:

@@ -132,6 +132,9 @@ class HeaderStage(Protocol):
             return
         self._waiting = True
         factory.deadlines.add(self, settings.timeout)
+        if factory.acceptGate is not None:
+            # It holds a descriptor while it waits, as a TLS handshake does.
+            factory.acceptGate.connectionOpened()
 
     def dataReceived(self, data: bytes) -> None:
         # Called only until the header is read: then an attribute of this
@@ -188,6 +191,11 @@ class HeaderStage(Protocol):
         if self._waiting:
             self._waiting = False
             self.factory.deadlines.remove(self, self.factory.settings.timeout)
+            self._leaveGate()
+
+    def _leaveGate(self) -> None:
+        if self.factory.acceptGate is not None:
+            self.factory.acceptGate.connectionClosed()
 
     def _refuse(self, reason: str, detail: str) -> None:
         """
@@ -204,6 +212,7 @@ class HeaderStage(Protocol):
         No complete header within C{Timeout} seconds.
         """
         self._waiting = False
+        self._leaveGate()
         settings = self.factory.settings
         if not settings.required and detect(self._buffer) is None:
             # Too few bytes to tell a header from data: a plain client.
@@ -255,18 +264,25 @@ class HeaderStageFactory(Factory):
         clock: IReactorTime,
         logRefusal: Callable[[str, int, str, str], None],
         refusals: Counter[str] | None = None,
+        acceptGate=None,
     ) -> None:
         """
         @param logRefusal: writes the access record of a refused client:
             called with its address, the port, the reason and a connection
             id (the app's L{tcpproxy.app.ProxyServerFactory.logRefusal}).
         @param refusals: the app's refusals by reason, counted into.
+        @param acceptGate: the proxy-wide L{tcpproxy.limits.AcceptGate}, if
+            any: a connection whose header is awaited holds a descriptor,
+            and counts there until it is handed on (where the app, or its
+            TLS handshake, counts it) or closed, so that slow headers do not
+            let the proxy accept past its limits.
         """
         self.settings = settings
         self.wrappedFactory = wrappedFactory
         self.deadlines = Deadlines(clock)
         self._logRefusal = logRefusal
         self.refusals = refusals
+        self.acceptGate = acceptGate
 
     def refused(self, client: str, port: int, reason: str, detail: str) -> None:
         """

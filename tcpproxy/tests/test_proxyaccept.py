@@ -68,8 +68,24 @@ class AppFactory(Factory):
         return protocol
 
 
+class CountingGate:
+    """
+    Stands for the proxy-wide L{tcpproxy.limits.AcceptGate}.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def connectionOpened(self) -> None:
+        self.count += 1
+
+    def connectionClosed(self) -> None:
+        self.count -= 1
+
+
 class HeaderStageTests(SynchronousTestCase):
     def setUp(self) -> None:
+        self.gate = CountingGate()
         self.clock = Clock()
         self.app = AppFactory()
         self.counter = ConnectionCounter()
@@ -77,10 +93,13 @@ class HeaderStageTests(SynchronousTestCase):
 
     def connect(self, peer=BALANCER, required=True, timeout=3.0) -> tuple[HeaderStage, StringTransport]:
         settings = AcceptProxyConfig((ipaddress.ip_network("10.0.0.0/8"),), required, timeout)
+
         def logRefusal(client: str, port: int, reason: str, connectionId: str) -> None:
             access.logRefusal("web", client, port, reason, self.counter.refusals, connectionId)
 
-        factory = HeaderStageFactory(settings, self.app, self.clock, logRefusal, self.counter.refusals)
+        factory = HeaderStageFactory(
+            settings, self.app, self.clock, logRefusal, self.counter.refusals, self.gate
+        )
         stage = factory.buildProtocol(peer)
         transport = StringTransport(peerAddress=peer, hostAddress=IPv4Address("TCP", "10.0.0.1", 443))
         stage.makeConnection(transport)
@@ -265,3 +284,29 @@ class HeaderStageTests(SynchronousTestCase):
         stage.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(self.app.built, [])
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_acceptGate(self) -> None:
+        """
+        A connection whose header is awaited counts in the proxy-wide gate
+        (it holds a descriptor), until it is handed on, refused, timed out
+        or gone.
+        """
+        stage, _ = self.connect()
+        self.assertEqual(self.gate.count, 1)
+        stage.dataReceived(V1)
+        self.assertEqual(self.gate.count, 0)
+        stage, _ = self.connect()
+        stage.dataReceived(b"GET /")
+        self.assertEqual(self.gate.count, 0)
+        self.connect()
+        self.assertEqual(self.gate.count, 1)
+        self.clock.advance(3)
+        self.assertEqual(self.gate.count, 0)
+        stage, _ = self.connect()
+        stage.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.gate.count, 0)
+        self.connect(peer=STRANGER)
+        self.assertEqual(self.gate.count, 0)
+        stage, _ = self.connect(required=False, timeout=1.0)
+        self.clock.advance(1)
+        self.assertEqual(self.gate.count, 0)

@@ -87,6 +87,7 @@ class ProxyProtocolMixin(TLSServiceMixin):
         [event] = accessEvents(self.events)
         self.assertEqual(event["client"], "203.0.113.9:51000")
         self.assertEqual(event["bytesIn"], 5)
+        self.assertEqual(self.service.gate.count, 0)
         # The connection id the proxy logs it with, for the target's log.
         self.assertEqual(header.tlv(PP2_TYPE_UNIQUE_ID), event["connectionId"].encode())
 
@@ -140,6 +141,7 @@ class ProxyProtocolMixin(TLSServiceMixin):
         self.assertEqual(backends.protocols, [])
         [event] = accessEvents(self.events)
         self.assertIn("bad PROXY header: v1 bad address", event["reason"])
+        self.assertEqual(self.service.gate.count, 0)
         self.assertTrue(event["client"].startswith("127.0.0.1:"))
 
     @inlineCallbacks
