@@ -624,12 +624,23 @@ class TLSClientEndpoint:
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred:
         connecting: Deferred | None = None
+        gates: _ClientGateFactory | None = None
 
         def cancel(result: Deferred) -> None:
             if connecting is not None and not connecting.called:
                 connecting.cancel()
-            elif gates.gate is not None and gates.gate.transport is not None:
+            elif gates is not None and gates.gate is not None and gates.gate.transport is not None:
                 gates.gate.transport.abortConnection()
+
+        def release(outcome: object) -> object:
+            # The attempt is over: undo the links that would keep it (and
+            # its TLS layer, through the gate) in cycles, so that it is freed
+            # by reference counting.
+            nonlocal connecting, gates
+            if gates is not None:
+                gates.gate = None
+            connecting = gates = None
+            return outcome
 
         result: Deferred = Deferred(cancel)
         gates = _ClientGateFactory(protocolFactory, self.clock, result)
@@ -642,7 +653,10 @@ class TLSClientEndpoint:
             if not result.called:
                 result.errback(reason)
 
-        connecting.addErrback(failed)
+        # Connected, the TLS layer is not kept as the result: the gate's
+        # result is the one that counts.
+        connecting.addCallbacks(lambda layer: None, failed)
+        result.addBoth(release)
         return result
 
 
@@ -889,14 +903,19 @@ class TLSCloser:
         self._transport = transport
         self._clock = clock
         self._timeout = timeout
-        self._activity = activity if activity is not None else (lambda: self.unsent(transport))
+        # (No closure over self for the default: the closer would be a
+        # cycle, left to the cyclic garbage collector.)
+        self._activity = activity
         self._call = None
         if resume:
             transport.resumeProducing()
         transport.loseConnection()
         if transport.connected:
-            self._last = self._activity()
+            self._last = self._sign()
             self._call = clock.callLater(timeout, self._check)
+
+    def _sign(self) -> object:
+        return self._activity() if self._activity is not None else self.unsent(self._transport)
 
     @staticmethod
     def unsent(transport) -> int:
@@ -911,7 +930,7 @@ class TLSCloser:
         self._call = None
         if not self._transport.connected:
             return
-        now = self._activity()
+        now = self._sign()
         if now != self._last:
             self._last = now
             self._call = self._clock.callLater(self._timeout, self._check)

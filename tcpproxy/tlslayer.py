@@ -251,7 +251,10 @@ class TLSLayer(Protocol):
         self._reason = None
         self.connected = 0
         self._tls = None  # (its app data is this layer: no cycle left)
-        self.wrappedProtocol.connectionLost(reason)
+        protocol, self.wrappedProtocol = self.wrappedProtocol, None
+        # (Dropped, as Twisted's transports drop theirs: the protocol refers
+        # back to this layer, and the pair is freed by reference counting.)
+        protocol.connectionLost(reason)
 
     # TLS errors and shutdown
 
@@ -392,7 +395,7 @@ class TLSLayer(Protocol):
             self.factory.clock.callLater(0, self._writeConnectionLost)
 
     def _writeConnectionLost(self) -> None:
-        if self.connected:
+        if self.connected and self.wrappedProtocol is not None:
             self.wrappedProtocol.writeConnectionLost()
 
     def loseConnection(self) -> None:

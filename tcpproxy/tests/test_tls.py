@@ -10,6 +10,7 @@ which Python's C{ssl} module runs in a thread with a bounded timeout.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import socket
@@ -1417,6 +1418,44 @@ class CloseNotifyTests(TLSServiceMixin, TestCase):
         self.assertEqual(target.events, ["data", "close_notify"])
         yield self.idle()
         self.assertDone(7, 16)
+
+    @inlineCallbacks
+    def test_freedWithoutTheGarbageCollector(self):
+        """
+        A connection with TLS on both sides that has ended is freed by
+        reference counting: no cycle through the TLS layers or their
+        OpenSSL connections is left for the cyclic garbage collector.
+        """
+        from twisted.internet.task import deferLater
+
+        from tcpproxy.relay import ProxyClientProtocol, ProxyServerProtocol
+        from tcpproxy.tlslayer import TLSLayer
+
+        backend = _HandTLSFactory()
+        app, port = self.terminating([listen(self, backend)])
+        app["TargetTLS"] = {"Verify": False}
+        self.serve([app])
+        gc.collect()
+        gc.disable()
+        self.addCleanup(gc.enable)
+        for _ in range(3):
+            client = HandTLS(clientContext(), serverName=ALPHA)
+            yield connectClient(port, client)
+            yield client.handshake
+            client.send(b"request")
+            client.closeNotify()
+            yield client.done
+            yield self.idle()
+        yield deferLater(reactor, 0, lambda: None)
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            gc.collect()
+            ours = (ProxyServerProtocol, ProxyClientProtocol, TLSLayer)
+            left = sorted(type(o).__name__ for o in gc.garbage if isinstance(o, ours))
+        finally:
+            gc.set_debug(0)
+            del gc.garbage[:]
+        self.assertEqual(left, [])
 
     @inlineCallbacks
     def test_tls12ClientAnswersAtOnce(self):
