@@ -206,6 +206,12 @@ class AdminResource(Resource):
         # own Twisted resource runs it in a thread of the pool, which would
         # read the proxy's counters while the reactor changes them.
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return self.metricsText()
+
+    def metricsText(self) -> bytes:
+        """
+        The C{/metrics} page: Prometheus' text format.
+        """
         return generate_latest(self.registry)
 
     def _status(self, request) -> bytes:
@@ -272,6 +278,11 @@ class AdminServer:
     @ivar port: the L{IListeningPort}, while listening.
     """
 
+    resourceFactory = AdminResource
+    """
+    What serves the pages: given the service and C{Allow}.
+    """
+
     def __init__(self, service: ProxyService, reactor) -> None:
         self.service = service
         self.reactor = reactor
@@ -305,7 +316,7 @@ class AdminServer:
         self._socket = None
 
     def _listen(self, config: AdminConfig, sock: socket.socket) -> None:
-        self.resource = AdminResource(self.service, config.allow)
+        self.resource = self.resourceFactory(self.service, config.allow)
         site = _AdminSite(self.resource)
         family = socket.AF_INET6 if isIPv6Address(config.host) else socket.AF_INET
         try:

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 
 from tcpproxy.app import ProxyServerFactory, updateApp
-from tcpproxy.config import ConfigError, ProxyConfig, loadConfig
+from tcpproxy.config import ConfigError, ProxyConfig
 from tcpproxy.describe import quoted
-from tcpproxy.listening import ListenError, SocketPort, bindAll
+from tcpproxy.listening import ListenError, SocketPort
 from tcpproxy.reload import ReloadPlan, planReload, withoutPorts
 from tcpproxy.tls import loadAppTLS
 
@@ -103,7 +103,7 @@ class Reloader:
         try:
             # One validator for start-up and reload; applying can refuse too
             # (a TLS file of a changed app), before anything has changed.
-            return self.apply(loadConfig(service.configPath))
+            return self.apply(service.readConfig())
         except ConfigError as e:
             service.log.error(
                 "reload refused, nothing changed: {error}",
@@ -159,7 +159,7 @@ class Reloader:
         bound: dict[int, socket.socket] = {}
         for port, name in plan.addedPorts:
             try:
-                [bound[port]] = bindAll([(owner(name), address, port)])
+                [bound[port]] = service.bindListeners([(owner(name), address, port)])
             except ListenError as e:
                 errors.append(str(e))
         failed = {port for port, _ in plan.addedPorts} - set(bound)
@@ -250,7 +250,7 @@ class Reloader:
         old, new = plan.bindAddress
         kept = [(app.name, port) for app, port in plan.new.listeners() if port in service.listeningPorts]
         try:
-            sockets = bindAll([(owner(name), new, port) for name, port in kept])
+            sockets = service.bindListeners([(owner(name), new, port) for name, port in kept])
         except ListenError as e:
             hint = ""
             # bindAll raised from the OSError, which is kept as the context.

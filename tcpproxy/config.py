@@ -60,7 +60,7 @@ IPV4 = "ipv4"
 IPV6 = "ipv6"
 HOSTNAME = "hostname"
 
-_TOP_KEYS = ("Apps", "BindAddress", "DrainTimeout", "Defaults", "MaxConnections", "Admin")
+_TOP_KEYS = ("Apps", "BindAddress", "DrainTimeout", "Defaults", "MaxConnections", "Admin", "Workers")
 _ADMIN_KEYS = ("Listen", "Allow")
 _APP_KEYS = (
     "Name",
@@ -331,6 +331,7 @@ class ProxyConfig:
     source: str = "<config>"
     maxConnections: int | None = None
     admin: AdminConfig | None = None
+    workers: int = 1
 
     def listeners(self) -> list[tuple[AppConfig, int]]:
         """
@@ -948,10 +949,43 @@ def parseConfig(document: object, source: str = "<config>") -> ProxyConfig:
         maxConnections = _count(where, "MaxConnections", document["MaxConnections"])
 
     admin = _parseAdmin(where, document["Admin"]) if document.get("Admin") is not None else None
+    workers = parseWorkers(document["Workers"], where) if "Workers" in document else 1
 
     return ProxyConfig(
-        tuple(apps), bindAddress or DEFAULT_BIND_ADDRESS, drainTimeout, source, maxConnections, admin
+        tuple(apps), bindAddress or DEFAULT_BIND_ADDRESS, drainTimeout, source, maxConnections, admin, workers
     )
+
+
+MAX_WORKERS = 256
+"""
+Worker processes at most: far above any core count a proxy runs on, low
+enough that a typo (C{1000}) is refused rather than forking a thousand
+processes.
+"""
+
+
+def parseWorkers(value: object, where: _Where | None = None) -> int:
+    """
+    The C{"Workers"} key (or C{--workers}): a whole number of worker
+    processes, or C{"auto"} for one per CPU this process may run on
+    (C{os.sched_getaffinity}, as nginx's C{worker_processes auto}).
+
+    @raise ConfigError: naming the file and the key (or the option, when
+        C{where} is C{None}).
+    """
+    if value == "auto":
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # not Linux
+            return os.cpu_count() or 1
+    if isinstance(value, str) and where is None and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        message = f'{_show(value)} is not a whole number from 1 to {MAX_WORKERS}, or "auto"'
+        if where is None:
+            raise ConfigError(f"--workers: {message}")
+        raise where.error("Workers", message)
+    return value
 
 
 def _parseAdmin(where: _Where, value: object) -> AdminConfig:
@@ -1036,11 +1070,30 @@ def loadConfig(path: str) -> ProxyConfig:
 
     @raise ConfigError: if the file cannot be read, is not JSON, or is refused.
     """
+    return parseConfigBytes(readConfigBytes(path), path)
+
+
+def readConfigBytes(path: str) -> bytes:
+    """
+    The bytes of the configuration file at C{path}.
+
+    @raise ConfigError: if the file cannot be read.
+    """
     try:
         with open(path, "rb") as f:
-            raw = f.read()
+            return f.read()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the configuration file: {e.strerror or e}") from None
+
+
+def parseConfigBytes(raw: bytes, path: str) -> ProxyConfig:
+    """
+    Decode and validate the bytes of a configuration file read from C{path}
+    (L{loadConfig} without the reading: the workers of C{--workers} get
+    the very bytes their main process checked).
+
+    @raise ConfigError: if the bytes are not JSON, or are refused.
+    """
     bom = 3 if raw.startswith(codecs.BOM_UTF8) else 0
     try:
         text = raw[bom:].decode("utf-8")

@@ -21,7 +21,7 @@ from zope.interface import implementer
 from tcpproxy.admin import AdminServer
 from tcpproxy.app import ProxyServerFactory, buildApp
 from tcpproxy.applying import Reloader, ReloadResult, owner
-from tcpproxy.config import AppConfig, ProxyConfig
+from tcpproxy.config import AppConfig, ProxyConfig, loadConfig
 from tcpproxy.describe import quoted
 from tcpproxy.dialer import endpointForTarget
 from tcpproxy.health import HealthChecker
@@ -172,13 +172,32 @@ class ProxyService(Service):
         listeners = self.config.listeners()
         address = self.config.bindAddress
         source = self.config.source
-        sockets = bindAll([(f"{source}: {owner(app.name)}", address, port) for app, port in listeners])
+        wanted = [(f"{source}: {owner(app.name)}", address, port) for app, port in listeners]
+        sockets = self.bindListeners(wanted)
         self._sockets = {port: sock for (app, port), sock in zip(listeners, sockets, strict=True)}
         try:
             self.admin.bind(self.config.admin)
         except BaseException:
             self.unbind()
             raise
+
+    def bindListeners(self, wanted: list[tuple[str, str, int]]) -> list[socket.socket]:
+        """
+        The listening sockets for C{(owner, address, port)}, all or none:
+        bound here (L{bindAll}); a worker process takes those its main
+        process bound (L{tcpproxy.worker}).
+
+        @raise ListenError: as L{bindAll}.
+        """
+        return bindAll(wanted)
+
+    def readConfig(self) -> ProxyConfig:
+        """
+        Read L{configPath} for a reload (L{tcpproxy.applying.Reloader}).
+
+        @raise ConfigError: the file is refused.
+        """
+        return loadConfig(self.configPath)
 
     def unbind(self) -> None:
         """

@@ -16,7 +16,7 @@ import sys
 from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
-from tcpproxy.config import ConfigError, loadConfig, parseTarget
+from tcpproxy.config import ConfigError, parseConfigBytes, parseTarget, parseWorkers, readConfigBytes
 from tcpproxy.triggers import EarlySignal, ReloadOnChange, ReloadOnSignal, fileSignature
 
 # The relay, TLS and the demo backends (OpenSSL, cryptography: a tenth of a
@@ -25,7 +25,10 @@ from tcpproxy.triggers import EarlySignal, ReloadOnChange, ReloadOnSignal, fileS
 
 
 class Options(usage.Options):
-    synopsis = "[--config FILE] [--watch] [--json-log FILE] [--demo-backends [--demo-down HOST:PORT ...]]"
+    synopsis = (
+        "[--config FILE] [--watch] [--workers N|auto] [--json-log FILE]"
+        " [--demo-backends [--demo-down HOST:PORT ...]]"
+    )
     longdesc = (
         "Listen on every port of every app in the configuration and relay each "
         "connection to one of the app's targets, round-robin, failing over to "
@@ -39,6 +42,13 @@ class Options(usage.Options):
             None,
             None,
             "Also write every log event, with all its fields, as a JSON line appended to this file.",
+        ],
+        [
+            "workers",
+            None,
+            None,
+            "Worker processes that share the ports, or auto (one per CPU); "
+            'overrides the configuration\'s "Workers" (default 1: one process).',
         ],
     ]
     optFlags = [
@@ -66,6 +76,11 @@ class Options(usage.Options):
         self["demo-down"].append(target)
 
     def postOptions(self) -> None:
+        if self["workers"] is not None:
+            try:
+                self["workers"] = parseWorkers(self["workers"])
+            except ConfigError as e:
+                raise usage.UsageError(str(e)) from None
         if self["demo-down"] and not self["demo-backends"]:
             raise usage.UsageError("--demo-down only makes sense with --demo-backends")
 
@@ -113,11 +128,18 @@ def _buildProxy(options: Options, reactor, early: EarlySignal | None) -> IServic
     path = os.path.abspath(options["config"])
     # Taken before reading: an edit made from now on is reloaded by --watch.
     seen = fileSignature(path)
-    config = loadConfig(options["config"])
+    raw = readConfigBytes(options["config"])
+    config = parseConfigBytes(raw, options["config"])
     triggers = [ReloadOnSignal(reactor, signal.SIGHUP, early)]
     if options["watch"]:
         triggers.append(ReloadOnChange(path, reactor, seen=seen))
-    proxy = ProxyService(config, reactor, path, triggers)
+    workers = options.get("workers") or config.workers
+    if workers > 1:
+        from tcpproxy.supervisor import WorkerPool
+
+        proxy = WorkerPool(config, raw, reactor, workers, path, triggers)
+    else:
+        proxy = ProxyService(config, reactor, path, triggers)
     if not options["demo-backends"]:
         proxy.bind()
         return proxy

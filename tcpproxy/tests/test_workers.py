@@ -1,0 +1,268 @@
+"""
+The pieces of C{--workers N} that need no process: the C{"Workers"} key,
+each worker's share of the limits, the sockets a worker takes from its
+main process, its log events' text, the sums of the workers' metrics and
+status, and how a worker's end is told.  The processes themselves are
+tested through the real C{twistd} (C{tests.test_workers_twistd}).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import Logger, eventFromJSON, formatEvent, jsonFileLogObserver
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+
+from tcpproxy.config import MAX_WORKERS, ConfigError, parseConfig, parseWorkers
+from tcpproxy.listening import ListenError
+from tcpproxy.supervisor import endOf
+from tcpproxy.worker import WorkerService, formattedFirst, share, workerConfig
+from tcpproxy.workerstats import mergeStatus, sumMetrics
+
+
+def document(**top: object) -> dict:
+    top.setdefault("Apps", [{"Name": "web", "Ports": [8000], "Targets": ["127.0.0.1:9000"]}])
+    return top
+
+
+class WorkersKeyTests(TestCase):
+    def test_default(self) -> None:
+        self.assertEqual(parseConfig(document()).workers, 1)
+
+    def test_number(self) -> None:
+        self.assertEqual(parseConfig(document(Workers=4)).workers, 4)
+
+    def test_auto(self) -> None:
+        """
+        C{"auto"}: one per CPU this process may run on.
+        """
+        self.assertEqual(parseConfig(document(Workers="auto")).workers, len(os.sched_getaffinity(0)))
+
+    def test_refused(self) -> None:
+        for value in (0, -1, 1.5, "4", True, None, MAX_WORKERS + 1, "many"):
+            with self.assertRaises(ConfigError) as caught:
+                parseConfig(document(Workers=value), "proxy.json")
+            self.assertIn("proxy.json", str(caught.exception))
+            self.assertIn("Workers", str(caught.exception))
+            self.assertIn(json.dumps(value), str(caught.exception))
+
+    def test_option(self) -> None:
+        """
+        C{--workers} takes the same values, written on a command line.
+        """
+        self.assertEqual(parseWorkers("3"), 3)
+        self.assertEqual(parseWorkers("auto"), len(os.sched_getaffinity(0)))
+        with self.assertRaises(ConfigError) as caught:
+            parseWorkers("0")
+        self.assertTrue(str(caught.exception).startswith("--workers: "))
+
+
+class ShareTests(TestCase):
+    def test_addsUp(self) -> None:
+        """
+        The shares add up to the limit exactly, the remainder going to the
+        first workers.
+        """
+        self.assertEqual([share(10, i, 3) for i in range(3)], [4, 3, 3])
+        self.assertEqual([share(9, i, 3) for i in range(3)], [3, 3, 3])
+        for total in range(2, 50):
+            for workers in range(1, total + 1):
+                self.assertEqual(sum(share(total, i, workers) for i in range(workers)), total)
+
+    def test_atLeastOne(self) -> None:
+        self.assertEqual([share(1, i, 3) for i in range(3)], [1, 1, 1])
+
+    def test_none(self) -> None:
+        self.assertIsNone(share(None, 0, 2))
+
+    def test_workerConfig(self) -> None:
+        """
+        A worker runs every app and port, its share of C{MaxConnections}
+        (proxy-wide and per app), and no admin endpoint.
+        """
+        config = parseConfig(
+            document(
+                MaxConnections=101,
+                Admin={"Listen": "127.0.0.1:9901"},
+                Apps=[
+                    {"Name": "a", "Ports": [1, 2], "Targets": ["127.0.0.1:9"], "MaxConnections": 11},
+                    {"Name": "b", "Ports": [3], "Targets": ["127.0.0.1:9"]},
+                ],
+            )
+        )
+        first, second = workerConfig(config, 0, 2), workerConfig(config, 1, 2)
+        self.assertEqual((first.maxConnections, second.maxConnections), (51, 50))
+        self.assertEqual((first.apps[0].maxConnections, second.apps[0].maxConnections), (6, 5))
+        self.assertIsNone(first.apps[1].maxConnections)
+        self.assertEqual(
+            [(app.name, port) for app, port in first.listeners()],
+            [(app.name, port) for app, port in config.listeners()],
+        )
+        self.assertIsNone(first.admin)
+
+
+class WorkerServiceTests(TestCase):
+    def service(self) -> WorkerService:
+        config = parseConfig(
+            document(Apps=[{"Name": "web", "Ports": [8000, 8001], "Targets": ["127.0.0.1:9"]}]), "p.json"
+        )
+        return WorkerService(config, MemoryReactorClock(), "p.json", 1, 2)
+
+    def test_takesInherited(self) -> None:
+        """
+        A worker listens on the sockets its main process bound, and binds
+        none itself.
+        """
+        service = self.service()
+        sockets = {}
+        for port in (8000, 8001):
+            sock = sockets[port] = socket.socket()
+            self.addCleanup(sock.close)
+            service.inherited[("0.0.0.0", port)] = sock
+        got = service.bindListeners([("a", "0.0.0.0", 8001), ("a", "0.0.0.0", 8000)])
+        self.assertEqual(got, [sockets[8001], sockets[8000]])
+        self.assertEqual(service.inherited, {})
+
+    def test_missing(self) -> None:
+        """
+        A port its main process could not bind is refused, naming it; the
+        sockets that were there stay for another try.
+        """
+        service = self.service()
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        service.inherited[("0.0.0.0", 8000)] = sock
+        with self.assertRaises(ListenError) as caught:
+            service.bindListeners([('app "web"', "0.0.0.0", 8000), ('app "web"', "0.0.0.0", 8001)])
+        self.assertEqual(
+            str(caught.exception),
+            'app "web": cannot listen on 0.0.0.0:8001: the main process could not bind it',
+        )
+        self.assertEqual(list(service.inherited), [("0.0.0.0", 8000)])
+
+
+class FormattedFirstTests(TestCase):
+    def test_formatSpecSurvives(self) -> None:
+        """
+        An event with a format spec reads the same in the main process's
+        log as in the worker's: C{0.123s}, not the float's every digit.
+        """
+        out = io.StringIO()
+        observer = formattedFirst(jsonFileLogObserver(out, recordSeparator=""))
+        log = Logger(observer=observer, namespace="t")
+        log.info("done after {duration:.3f}s {{braces}}", duration=0.123456789)
+        event = eventFromJSON(out.getvalue().strip())
+        self.assertEqual(formatEvent(event), "done after 0.123s {braces}")
+        self.assertEqual(event["duration"], 0.123456789)
+
+
+def metricsText(connections: float, up: float, start: float) -> bytes:
+    return (
+        "# HELP tcpproxy_connections_total Clients accepted.\n"
+        "# TYPE tcpproxy_connections_total counter\n"
+        f'tcpproxy_connections_total{{app="web"}} {connections}\n'
+        "# HELP tcpproxy_target_up 1 if the target is in rotation.\n"
+        "# TYPE tcpproxy_target_up gauge\n"
+        f'tcpproxy_target_up{{app="web",target="127.0.0.1:9"}} {up}\n'
+        "# HELP process_start_time_seconds Start time.\n"
+        "# TYPE process_start_time_seconds gauge\n"
+        f"process_start_time_seconds {start}\n"
+        "# HELP tcpproxy_reloads_total Configuration reloads, by result.\n"
+        "# TYPE tcpproxy_reloads_total counter\n"
+        'tcpproxy_reloads_total{result="applied"} 1.0\n'
+    ).encode()
+
+
+class SumMetricsTests(TestCase):
+    def test_sums(self) -> None:
+        """
+        Counters are summed over the workers; a target is up only if every
+        worker has it up; the earliest start time is kept; reloads are the
+        main process's own (left out).
+        """
+        families = sumMetrics([metricsText(3, 1, 100), metricsText(4, 0, 90)])
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families for s in f.samples}
+        self.assertEqual(
+            samples,
+            {
+                ("tcpproxy_connections_total", (("app", "web"),)): 7,
+                ("tcpproxy_target_up", (("app", "web"), ("target", "127.0.0.1:9"))): 0,
+                ("process_start_time_seconds", ()): 90,
+            },
+        )
+
+    def test_exposition(self) -> None:
+        """
+        What comes out is Prometheus' text again.
+        """
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        from tcpproxy.supervisor import _Fixed
+
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Fixed(sumMetrics([metricsText(3, 1, 100), metricsText(4, 1, 90)])))
+        text = generate_latest(registry).decode()
+        [family] = [f for f in text_string_to_metric_families(text) if f.name == "tcpproxy_connections"]
+        self.assertEqual([s.value for s in family.samples], [7.0])
+
+
+def status(active: int, state: str, lastError: dict | None) -> dict:
+    return {
+        "apps": [
+            {
+                "name": "web",
+                "limits": {"maxConnections": 5},
+                "connections": {"active": active, "total": active * 10, "refused": {"limit": 1}},
+                "bytesReceived": 100,
+                "bytesSent": 200,
+                "targets": [
+                    {
+                        "target": "127.0.0.1:9",
+                        "state": state,
+                        "active": active,
+                        "connections": active * 10,
+                        "errors": {"refused": 1},
+                        "lastError": lastError,
+                    }
+                ],
+            }
+        ]
+    }
+
+
+class MergeStatusTests(TestCase):
+    def test_merge(self) -> None:
+        """
+        Counts are summed; a target's state is the worst a worker gives it
+        (health is per worker); its last error the latest.
+        """
+        [app] = mergeStatus(
+            [status(1, "up", {"at": 5, "reason": "old"}), status(2, "down", {"at": 7, "reason": "new"})]
+        )
+        self.assertEqual(app["connections"], {"active": 3, "total": 30, "refused": {"limit": 2}})
+        self.assertEqual((app["bytesReceived"], app["bytesSent"]), (200, 400))
+        self.assertEqual(app["limits"]["maxConnections"], 10)
+        [target] = app["targets"]
+        self.assertEqual((target["active"], target["connections"]), (3, 30))
+        self.assertEqual(target["errors"], {"refused": 2})
+        self.assertEqual(target["state"], "down")
+        self.assertEqual(target["lastError"], {"at": 7, "reason": "new"})
+
+    def test_none(self) -> None:
+        self.assertEqual(mergeStatus([]), [])
+
+
+class EndOfTests(TestCase):
+    def test_status(self) -> None:
+        self.assertEqual(endOf(Failure(ProcessDone(0))), "exited with status 0")
+        self.assertEqual(endOf(Failure(ProcessTerminated(exitCode=3))), "exited with status 3")
+
+    def test_signal(self) -> None:
+        self.assertEqual(endOf(Failure(ProcessTerminated(signal=9))), "killed by signal SIGKILL")
