@@ -19,7 +19,7 @@ import tempfile
 from bench.backends import NotReady
 from bench.proxies import findHAProxy
 from bench.report import render
-from bench.runner import PROXY_NAMES, BenchmarkRun
+from bench.runner import ON_REQUEST, PROXY_NAMES, BenchmarkRun
 from bench.scenarios import FULL, QUICK, SCENARIOS, selectScenarios
 from bench.system import planCpus, raiseFileLimit
 
@@ -65,7 +65,8 @@ def parser() -> argparse.ArgumentParser:
         type=_proxyList,
         metavar="NAMES",
         help=f"comma-separated proxies to measure, from {', '.join(PROXY_NAMES)} (direct is always measured;"
-        " tcpproxy-admin, tcpproxy with its admin endpoint on, only when named here)",
+        " tcpproxy-admin, tcpproxy with its admin endpoint on, and tcpproxy-2w, with two worker"
+        " processes, only when named here)",
     )
     p.add_argument("--scenario", metavar="NAMES", help="comma-separated scenarios (or prefixes) to run")
     p.add_argument(
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             parser().error(f"--json {options.json!r}: no directory {folder!r}")
     if options.baseline and not os.path.isdir(os.path.join(options.baseline, "tcpproxy")):
         parser().error(f"--baseline {options.baseline!r} is not a tcpproxy checkout")
-    wanted = set(options.only or [name for name in PROXY_NAMES if name != "tcpproxy-admin"]) | {"direct"}
+    wanted = set(options.only or [name for name in PROXY_NAMES if name not in ON_REQUEST]) | {"direct"}
     if not options.baseline:
         wanted.discard("baseline")
     proxies = sorted(wanted, key=PROXY_NAMES.index)

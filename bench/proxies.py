@@ -271,19 +271,30 @@ class TcpProxy(_ProxyProcess):
     name = "tcpproxy"
 
     def __init__(
-        self, workdir: str, cpus: frozenset[int] | None, root: str | None = None, admin: bool = False
+        self,
+        workdir: str,
+        cpus: frozenset[int] | None,
+        root: str | None = None,
+        admin: bool = False,
+        workers: int = 1,
     ) -> None:
         """
         @param root: the checkout to run (another commit's, to compare
             before and after a change in the same run); by default this one.
         @param admin: with the admin endpoint on (C{"Admin"}), as proxy
             C{tcpproxy-admin}: what keeping the metrics costs.
+        @param workers: worker processes (C{--workers}); 2 is proxy
+            C{tcpproxy-2w}, pinned like the others (its CPU time is that of
+            its main process and workers together).
         """
         if root is not None:
             self.name = "baseline"
         if admin:
             self.name = "tcpproxy-admin"
+        if workers > 1:
+            self.name = f"tcpproxy-{workers}w"
         self._admin = admin
+        self._workers = workers
         _ProxyProcess.__init__(self, workdir, cpus)
         self._root = root or checkoutRoot()
 
@@ -294,6 +305,8 @@ class TcpProxy(_ProxyProcess):
             shape += "; Admin on (metrics kept, not scraped during the windows)"
         if self._speaksProxyProtocol():
             shape += "; AcceptProxy and SendProxy on a third"
+        if self._workers > 1:
+            shape += f"; --workers {self._workers}"
         return f"twistd -n tcpproxy --config ({shape}), from {self._root}"
 
     def environment(self) -> dict[str, str]:
@@ -342,7 +355,8 @@ class TcpProxy(_ProxyProcess):
         path = os.path.join(self._workdir, "config.json")
         with open(path, "w") as f:
             json.dump(config, f)
-        return _twistd("-n", "--pidfile=", "tcpproxy", "--config", path)
+        workers = ["--workers", str(self._workers)] if self._workers > 1 else []
+        return _twistd("-n", "--pidfile=", "tcpproxy", "--config", path, *workers)
 
     def _speaksProxyProtocol(self) -> bool:
         """

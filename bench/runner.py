@@ -24,11 +24,17 @@ from bench.report import Measurement
 from bench.scenarios import Budget, Scenario
 from bench.system import CpuPlan, CpuWatch, allowedCpus, describeMachine
 
-PROXY_NAMES = ("direct", "tcpproxy", "tcpproxy-admin", "baseline", "haproxy", "portforward")
+PROXY_NAMES = ("direct", "tcpproxy", "tcpproxy-admin", "tcpproxy-2w", "baseline", "haproxy", "portforward")
 """
 C{baseline} is tcpproxy from another checkout (C{--baseline DIR});
-C{tcpproxy-admin} is tcpproxy with its admin endpoint on, measured only
-when C{--only} names it.
+C{tcpproxy-admin} is tcpproxy with its admin endpoint on, and
+C{tcpproxy-2w} tcpproxy with two worker processes (C{--workers 2}), each
+measured only when C{--only} names it.
+"""
+
+ON_REQUEST = ("tcpproxy-admin", "tcpproxy-2w")
+"""
+The proxies measured only when C{--only} names them.
 """
 """
 Every proxy under test, in the order they are measured and shown.
@@ -87,6 +93,8 @@ class BenchmarkRun:
                 proxy = TcpProxy(where, cpus)
             elif name == "tcpproxy-admin":
                 proxy = TcpProxy(where, cpus, admin=True)
+            elif name == "tcpproxy-2w":
+                proxy = TcpProxy(where, cpus, workers=2)
             elif name == "baseline":
                 proxy = TcpProxy(where, cpus, root=self.baselineRoot)
             elif name == "haproxy":

@@ -174,11 +174,30 @@ def _processTicks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])
 
 
+def _treeTicks(pid: int) -> int:
+    # utime + stime of a process and of its live descendants (the workers
+    # of tcpproxy --workers N), in clock ticks.
+    total = _processTicks(pid)
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return total
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children = [int(child) for child in f.read().split()]
+        except OSError:
+            continue
+        total += sum(_treeTicks(child) for child in children)
+    return total
+
+
 def processCpuSeconds(pid: int) -> float:
     """
-    The CPU time (user and system) a process has used so far, in seconds.
+    The CPU time (user and system) a process and its live descendants have
+    used so far, in seconds: a proxy with worker processes counts whole.
     """
-    return _processTicks(pid) / os.sysconf("SC_CLK_TCK")
+    return _treeTicks(pid) / os.sysconf("SC_CLK_TCK")
 
 
 _MIN_TICKS = 50
@@ -198,7 +217,7 @@ class CpuWatch:
         self._cpus = cpus
         self._pids = pids
         self._cpuBefore = _cpuTicks(cpus)
-        self._ours = sum(_processTicks(pid) for pid in pids)
+        self._ours = sum(_treeTicks(pid) for pid in pids)
 
     def othersShare(self) -> float | None:
         """
@@ -208,7 +227,7 @@ class CpuWatch:
         busy, total = _cpuTicks(self._cpus)
         busy -= self._cpuBefore[0]
         total -= self._cpuBefore[1]
-        ours = sum(_processTicks(pid) for pid in self._pids) - self._ours
+        ours = sum(_treeTicks(pid) for pid in self._pids) - self._ours
         if total < _MIN_TICKS:
             return None
         return min(1.0, max(0.0, (busy - ours) / total))

@@ -40,7 +40,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory
 from twisted.logger import ILogObserver, Logger, formatEvent, globalLogBeginner, jsonFileLogObserver
 
-from tcpproxy.config import AppConfig, ProxyConfig, parseConfigBytes, parseTarget
+from tcpproxy.config import AppConfig, ConfigError, ProxyConfig, parseConfigBytes, parseTarget
 from tcpproxy.control import (
     CHUNK,
     AdoptPort,
@@ -274,13 +274,20 @@ def main(argv: list[str] | None = None) -> None:
 
     with open(arguments.config_fd, "rb") as f:
         raw = f.read()
-    config = parseConfigBytes(raw, arguments.config)
-    service = WorkerService(config, reactor, arguments.config, arguments.number, arguments.workers)
+    inherited = {}
     for fd, address, port in json.loads(arguments.listen):
-        sock = socket.socket(fileno=fd)
+        inherited[(address, port)] = sock = socket.socket(fileno=fd)
         sock.setblocking(False)
-        service.inherited[(address, port)] = sock
-    service.bind()
+    try:
+        config = parseConfigBytes(raw, arguments.config)
+        service = WorkerService(config, reactor, arguments.config, arguments.number, arguments.workers)
+        service.inherited.update(inherited)
+        service.bind()
+    except (ConfigError, ListenError) as e:
+        # A TLS file gone since the main process checked it, say: one line,
+        # and the main process starts this worker again after a back-off.
+        log.error("worker {number} cannot start: {error}", number=arguments.number, error=str(e))
+        raise SystemExit(1) from None
     service.closeUnused()
 
     control = WorkerControl(service)

@@ -252,3 +252,20 @@ class WorkersTests(WorkersMixin, TestCase):
             self.assertEqual(len(linesWith(log, f"worker {number} (pid", "exited with status 0")), 1, log)
         self.assertIn("Server Shut Down.", log)
         self.assertNotIn("Traceback", log)
+
+    def test_sigusr1RotatesTheOneLog(self) -> None:
+        """
+        C{SIGUSR1} to the main process rotates the log as C{twistd} does,
+        and the workers (same processes, untouched) go on logging into the
+        new file through the main process.
+        """
+        pid, logfile = self.startWorkers()
+        pids = (workerPids(self.twistd.directory, 1), workerPids(self.twistd.directory, 2))
+        os.kill(pid, signal.SIGUSR1)
+        waitUntil(lambda: os.path.exists(logfile + ".1"), "the log to be rotated")
+        clients = [echoThrough(self.port, b"after")[1] for _ in range(10)]
+        for client in clients:
+            waitUntil(lambda client=client: self.workerOf(client), f"{client} in the new log")
+        self.assertEqual((workerPids(self.twistd.directory, 1), workerPids(self.twistd.directory, 2)), pids)
+        with open(logfile + ".1") as f:
+            self.assertIn('[worker 1] app "echo": listening', f.read())
