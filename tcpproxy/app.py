@@ -199,7 +199,9 @@ def buildDialer(
     return FailoverDialer(
         reactor,
         app.connectTimeout,
-        endpointFactory=tls.endpointFactory(sendingEndpoints(endpointForTarget, app.sendProxy), reactor),
+        endpointFactory=tls.endpointFactory(
+            sendingEndpoints(endpointForTarget, app.sendProxy, app.targetSendProxy), reactor
+        ),
         health=health,
         stats=stats,
     )
@@ -253,10 +255,11 @@ def updateApp(factory: ProxyServerFactory, app: AppConfig, tls: AppTLS, engine: 
     if old.targets != app.targets:
         balancer = balancer.withTargets(app.targets)
     dialer = factory.dialer
-    if (old.connectTimeout, old.targetTLS, old.sendProxy) != (
+    if (old.connectTimeout, old.targetTLS, old.sendProxy, old.targetSendProxy) != (
         app.connectTimeout,
         app.targetTLS,
         app.sendProxy,
+        app.targetSendProxy,
     ) or tls.client is not None:
         dialer = buildDialer(app, tls, engine, factory.health, factory.stats)
     factory.reconfigure(app, balancer, dialer, tls)

@@ -183,10 +183,16 @@ class Reloader:
                 service.startChecks(app)
             elif factory.app != app:
                 before = factory.app
-                restartChecks = (before.targets, before.healthCheck, before.sendProxy) != (
+                restartChecks = (
+                    before.targets,
+                    before.healthCheck,
+                    before.sendProxy,
+                    before.targetSendProxy,
+                ) != (
                     app.targets,
                     app.healthCheck,
                     app.sendProxy,
+                    app.targetSendProxy,
                 )
                 updateApp(factory, app, tls[app.name], service.engine)
                 if restartChecks:

@@ -92,6 +92,7 @@ _TLS_KEYS = ("Certificates", "MinVersion", "HandshakeTimeout", "ALPN", "MaxPendi
 _CERTIFICATE_KEYS = ("Cert", "Key")
 _TARGET_TLS_KEYS = ("CA", "ServerName", "Cert", "Key", "Verify")
 _ACCEPT_PROXY_KEYS = ("From", "Required", "Timeout")
+_TARGET_KEYS = ("Address", "SendProxy")
 SEND_PROXY_VERSIONS = {"v1": 1, "v2": 2}
 DEFAULT_ACCEPT_PROXY_TIMEOUT = 3.0
 TLS_VERSIONS = ("1.2", "1.3")
@@ -261,6 +262,8 @@ class AppConfig:
     @ivar acceptProxy: PROXY protocol headers received, or C{None}.
     @ivar sendProxy: the PROXY protocol version (1 or 2) sent to every
         target first, or C{None}.
+    @ivar targetSendProxy: C{(target, version)} for each target written as
+        an object with its own C{"SendProxy"}, which wins over the app's.
     """
 
     name: str
@@ -281,6 +284,14 @@ class AppConfig:
     deny: tuple[Network, ...] = ()
     acceptProxy: AcceptProxyConfig | None = None
     sendProxy: int | None = None
+    targetSendProxy: tuple[tuple[Target, int], ...] = ()
+
+    @property
+    def sendsProxy(self) -> bool:
+        """
+        Whether a PROXY header is sent to any target of the app.
+        """
+        return self.sendProxy is not None or bool(self.targetSendProxy)
 
 
 LOOPBACK: tuple[Network, ...] = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
@@ -651,13 +662,17 @@ def _parseSettings(where: _Where, obj: dict) -> dict:
     if "AcceptProxy" in obj and obj["AcceptProxy"] is not None:
         settings["acceptProxy"] = _parseAcceptProxy(where, obj["AcceptProxy"])
     if "SendProxy" in obj and obj["SendProxy"] is not None:
-        version = obj["SendProxy"]
-        if not isinstance(version, str) or version not in SEND_PROXY_VERSIONS:
-            raise where.error(
-                "SendProxy", f'{_show(version)} is not a PROXY protocol version; use "v1" or "v2"'
-            )
-        settings["sendProxy"] = SEND_PROXY_VERSIONS[version]
+        settings["sendProxy"] = _sendProxyVersion(where, obj["SendProxy"])
     return settings
+
+
+def _sendProxyVersion(where: _Where, version: object) -> int:
+    """
+    A C{"SendProxy"} value, of an app or of a target: C{"v1"} or C{"v2"}.
+    """
+    if not isinstance(version, str) or version not in SEND_PROXY_VERSIONS:
+        raise where.error("SendProxy", f'{_show(version)} is not a PROXY protocol version; use "v1" or "v2"')
+    return SEND_PROXY_VERSIONS[version]
 
 
 def _accessLogFormat(where: _Where, value: object) -> str:
@@ -735,9 +750,20 @@ def _parseApp(where: _Where, index: int, obj: object, defaults: dict | None = No
         ports[port] = None
 
     targets: dict[Target, None] = {}
-    for value in _nonEmptyList(where, "Targets", obj["Targets"], '"host:port" targets'):
+    targetSendProxy: list[tuple[Target, int]] = []
+    for index, value in enumerate(_nonEmptyList(where, "Targets", obj["Targets"], '"host:port" targets')):
+        version = None
+        if isinstance(value, dict):
+            # The object form: {"Address": "host:port", "SendProxy": "v2"}.
+            within = _Within(where, f"Targets[{index + 1}]")
+            _checkKeys(within, value, _TARGET_KEYS, ("Address",))
+            if "SendProxy" in value and value["SendProxy"] is not None:
+                version = _sendProxyVersion(within, value["SendProxy"])
+            value = value["Address"]
         if not isinstance(value, str):
-            raise where.error("Targets", f'{_show(value)} is not a "host:port" string')
+            raise where.error(
+                "Targets", f'{_show(value)} is not a "host:port" string (or an object with "Address")'
+            )
         try:
             target = parseTarget(value.strip())
         except ValueError as e:
@@ -745,11 +771,15 @@ def _parseApp(where: _Where, index: int, obj: object, defaults: dict | None = No
         if target in targets:
             raise where.error("Targets", f"{_show(value)} is listed twice")
         targets[target] = None
+        if version is not None:
+            targetSendProxy.append((target, version))
 
     # "Defaults" was checked on its own, so a refusal here is the app's value.
     settings = _parseSettings(where, {**(defaults or {}), **obj})
     tls = _parseTLS(where, obj["TLS"]) if "TLS" in obj else None
     targetTLS = _parseTargetTLS(where, obj["TargetTLS"]) if "TargetTLS" in obj else None
+    if targetSendProxy:
+        settings["targetSendProxy"] = tuple(targetSendProxy)
     return AppConfig(name, tuple(ports), tuple(targets), tls=tls, targetTLS=targetTLS, **settings)
 
 

@@ -1,5 +1,6 @@
 """
-PROXY headers sent to targets: an app's C{SendProxy} (C{"v1"} or C{"v2"}).
+PROXY headers sent to targets: an app's C{SendProxy} (C{"v1"} or C{"v2"}),
+or a target's own (a target written as an object).
 
 The header goes first on each TCP connection to a target, before any byte
 of the client's and before a TLS handshake with the target (C{TargetTLS}):
@@ -23,7 +24,7 @@ what the proxy does not know itself is passed on from a header it received.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
@@ -219,16 +220,22 @@ class SendProxyEndpoint:
 
 
 def sendingEndpoints(
-    endpointForTarget: Callable[[IReactorTCP, Target], IStreamClientEndpoint], version: int | None
+    endpointForTarget: Callable[[IReactorTCP, Target], IStreamClientEndpoint],
+    version: int | None,
+    perTarget: Iterable[tuple[Target, int]] = (),
 ) -> Callable[[IReactorTCP, Target], IStreamClientEndpoint]:
     """
     C{endpointForTarget} (reactor, target -> endpoint), with a PROXY header
-    of C{version} sent first if it is not C{None}.
+    sent first: of C{perTarget}'s version for a target it names (its own
+    C{"SendProxy"}), else of C{version}, unless that is C{None}.
     """
-    if version is None:
+    versions = dict(perTarget)
+    if version is None and not versions:
         return endpointForTarget
 
     def endpoint(reactor: IReactorTCP, target: Target) -> IStreamClientEndpoint:
-        return SendProxyEndpoint(endpointForTarget(reactor, target), version)
+        wanted = versions.get(target, version)
+        plain = endpointForTarget(reactor, target)
+        return plain if wanted is None else SendProxyEndpoint(plain, wanted)
 
     return endpoint

@@ -544,7 +544,7 @@ class ProxyServerProtocol(_RelaySide):
         self.tls = _isTLS(self.transport)
         _noDelay(self)
         clientFactory = factory.clientFactory
-        if self.app.sendProxy is not None:
+        if self.app.sendsProxy:
             # Its PROXY header goes first to the target (tcpproxy.proxysend).
             clientFactory = HeaderSource(clientFactory, self)
         self._dialling = factory.dialer.dial(clientFactory, factory.balancer.order())

@@ -27,6 +27,7 @@ _KEYS = {
     "connectTimeout": "ConnectTimeout",
     "tls": "TLS",
     "targetTLS": "TargetTLS",
+    "targetSendProxy": "Targets",
 }
 """
 The configuration key of each L{AppConfig} field, for messages.  A field
@@ -181,7 +182,7 @@ def _changedKeys(old: AppConfig, new: AppConfig) -> tuple[str, ...]:
         before, after = getattr(old, field.name), getattr(new, field.name)
         if field.name == "ports":
             before, after = set(before), set(after)
-        if before != after:
+        if before != after and keyOf(field.name) not in keys:
             keys.append(keyOf(field.name))
     return tuple(keys)
 

@@ -150,7 +150,7 @@ class ProxyService(Service):
                 self.factories[app.name].health,
                 self.reactor,
                 app.healthCheck,
-                endpointFactory=sendingEndpoints(endpointForTarget, app.sendProxy),
+                endpointFactory=sendingEndpoints(endpointForTarget, app.sendProxy, app.targetSendProxy),
             )
             self._checkers[app.name] = checker
             checker.start()

@@ -423,7 +423,15 @@ class TargetRefusalTests(ConfigFileMixin, TestCase):
         self.assertTargetRefused(9090, '9090 is not a "host:port" string')
 
     def test_object(self) -> None:
-        self.assertTargetRefused({"host": "h"}, '{"host": "h"} is not a "host:port" string')
+        """
+        A target written as an object has an C{"Address"} (and may have a
+        C{"SendProxy"}); anything else in it is refused, naming the key.
+        """
+        self.assertRefused(
+            document(app(Targets=[{"host": "h"}])),
+            'app "web"',
+            'key "Targets[1].host": unknown key; known keys are Address, SendProxy',
+        )
 
     def test_noPort(self) -> None:
         self.assertTargetRefused("backend", '"backend" has no port')

@@ -136,3 +136,74 @@ class ProxyConfigTests(SynchronousTestCase):
             'c.json: "Defaults": key "SendProxy": "v9"',
             self.refused({**document(), "Defaults": {"SendProxy": "v9"}}),
         )
+
+
+class TargetObjectTests(SynchronousTestCase):
+    """
+    Targets written as objects, C{{"Address": "host:port", "SendProxy":
+    "v2"}}: a target's own C{SendProxy} wins over the app's.
+    """
+
+    def refused(self, targets) -> str:
+        message = str(self.assertRaises(ConfigError, parseConfig, document({"Targets": targets}), "c.json"))
+        self.assertNotIn("\n", message)
+        return message
+
+    def test_accepted(self) -> None:
+        app = parseConfig(
+            document(
+                {
+                    "Targets": [
+                        "127.0.0.1:6001",
+                        {"Address": "127.0.0.1:6002", "SendProxy": "v1"},
+                        {"Address": "[::1]:6003"},
+                        {"Address": "127.0.0.1:6004", "SendProxy": None},
+                    ],
+                    "SendProxy": "v2",
+                }
+            )
+        ).apps[0]
+        self.assertEqual(
+            [str(t) for t in app.targets],
+            ["127.0.0.1:6001", "127.0.0.1:6002", "[::1]:6003", "127.0.0.1:6004"],
+        )
+        self.assertEqual([(str(t), v) for t, v in app.targetSendProxy], [("127.0.0.1:6002", 1)])
+        self.assertEqual((app.sendProxy, app.sendsProxy), (2, True))
+
+    def test_onlyPerTarget(self) -> None:
+        app = parseConfig(document({"Targets": [{"Address": "127.0.0.1:6002", "SendProxy": "v2"}]})).apps[0]
+        self.assertEqual((app.sendProxy, app.sendsProxy), (None, True))
+        self.assertFalse(parseConfig(document()).apps[0].sendsProxy)
+
+    def test_refusals(self) -> None:
+        for targets, expected in (
+            (
+                [{"Address": "127.0.0.1:1", "SendProxy": "v3"}],
+                'c.json: app "web": key "Targets[1].SendProxy": "v3" is not a PROXY protocol version',
+            ),
+            (
+                ["127.0.0.1:1", {"SendProxy": "v1"}],
+                'c.json: app "web": key "Targets[2].Address": missing required key',
+            ),
+            ([{"Address": 5}], 'c.json: app "web": key "Targets": 5 is not a "host:port" string'),
+            ([{"Address": "nowhere"}], 'key "Targets": "nowhere" has no port'),
+            (
+                ["127.0.0.1:1", {"Address": "127.0.0.1:1", "SendProxy": "v1"}],
+                'key "Targets": "127.0.0.1:1" is listed twice',
+            ),
+            ([{"Adress": "127.0.0.1:1"}], 'key "Targets[1].Adress": unknown key (did you mean "Address"?)'),
+        ):
+            self.assertIn(expected, self.refused(targets), targets)
+
+    def test_reloadSeesAChange(self) -> None:
+        """
+        A target's C{SendProxy} changed is a change of the app (a reload
+        applies it), reported as one of its C{Targets}.
+        """
+        from tcpproxy.reload import planReload
+
+        before = parseConfig(document({"Targets": [{"Address": "127.0.0.1:1", "SendProxy": "v1"}]}))
+        after = parseConfig(document({"Targets": [{"Address": "127.0.0.1:1", "SendProxy": "v2"}]}))
+        self.assertNotEqual(before.apps[0], after.apps[0])
+        [change] = planReload(before, after).changedApps
+        self.assertEqual(change.keys, ("Targets",))

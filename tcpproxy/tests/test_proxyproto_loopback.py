@@ -286,6 +286,35 @@ class ProxyProtocolMixin(TLSServiceMixin):
         self.assertEqual(events["pp"]["client"], f"{mine.host}:{mine.port}")
 
     @inlineCallbacks
+    def test_perTarget(self):
+        """
+        A target written as an object with its own C{SendProxy} gets that
+        version; the others the app's; a reload that changes a target's
+        applies to its next connection.
+        """
+        first, firstPort = self.backend()
+        second, secondPort = self.backend()
+        app, port = self.app(firstPort, SendProxy="v2")
+        app["Targets"].append({"Address": f"127.0.0.1:{secondPort}", "SendProxy": "v1"})
+        self.serve([app])
+        versions = []
+        for backends, changed in ((first, None), (second, None), (first, "v1"), (second, None)):
+            if changed:
+                app["Targets"][0] = {"Address": f"127.0.0.1:{firstPort}", "SendProxy": changed}
+                self.config([app])
+                result = yield self.service.reload()
+                self.assertEqual(result.status, APPLIED)
+            client = yield connectClient(port)
+            client.transport.write(b"x")
+            target, header, rest = yield self.receivedHeader(backends, 1)
+            versions.append(header.version)
+            self.assertEqual(rest, b"x")
+            client.transport.loseConnection()
+            target.transport.loseConnection()
+            yield self.idle()
+        self.assertEqual(versions, [2, 1, 1, 1])
+
+    @inlineCallbacks
     def test_healthCheckSendsLocal(self):
         backends, backendPort = self.backend()
         app, _ = self.app(backendPort, SendProxy="v2", HealthCheck={"Interval": 60})

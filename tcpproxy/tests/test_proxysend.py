@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from tcpproxy.config import loadConfig
+from tcpproxy.config import loadConfig, parseTarget
 from tcpproxy.proxyaccept import ProxiedAddress
 from tcpproxy.proxyproto import (
     LOCAL_V2,
@@ -29,7 +29,7 @@ from tcpproxy.proxyproto import (
     encodeV2,
     parse,
 )
-from tcpproxy.proxysend import HeaderSource, SendProxyEndpoint, carryProxyHeader, headerFor
+from tcpproxy.proxysend import HeaderSource, SendProxyEndpoint, carryProxyHeader, headerFor, sendingEndpoints
 
 
 class Greeter(Protocol):
@@ -177,3 +177,23 @@ class ExampleTests(SynchronousTestCase):
         self.assertEqual(edge.sendProxy, 2)
         self.assertEqual(str(edge.targets[0]), f"127.0.0.1:{inner.ports[0]}")
         self.assertTrue(inner.acceptProxy.required)
+
+
+class SendingEndpointsTests(SynchronousTestCase):
+    def test_perTarget(self) -> None:
+        """
+        A target's own version wins; without an app version, the other
+        targets get their plain endpoint.
+        """
+        own, other = parseTarget("127.0.0.1:1"), parseTarget("127.0.0.1:2")
+        plain = object()
+
+        def endpointForTarget(reactor, target):
+            return plain
+
+        endpoints = sendingEndpoints(endpointForTarget, None, ((own, 1),))
+        self.assertEqual(endpoints(None, own).version, 1)
+        self.assertIs(endpoints(None, other), plain)
+        endpoints = sendingEndpoints(endpointForTarget, 2, ((own, 1),))
+        self.assertEqual((endpoints(None, own).version, endpoints(None, other).version), (1, 2))
+        self.assertIs(sendingEndpoints(endpointForTarget, None), endpointForTarget)
