@@ -62,11 +62,11 @@ def connectionId(relay) -> bytes | None:
     return ident.encode("ascii", "replace") if ident else None
 
 
-def headerFor(relay, version: int) -> bytes:
+def headerFields(relay) -> tuple[tuple[str, int], tuple[str, int], tuple[tuple[int, bytes], ...]]:
     """
-    The PROXY header of C{relay}'s client (a L{tcpproxy.relay.ProxyServerProtocol}).
-
-    @param version: 1 or 2.
+    What the PROXY header of C{relay}'s client says (a
+    L{tcpproxy.relay.ProxyServerProtocol}, connected): its source and
+    destination, C{(ip, port)} each, and the v2 TLVs.
     """
     proxied = relay.proxied
     received = None if proxied is None else proxied.header
@@ -81,8 +81,6 @@ def headerFor(relay, version: int) -> bytes:
         host = transport.getHost()
         destination = (host.host, host.port)
     source = (peer.host, peer.port)
-    if version == 1:
-        return encodeV1(source, destination)
     tlvs = []
     tls = relay.tlsFields
 
@@ -105,24 +103,43 @@ def headerFor(relay, version: int) -> bytes:
             value = passOn(kind)
             if value is not None:
                 tlvs.append((kind, value))
-    return encodeV2(source, destination, tuple(tlvs))
+    return source, destination, tuple(tlvs)
+
+
+def encodeHeader(fields, version: int) -> bytes:
+    """
+    The header of C{version} (1 or 2) saying L{headerFields}' C{fields}.
+    """
+    source, destination, tlvs = fields
+    if version == 1:
+        return encodeV1(source, destination)
+    return encodeV2(source, destination, tlvs)
+
+
+def headerFor(relay, version: int) -> bytes:
+    """
+    The PROXY header of C{version} (1 or 2) of C{relay}'s client.
+    """
+    return encodeHeader(headerFields(relay), version)
 
 
 class HeaderSource(Factory):
     """
     The factory a relay dials its target with when its app has
-    C{SendProxy}: the app's target-side factory, and the connection's
-    header.
+    C{SendProxy}: the app's target-side factory, and what the connection's
+    header says (L{headerFields}, taken when it is made: holding the relay
+    instead would make a cycle, relay to target transport to its connector
+    to this factory, left for the cyclic garbage collector).
     """
 
     noisy = False
 
     def __init__(self, wrappedFactory: IProtocolFactory, relay) -> None:
         self.wrappedFactory = wrappedFactory
-        self._relay = relay
+        self._fields = headerFields(relay)
 
     def proxyHeader(self, version: int) -> bytes:
-        return headerFor(self._relay, version)
+        return encodeHeader(self._fields, version)
 
     def buildProtocol(self, addr):
         return self.wrappedFactory.buildProtocol(addr)

@@ -8,6 +8,7 @@ header, health checks send C{LOCAL}, and a reload applies to new clients.
 
 from __future__ import annotations
 
+import gc
 import socket
 import ssl
 
@@ -313,6 +314,46 @@ class ProxyProtocolMixin(TLSServiceMixin):
             target.transport.loseConnection()
             yield self.idle()
         self.assertEqual(versions, [2, 1, 1, 1])
+
+    @inlineCallbacks
+    def test_freedWithoutTheGarbageCollector(self):
+        """
+        A connection that came with a header and was sent on with one is
+        freed by reference counting once it has ended, as any other: the
+        header stages leave no cycle for the cyclic garbage collector.
+        """
+        from twisted.internet.task import deferLater
+
+        from tcpproxy.proxyaccept import HeaderStage
+        from tcpproxy.relay import ProxyClientProtocol, ProxyServerProtocol
+
+        backends, backendPort = self.backend()
+        app, port = self.app(backendPort, AcceptProxy={"From": ["127.0.0.1/32"]}, SendProxy="v2")
+        self.serve([app])
+        gc.collect()
+        gc.disable()
+        self.addCleanup(gc.enable)
+        for _ in range(3):
+            client = yield connectClient(port)
+            client.transport.write(HEADER_V1 + b"x")
+            target, _, _ = yield self.receivedHeader(backends, 1)
+            client.transport.loseConnection()
+            target.transport.loseConnection()
+            yield self.idle()
+            del client, target
+        yield deferLater(reactor, 0, lambda: None)
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            gc.collect()
+            # Not HeaderSource: the dial's factory, held (as the app's own
+            # target-side factory is without SendProxy) by the cycle that
+            # Twisted's client endpoint leaves per connect.
+            ours = (ProxyServerProtocol, ProxyClientProtocol, HeaderStage)
+            left = sorted(type(o).__name__ for o in gc.garbage if isinstance(o, ours))
+        finally:
+            gc.set_debug(0)
+            del gc.garbage[:]
+        self.assertEqual(left, [])
 
     @inlineCallbacks
     def test_healthCheckSendsLocal(self):
