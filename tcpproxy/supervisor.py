@@ -52,7 +52,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import Factory, ProcessProtocol
-from twisted.logger import Logger, eventFromJSON, globalLogPublisher
+from twisted.logger import Logger, globalLogPublisher
 from twisted.web.server import NOT_DONE_YET
 
 import tcpproxy
@@ -69,6 +69,7 @@ from tcpproxy.control import (
     SetTargetState,
     UnknownTarget,
 )
+from tcpproxy.eventpipe import decodeEvent
 from tcpproxy.listening import ListenError, bindAll
 from tcpproxy.metrics import RELOAD_RESULTS
 from tcpproxy.reload import planReload
@@ -174,10 +175,10 @@ class WorkerProcess(ProcessProtocol):
         text = line.decode("utf-8", "replace")
         if childFD == LOG_FD:
             try:
-                event = eventFromJSON(text)
+                event = decodeEvent(line)
             except ValueError:
-                event = None
-            if isinstance(event, dict):
+                pass
+            else:
                 self.pool.forward(self.number, event)
                 return
         # Its standard output or error: a crash before logging started.

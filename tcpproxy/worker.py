@@ -10,7 +10,8 @@ Run by the main process, never by hand::
   - The listening sockets are inherited descriptors (C{--listen}: each
     descriptor's address and port); every worker accepts on the same
     sockets, and the kernel gives each client to one of them.
-  - Its log events go to the main process as JSON lines on C{--log-fd};
+  - Its log events go to the main process as JSON lines on C{--log-fd}
+    (L{tcpproxy.eventpipe});
     the main process writes them into its own log, marked with the
     worker's number.
   - Its configuration is the bytes its main process read and checked
@@ -37,8 +38,9 @@ import sys
 from itertools import count
 
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ReactorNotRunning
 from twisted.internet.protocol import Factory
-from twisted.logger import ILogObserver, Logger, formatEvent, globalLogBeginner, jsonFileLogObserver
+from twisted.logger import Logger, globalLogBeginner
 
 from tcpproxy.config import AppConfig, ConfigError, ProxyConfig, parseConfigBytes, parseTarget
 from tcpproxy.control import (
@@ -52,6 +54,7 @@ from tcpproxy.control import (
     UnknownTarget,
 )
 from tcpproxy.describe import hostPort
+from tcpproxy.eventpipe import pipeObserver
 from tcpproxy.listening import ListenError
 from tcpproxy.service import ProxyService
 
@@ -223,27 +226,6 @@ class _Once(Factory):
         return self._protocol
 
 
-def formattedFirst(observer: ILogObserver) -> ILogObserver:
-    """
-    Pass each event to C{observer} with its text already formatted: its
-    C{log_format} made the very line this process would have logged.
-
-    A format spec (the access log's C{{duration:.3f}}) does not survive
-    Twisted's JSON form of an event (the value is kept, the spec's effect
-    is not): formatted here, the main process logs the same text as one
-    process would, and every field still goes along for C{--json-log}.
-    """
-
-    def observe(event: dict) -> None:
-        if event.get("log_format") is not None:
-            event = dict(event)
-            text = formatEvent(event)
-            event["log_format"] = text.replace("{", "{{").replace("}", "}}")
-        observer(event)
-
-    return observe
-
-
 def parseArguments(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tcpproxy.worker", description=__doc__.split("\n\n")[0])
     parser.add_argument("--number", type=int, required=True)
@@ -265,9 +247,8 @@ def main(argv: list[str] | None = None) -> None:
     for signum in (signal.SIGHUP, signal.SIGINT, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
     arguments = parseArguments(sys.argv[1:] if argv is None else argv)
-    stream = open(arguments.log_fd, "w", encoding="utf-8", buffering=1)  # noqa: SIM115
-    observer = formattedFirst(jsonFileLogObserver(stream, recordSeparator=""))
-    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    stream = open(arguments.log_fd, "wb")  # noqa: SIM115
+    globalLogBeginner.beginLoggingTo([pipeObserver(stream)], redirectStandardIO=False)
     log = Logger(namespace="tcpproxy.worker")
 
     from twisted.internet import reactor
@@ -295,9 +276,13 @@ def main(argv: list[str] | None = None) -> None:
     os.close(arguments.control_fd)
 
     def gone(_: None) -> None:
-        if reactor.running:
-            log.warn("the main process is gone: stopping")
+        if not service.running:
+            return  # stopping already: the channel closes as the worker ends
+        log.warn("the main process is gone: stopping")
+        try:
             reactor.stop()
+        except ReactorNotRunning:
+            pass
 
     control.lost.addCallback(gone)
 

@@ -16,14 +16,15 @@ import socket
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import Logger, eventFromJSON, formatEvent, jsonFileLogObserver
+from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from tcpproxy.config import MAX_WORKERS, ConfigError, parseConfig, parseWorkers
+from tcpproxy.eventpipe import decodeEvent, pipeObserver
 from tcpproxy.listening import ListenError
 from tcpproxy.supervisor import endOf
-from tcpproxy.worker import WorkerService, formattedFirst, share, workerConfig
+from tcpproxy.worker import WorkerService, share, workerConfig
 from tcpproxy.workerstats import mergeStatus, sumMetrics
 
 
@@ -148,19 +149,60 @@ class WorkerServiceTests(TestCase):
         self.assertEqual(list(service.inherited), [("0.0.0.0", 8000)])
 
 
-class FormattedFirstTests(TestCase):
-    def test_formatSpecSurvives(self) -> None:
+class EventPipeTests(TestCase):
+    """
+    A worker's events as its main process logs them (L{tcpproxy.eventpipe}).
+    """
+
+    def roundTrip(self, emit) -> dict:
+        out = io.BytesIO()
+        log = Logger(observer=pipeObserver(out), namespace="tcpproxy.access")
+        emit(log)
+        [line] = out.getvalue().splitlines()
+        return decodeEvent(line)
+
+    def test_sameText(self) -> None:
         """
-        An event with a format spec reads the same in the main process's
-        log as in the worker's: C{0.123s}, not the float's every digit.
+        The text is the worker's: a format spec applies (C{0.123s}, not
+        the float's every digit), braces stay braces.
         """
-        out = io.StringIO()
-        observer = formattedFirst(jsonFileLogObserver(out, recordSeparator=""))
-        log = Logger(observer=observer, namespace="t")
-        log.info("done after {duration:.3f}s {{braces}}", duration=0.123456789)
-        event = eventFromJSON(out.getvalue().strip())
+        event = self.roundTrip(
+            lambda log: log.info("done after {duration:.3f}s {{braces}}", duration=0.123456789)
+        )
         self.assertEqual(formatEvent(event), "done after 0.123s {braces}")
-        self.assertEqual(event["duration"], 0.123456789)
+
+    def test_fields(self) -> None:
+        """
+        The fields go along (for C{--json-log}), with the level, time and
+        namespace; a value JSON cannot hold arrives as its C{repr}.
+        """
+        event = self.roundTrip(
+            lambda log: log.warn("x", client="127.0.0.1:5", bytesIn=3, failures=["a"], odd=object)
+        )
+        self.assertEqual((event["client"], event["bytesIn"], event["failures"]), ("127.0.0.1:5", 3, ["a"]))
+        self.assertEqual(event["odd"], repr(object))
+        self.assertIs(event["log_level"], LogLevel.warn)
+        self.assertEqual(event["log_namespace"], "tcpproxy.access")
+        self.assertIsInstance(event["log_time"], float)
+
+    def test_failure(self) -> None:
+        """
+        A failure arrives as its traceback, after the text.
+        """
+
+        def emit(log: Logger) -> None:
+            try:
+                raise ZeroDivisionError("divided by zero")
+            except ZeroDivisionError:
+                log.failure("serving {client} failed", client="c")
+
+        text = formatEvent(self.roundTrip(emit))
+        self.assertTrue(text.startswith("serving c failed\nTraceback"), text)
+        self.assertIn("ZeroDivisionError", text)
+
+    def test_notAnEvent(self) -> None:
+        for line in (b"Traceback (most recent call last):", b"[1]", b"{}", b"\xff"):
+            self.assertRaises(ValueError, decodeEvent, line)
 
 
 def metricsText(connections: float, up: float, start: float) -> bytes:
