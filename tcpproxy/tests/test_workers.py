@@ -23,7 +23,8 @@ from twisted.trial.unittest import TestCase
 from tcpproxy.config import MAX_WORKERS, ConfigError, parseConfig, parseWorkers
 from tcpproxy.eventpipe import decodeEvent, pipeObserver
 from tcpproxy.listening import ListenError
-from tcpproxy.supervisor import endOf
+from tcpproxy.supervisor import STABLE, endOf
+from tcpproxy.tests.loopback import captureEvents
 from tcpproxy.worker import WorkerService, share, workerConfig
 from tcpproxy.workerstats import mergeStatus, sumMetrics
 
@@ -308,3 +309,118 @@ class EndOfTests(TestCase):
 
     def test_signal(self) -> None:
         self.assertEqual(endOf(Failure(ProcessTerminated(signal=9))), "killed by signal SIGKILL")
+
+
+class _ProcessTransport:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.signals: list[str] = []
+        self.written: list[tuple[int, bytes]] = []
+
+    def writeToChild(self, fd: int, data: bytes) -> None:
+        self.written.append((fd, data))
+
+    def closeChildFD(self, fd: int) -> None:
+        pass
+
+    def closeStdin(self) -> None:
+        pass
+
+    def signalProcess(self, name: str) -> None:
+        self.signals.append(name)
+
+
+class _ProcessReactor(MemoryReactorClock):
+    """
+    A memory reactor that records the processes spawned.
+    """
+
+    def __init__(self) -> None:
+        MemoryReactorClock.__init__(self)
+        self.spawned: list[tuple[object, list[str], dict]] = []
+
+    def spawnProcess(self, protocol, executable, args, env=None, childFDs=None, **kw):
+        transport = _ProcessTransport(1000 + len(self.spawned))
+        protocol.makeConnection(transport)
+        self.spawned.append((protocol, args, childFDs))
+        return transport
+
+
+class SupervisionTests(TestCase):
+    """
+    L{WorkerPool} starts its workers, starts one that ended again after a
+    back-off, and stops them all (on a memory reactor: no process runs).
+    """
+
+    def setUp(self) -> None:
+        from tcpproxy.supervisor import WorkerPool
+        from tcpproxy.tests.loopback import freePorts
+
+        [port] = freePorts(1)
+        raw = json.dumps(
+            document(
+                BindAddress="127.0.0.1",
+                DrainTimeout=3,
+                Apps=[{"Name": "web", "Ports": [port], "Targets": ["127.0.0.1:9"]}],
+            )
+        ).encode()
+        self.reactor = _ProcessReactor()
+        self.events = captureEvents(self, "tcpproxy.supervisor")
+        self.pool = WorkerPool(parseConfig(json.loads(raw), "p.json"), raw, self.reactor, 2, "p.json")
+        self.pool.startService()
+        self.addCleanup(self.pool.unbind)
+
+    def end(self, number: int, reason: Exception) -> None:
+        process = self.pool.slots[number - 1].process
+        process.processEnded(Failure(reason))
+
+    def test_started(self) -> None:
+        """
+        Each worker is told its number, and inherits the port and the
+        configuration's bytes.
+        """
+        self.assertEqual(len(self.reactor.spawned), 2)
+        for number, (protocol, args, childFDs) in enumerate(self.reactor.spawned, 1):
+            self.assertEqual(args[args.index("--number") + 1], str(number))
+            [(fd, address, port)] = json.loads(args[args.index("--listen") + 1])
+            self.assertEqual(childFDs[fd], self.pool.sockets[(address, port)].fileno())
+            self.assertEqual(protocol.transport.written[0][1], self.pool.configBytes)
+
+    def test_restartBackOff(self) -> None:
+        """
+        A worker that ended is logged with how, and started again: at once
+        if it had run for a while, later each time it ends again soon
+        after its start.
+        """
+        self.reactor.advance(STABLE)
+        self.end(1, ProcessTerminated(signal=9))
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.reactor.advance(0)
+        self.assertEqual(len(self.reactor.spawned), 3)
+        self.assertIn("killed by signal SIGKILL", formatEvent(self.events[-2]))
+        delays = []
+        for _ in range(4):
+            self.end(1, ProcessTerminated(exitCode=1))
+            [call] = self.reactor.getDelayedCalls()
+            delays.append(call.getTime() - self.reactor.seconds())
+            self.reactor.advance(delays[-1])
+        self.assertEqual(len(self.reactor.spawned), 7)
+        self.assertEqual(delays, sorted(delays))
+        self.assertGreater(delays[-1], 4 * delays[0])
+        self.assertEqual([slot.restarts for slot in self.pool.slots], [5, 0])
+
+    def test_stop(self) -> None:
+        """
+        Stopping closes the ports, sends every worker C{SIGTERM}, starts
+        none again, and is done when the last one has ended.
+        """
+        stopped = self.pool.stopService()
+        self.assertEqual(self.pool.sockets, {})
+        for protocol, _, _ in self.reactor.spawned:
+            self.assertEqual(protocol.transport.signals, ["TERM"])
+        self.end(1, ProcessDone(0))
+        self.assertNoResult(stopped)
+        self.end(2, ProcessDone(0))
+        self.successResultOf(stopped)
+        self.reactor.advance(60)
+        self.assertEqual(len(self.reactor.spawned), 2)
