@@ -54,7 +54,7 @@ from tcpproxy.control import (
     UnknownTarget,
 )
 from tcpproxy.describe import hostPort
-from tcpproxy.eventpipe import pipeObserver
+from tcpproxy.eventpipe import PipeObserver
 from tcpproxy.listening import ListenError
 from tcpproxy.service import ProxyService
 
@@ -247,12 +247,22 @@ def main(argv: list[str] | None = None) -> None:
     for signum in (signal.SIGHUP, signal.SIGINT, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
     arguments = parseArguments(sys.argv[1:] if argv is None else argv)
-    stream = open(arguments.log_fd, "wb")  # noqa: SIM115
-    globalLogBeginner.beginLoggingTo([pipeObserver(stream)], redirectStandardIO=False)
-    log = Logger(namespace="tcpproxy.worker")
-
     from twisted.internet import reactor
 
+    stream = open(arguments.log_fd, "wb")  # noqa: SIM115
+    observer = PipeObserver(stream, reactor)
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    log = Logger(namespace="tcpproxy.worker")
+    try:
+        serve(arguments, reactor, log)
+    finally:
+        observer.flush()
+
+
+def serve(arguments: argparse.Namespace, reactor, log: Logger) -> None:
+    """
+    L{main} once logging is set up.
+    """
     with open(arguments.config_fd, "rb") as f:
         raw = f.read()
     inherited = {}

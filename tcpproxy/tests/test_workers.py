@@ -15,13 +15,14 @@ import socket
 
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from tcpproxy.config import MAX_WORKERS, ConfigError, parseConfig, parseWorkers
-from tcpproxy.eventpipe import decodeEvent, pipeObserver
+from tcpproxy.eventpipe import PipeObserver, decodeEvent
 from tcpproxy.listening import ListenError
 from tcpproxy.supervisor import STABLE, endOf
 from tcpproxy.tests.loopback import captureEvents
@@ -157,8 +158,10 @@ class EventPipeTests(TestCase):
 
     def roundTrip(self, emit) -> dict:
         out = io.BytesIO()
-        log = Logger(observer=pipeObserver(out), namespace="tcpproxy.access")
+        clock = Clock()
+        log = Logger(observer=PipeObserver(out, clock), namespace="tcpproxy.access")
         emit(log)
+        clock.advance(0)
         [line] = out.getvalue().splitlines()
         return decodeEvent(line)
 
@@ -200,6 +203,27 @@ class EventPipeTests(TestCase):
         text = formatEvent(self.roundTrip(emit))
         self.assertTrue(text.startswith("serving c failed\nTraceback"), text)
         self.assertIn("ZeroDivisionError", text)
+
+    def test_batched(self) -> None:
+        """
+        The events of one turn of the reactor are written together at its
+        end; L{PipeObserver.flush} writes what is left at once.
+        """
+        out = io.BytesIO()
+        clock = Clock()
+        observer = PipeObserver(out, clock)
+        log = Logger(observer=observer)
+        log.info("one")
+        log.info("two")
+        self.assertEqual(out.getvalue(), b"")
+        clock.advance(0)
+        self.assertEqual(
+            [formatEvent(decodeEvent(line)) for line in out.getvalue().splitlines()], ["one", "two"]
+        )
+        log.info("three")
+        observer.flush()
+        self.assertEqual(formatEvent(decodeEvent(out.getvalue().splitlines()[-1])), "three")
+        self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_notAnEvent(self) -> None:
         for line in (b"Traceback (most recent call last):", b"[1]", b"{}", b"\xff"):
