@@ -75,6 +75,9 @@ GROWTH = Metric("growthMiB", "RSS growth MiB", False)
 PUSHED = Metric("pushedMB", "taken MB", False)
 PLAIN_REQ_S = Metric("plainReqS", "without PROXY req/s", True)
 WITH_RATIO = Metric("withPerWithout", "with/without", True)
+CPU_WITH = Metric("cpuUsPerReqWith", "CPU µs/req with", False)
+CPU_WITHOUT = Metric("cpuUsPerReqWithout", "CPU µs/req without", False)
+CPU_RATIO = Metric("cpuWithPerWithout", "CPU with/without", False)
 
 
 class Scenario:
@@ -179,29 +182,43 @@ class PingPongProxyProtocol(Scenario):
             f"{self.size}-byte ping-pong, {connections} connections, with AcceptProxy and SendProxy "
             "against without (same proxy, same repetition)"
         )
-        self.metrics = (REQ_S, PLAIN_REQ_S, WITH_RATIO)
-        self.ratioMetrics = (WITH_RATIO.key,)
+        self.metrics = (REQ_S, PLAIN_REQ_S, WITH_RATIO, CPU_WITH, CPU_WITHOUT, CPU_RATIO)
+        self.ratioMetrics = (WITH_RATIO.key, CPU_RATIO.key)
 
     def measure(self, proxy, budget: Budget) -> dict:
         """
-        Without, with, and without again (half a window each time without):
-        the two sides of the comparison see the same drift of a busy
-        machine.
+        Without, with, with, without (ABBA, half a window each): the two
+        sides of the comparison see the same drift of a busy machine.  The
+        proxy's CPU time per request is compared too, which other
+        processes on the machine disturb less than the rates.
         """
         half = budget.window / 2
-        before = load.pingPong(proxy.address, self.connections, self.size, budget.warmup, half)
-        figures = load.pingPong(
-            proxy.proxyProtocolAddress,
-            self.connections,
-            self.size,
-            budget.warmup,
-            budget.window,
-            PROXY_HEADER,
-        )
-        after = load.pingPong(proxy.address, self.connections, self.size, budget.warmup, half)
-        without = (before[REQ_S.key] + after[REQ_S.key]) / 2
-        figures[PLAIN_REQ_S.key] = without
-        figures[WITH_RATIO.key] = figures[REQ_S.key] / without
+        pid = getattr(proxy, "pid", None)
+
+        def run(address, preamble: bytes) -> tuple[float, float | None]:
+            before = None if pid is None else processCpuSeconds(pid)
+            figures = load.pingPong(address, self.connections, self.size, budget.warmup, half, preamble)
+            used = None if before is None else processCpuSeconds(pid) - before
+            return figures[REQ_S.key], used
+
+        plain, withHeaders = proxy.address, proxy.proxyProtocolAddress
+        runs = [
+            run(plain, b""),
+            run(withHeaders, PROXY_HEADER),
+            run(withHeaders, PROXY_HEADER),
+            run(plain, b""),
+        ]
+        without, withProxy = (runs[0], runs[3]), (runs[1], runs[2])
+        rateWithout = sum(rate for rate, _ in without) / 2
+        rateWith = sum(rate for rate, _ in withProxy) / 2
+        figures = {REQ_S.key: rateWith, PLAIN_REQ_S.key: rateWithout, WITH_RATIO.key: rateWith / rateWithout}
+        if pid is not None:
+            # Warm-ups included on both sides alike (same durations).
+            cpuWith = sum(used for _, used in withProxy) * 1e6 / (rateWith * 2 * half)
+            cpuWithout = sum(used for _, used in without) * 1e6 / (rateWithout * 2 * half)
+            figures[CPU_WITH.key] = cpuWith
+            figures[CPU_WITHOUT.key] = cpuWithout
+            figures[CPU_RATIO.key] = cpuWith / cpuWithout
         return figures
 
 
