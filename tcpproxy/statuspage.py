@@ -110,5 +110,32 @@ def renderPage(status: dict, now: float) -> str:
                 f'<td class="n">{errors}</td><td>{escape(lastText)}</td></tr>'
             )
         out.append("</table>")
+    if "workers" in status:
+        out.extend(_workers(status["workers"]))
     out.append("</body></html>")
     return "\n".join(out) + "\n"
+
+
+def _workers(workers: list[dict]) -> list[str]:
+    """
+    With C{--workers N}: a table of the workers (the apps above are their
+    sums), each with its pid, restarts and open connections.
+    """
+    out = [
+        "<h2>workers</h2>",
+        '<table class="workers">',
+        "<tr><th>worker</th><th>pid</th><th>state</th><th>restarts</th><th>open</th><th>connections</th></tr>",
+    ]
+    for worker in workers:
+        active = sum(app["connections"]["active"] for app in worker["apps"])
+        total = sum(app["connections"]["total"] for app in worker["apps"])
+        state = "up" if worker["running"] else "down"
+        out.append(
+            f'<tr class="{state}"><td class="n">{worker["worker"]}</td>'
+            f'<td class="n">{worker["pid"] or "-"}</td>'
+            f'<td class="state">{"running" if worker["running"] else "not answering"}</td>'
+            f'<td class="n">{worker["restarts"]}</td><td class="n">{active}</td>'
+            f'<td class="n">{total}</td></tr>'
+        )
+    out.append("</table>")
+    return out

@@ -13,6 +13,7 @@ import threading
 import time
 import urllib.request
 
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import TestCase
 
 from tests.support import (
@@ -66,7 +67,7 @@ class WorkersMixin:
         document.update(top)
         return document
 
-    def startWorkers(self, document: dict | None = None) -> tuple[int, str]:
+    def startWorkers(self, document: dict | None = None, *extra: str) -> tuple[int, str]:
         """
         Start the daemon with two workers; wait until both serve.
 
@@ -85,6 +86,7 @@ class WorkersMixin:
             "--demo-backends",
             "--workers",
             "2",
+            *extra,
         )
         self.assertEqual(status, 0, self.twistd.output())
         with open(self.pidfile) as f:
@@ -101,9 +103,12 @@ class WorkersMixin:
         with open(self.logfile) as f:
             return f.read()
 
+    def get(self, path: str) -> bytes:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin}{path}", timeout=TIMEOUT) as answer:
+            return answer.read()
+
     def status(self) -> dict:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin}/status", timeout=TIMEOUT) as answer:
-            return json.load(answer)
+        return json.loads(self.get("/status"))
 
     def workerOf(self, client: str) -> int | None:
         """
@@ -269,3 +274,49 @@ class WorkersTests(WorkersMixin, TestCase):
         self.assertEqual((workerPids(self.twistd.directory, 1), workerPids(self.twistd.directory, 2)), pids)
         with open(logfile + ".1") as f:
             self.assertIn('[worker 1] app "echo": listening', f.read())
+
+    def test_adminSumsWorkers(self) -> None:
+        """
+        One scrape of the main process's admin endpoint counts the clients
+        of both workers; C{/status} and the page show each worker; the
+        C{--json-log} records carry the worker's number.
+        """
+        jsonLog = self.twistd.path("events.json")
+        pid, logfile = self.startWorkers(None, "--json-log", jsonLog)
+        clients = {echoThrough(self.port, b"counted")[1] for _ in range(30)}
+
+        def counted() -> float:
+            for family in text_string_to_metric_families(self.get("/metrics").decode()):
+                for sample in family.samples:
+                    if sample.name == "tcpproxy_connections_total":
+                        return sample.value
+            return 0
+
+        def records() -> dict[str, int]:
+            events = []
+            with open(jsonLog) as f:
+                for line in f:
+                    if line.endswith("\n"):  # not one being written
+                        events.append(json.loads(line))
+            return {e["client"]: e["worker"] for e in events if "end" in e and "client" in e}
+
+        # Our 30, and the connections made to see whether the port answers.
+        waitUntil(lambda: clients <= set(records()), "30 records in the JSON log")
+        total = len(records())
+        self.assertEqual(set(records().values()), {1, 2})
+        waitUntil(lambda: counted() == total, f"{total} clients in /metrics")
+        status = self.status()
+        self.assertEqual(status["apps"][0]["connections"]["total"], total)
+        workers = status["workers"]
+        self.assertEqual([w["worker"] for w in workers], [1, 2])
+        self.assertEqual(
+            [w["apps"][0]["connections"]["total"] for w in workers],
+            [list(records().values()).count(n) for n in (1, 2)],
+        )
+        self.assertEqual(
+            [[w["pid"]] for w in workers],
+            [workerPids(self.twistd.directory, 1), workerPids(self.twistd.directory, 2)],
+        )
+        page = self.get("/").decode()
+        self.assertIn('<table class="workers">', page)
+        self.assertEqual(page.count('<td class="state">running</td>'), 2)
