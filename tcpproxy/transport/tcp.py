@@ -4,7 +4,7 @@ L{IConsumer} on a bare non-blocking socket, dispatched from the engine's
 epoll set (L{tcpproxy.transport.poller}).
 
 It keeps the promises of Twisted's own TCP transport that the relay and
-L{twisted.protocols.tls.TLSMemoryBIOProtocol} rely on -- C{dataReceived}
+the TLS layer (L{tcpproxy.tlslayer}) rely on -- C{dataReceived}
 per chunk read, half-close for an L{IHalfCloseableProtocol}
 (C{readConnectionLost}, C{loseWriteConnection} and C{writeConnectionLost}),
 a registered producer paused while written bytes wait, C{connectionLost}
