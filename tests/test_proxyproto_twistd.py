@@ -10,13 +10,17 @@ Skipped, saying so, where HAProxy is not installed.
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import socket
+import ssl
 import subprocess
 import threading
 
 from twisted.trial.unittest import SkipTest, TestCase
 
+from tcpproxy.tests.certs import ALPHA, writePKI
 from tests.support import TIMEOUT, Twistd, connect, describe, freePorts, receive, waitUntil
 
 
@@ -85,9 +89,14 @@ frontend send-v2
     default_backend via-tcpproxy-v2
 backend via-tcpproxy-v2
     server tcpproxy 127.0.0.1:{accepting} send-proxy-v2
+frontend send-v2-tls
+    bind 127.0.0.1:{sendV2Tls}
+    default_backend via-tcpproxy-tls
+backend via-tcpproxy-tls
+    server tcpproxy 127.0.0.1:{acceptingTls} send-proxy-v2
 frontend accepting
     bind 127.0.0.1:{haproxyAccepting} accept-proxy
-    log-format "haproxy accepted client %ci:%cp"
+    log-format "haproxy accepted client %ci:%cp authority=%[fc_pp_authority] id=%[fc_pp_unique_id]"
     default_backend echo
 backend echo
     server echo 127.0.0.1:{echo}
@@ -100,10 +109,20 @@ class HAProxyInteropTests(TestCase):
         if haproxy is None:
             raise SkipTest("HAProxy is not installed (Debian: apt-get install haproxy; .ci/run installs it)")
         self.twistd = Twistd(self)
+        self.folder = writePKI(self.twistd.path("pki"))
         echo = echoServer(self)
-        ports = dict(
-            zip(("sendV1", "sendV2", "accepting", "haproxyAccepting", "v1", "v2"), freePorts(6), strict=True)
+        names = (
+            "sendV1",
+            "sendV2",
+            "accepting",
+            "haproxyAccepting",
+            "v1",
+            "v2",
+            "tlsV2",
+            "sendV2Tls",
+            "acceptingTls",
         )
+        ports = dict(zip(names, freePorts(len(names)), strict=True))
         self.ports = ports
         config = self.twistd.writeConfig(
             {
@@ -127,6 +146,24 @@ class HAProxyInteropTests(TestCase):
                         "Targets": [f"127.0.0.1:{ports['haproxyAccepting']}"],
                         "SendProxy": "v2",
                     },
+                    {
+                        "Name": "tls-behind-haproxy",
+                        "Ports": [ports["acceptingTls"]],
+                        "Targets": [f"127.0.0.1:{echo}"],
+                        "AcceptProxy": {"From": ["127.0.0.1/32"]},
+                        "TLS": {
+                            "Certificates": [{"Cert": self.pki("alpha.pem"), "Key": self.pki("alpha.key")}]
+                        },
+                    },
+                    {
+                        "Name": "tls-sends-v2",
+                        "Ports": [ports["tlsV2"]],
+                        "Targets": [f"127.0.0.1:{ports['haproxyAccepting']}"],
+                        "SendProxy": "v2",
+                        "TLS": {
+                            "Certificates": [{"Cert": self.pki("alpha.pem"), "Key": self.pki("alpha.key")}]
+                        },
+                    },
                 ],
             }
         )
@@ -143,11 +180,16 @@ class HAProxyInteropTests(TestCase):
             )
         self.addCleanup(self._stopHAProxy)
         self.twistd.start("-n", "--pidfile=", "tcpproxy", "--config", config)
-        self.twistd.waitUntilServing(ports["accepting"], ports["v1"], ports["v2"])
-        for name in ("sendV1", "sendV2", "haproxyAccepting"):
+        self.twistd.waitUntilServing(
+            ports["accepting"], ports["v1"], ports["v2"], ports["tlsV2"], ports["acceptingTls"]
+        )
+        for name in ("sendV1", "sendV2", "haproxyAccepting", "sendV2Tls"):
             waitUntil(
                 lambda name=name: self._haproxyRunning() and _accepts(ports[name]), f"HAProxy on {name}"
             )
+
+    def pki(self, name: str) -> str:
+        return os.path.join(self.folder, name)
 
     def _haproxyRunning(self) -> bool:
         if self.haproxy.poll() is not None:
@@ -198,6 +240,54 @@ class HAProxyInteropTests(TestCase):
     def test_tcpproxySendsV2(self) -> None:
         client = self.echo(self.ports["v2"], b"to HAProxy, v2")
         waitUntil(lambda: f"haproxy accepted client {client}" in self.haproxySaw(), "HAProxy's log line")
+
+    def test_haproxySendsV2ToTLSApp(self) -> None:
+        """
+        HAProxy with C{send-proxy-v2} in front of an app that terminates
+        TLS: the header is read first, then the TLS handshake; the access
+        line names the client that connected to HAProxy, and its SNI.
+        """
+        context = ssl.create_default_context(cafile=self.pki("ca.pem"))
+        with socket.create_connection(("127.0.0.1", self.ports["sendV2Tls"]), timeout=TIMEOUT) as raw:
+            client = describe(raw)
+            with context.wrap_socket(raw, server_hostname=ALPHA) as tls:
+                tls.sendall(b"TLS behind HAProxy")
+                self.assertEqual(receive(tls, 18), b"TLS behind HAProxy")
+        waitUntil(
+            lambda: re.search(
+                re.escape(f"{client} -> tls-behind-haproxy:{self.ports['acceptingTls']} (")
+                + r"[^)]*SNI "
+                + re.escape(ALPHA),
+                self.twistd.stdout(),
+            ),
+            "the access line",
+        )
+
+    def test_tcpproxySendsV2TLVs(self) -> None:
+        """
+        A TLS client of an app that terminates TLS and sends v2: HAProxy
+        reads the client's SNI name as the authority TLV, and the unique id
+        TLV is the connection id tcpproxy logs the connection with.
+        """
+        context = ssl.create_default_context(cafile=self.pki("ca.pem"))
+        with socket.create_connection(("127.0.0.1", self.ports["tlsV2"]), timeout=TIMEOUT) as raw:
+            client = describe(raw)
+            with context.wrap_socket(raw, server_hostname=ALPHA) as tls:
+                tls.sendall(b"over TLS")
+                self.assertEqual(receive(tls, 8), b"over TLS")
+        line = waitUntil(
+            lambda: next(
+                (x for x in self.twistd.stdout().splitlines() if f"] {client} -> tls-sends-v2:" in x), None
+            ),
+            "the access line",
+        )
+        connectionId = re.search(r"\[([0-9A-Z]+-\d+)\] " + re.escape(client), line).group(1)
+        waitUntil(
+            lambda: (
+                f"haproxy accepted client {client} authority={ALPHA} id={connectionId}" in self.haproxySaw()
+            ),
+            "HAProxy's log line with the TLVs",
+        )
 
     def test_noHeaderRefused(self) -> None:
         """
