@@ -14,7 +14,11 @@ The accepted shape is the classic one, extended only by optional keys::
      "Apps": [{"Name": "five-thousand",
                "Ports": [5001, 5200],
                "Targets": ["127.0.0.1:6001", "backend.example:6002",
-                           "[::1]:6003"],
+                           {"Address": "[::1]:6003", "Weight": 3,
+                            "MaxConnections": 100, "Backup": false}],
+               "Balance": "round-robin",  # optional, see tcpproxy.balancer
+               "QueueTimeout": 0,       # optional, seconds waiting for a slot
+               "SlowStart": 0,          # optional, seconds of weight ramp
                "ConnectTimeout": 5,     # optional, seconds per attempt
                "AccessLog": true,       # optional, a log line per connection
                "AccessLogFormat": "text",   # optional, or "json", or a template
@@ -81,6 +85,9 @@ _APP_KEYS = (
     "TargetTLS",
     "AcceptProxy",
     "SendProxy",
+    "Balance",
+    "QueueTimeout",
+    "SlowStart",
 )
 # "Defaults" holds the settings common to apps; what names an app, and its
 # certificates, stay the app's own.
@@ -92,9 +99,19 @@ _TLS_KEYS = ("Certificates", "MinVersion", "HandshakeTimeout", "ALPN", "MaxPendi
 _CERTIFICATE_KEYS = ("Cert", "Key")
 _TARGET_TLS_KEYS = ("CA", "ServerName", "Cert", "Key", "Verify")
 _ACCEPT_PROXY_KEYS = ("From", "Required", "Timeout")
-_TARGET_KEYS = ("Address", "SendProxy")
+_TARGET_KEYS = ("Address", "SendProxy", "Weight", "MaxConnections", "Backup")
 SEND_PROXY_VERSIONS = {"v1": 1, "v2": 2}
 DEFAULT_ACCEPT_PROXY_TIMEOUT = 3.0
+BALANCE_POLICIES = ("round-robin", "least-connections", "power-of-two", "source-hash", "random")
+"""
+The values of C{"Balance"} (L{tcpproxy.balancer}); the first is the default.
+"""
+DEFAULT_BALANCE = BALANCE_POLICIES[0]
+MAX_WEIGHT = 256
+"""
+The largest C{Weight} of a target (HAProxy's limit too): finer ratios than
+1:256 say nothing a balancer can honour.
+"""
 TLS_VERSIONS = ("1.2", "1.3")
 DEFAULT_MIN_TLS_VERSION = "1.2"
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
@@ -145,11 +162,24 @@ class Target:
     @ivar port: the TCP port.
     @ivar kind: L{IPV4}, L{IPV6} or L{HOSTNAME}; it decides which client
         endpoint reaches the target (a hostname is resolved on each connect).
+    @ivar weight: its share of new clients against its app's other targets
+        (0 to L{MAX_WEIGHT}; 0 sends it none, as a drain does).
+    @ivar maxConnections: connections open to it at most, or C{None}.
+    @ivar backup: it gets clients only when no other target is usable.
+
+    A target is its address: two targets are equal (and hash alike) when
+    C{host}, C{port} and C{kind} are, whatever their weight, limit or
+    backup flag, so that a reload that changes those keeps the target's
+    health, counts and figures (they are keyed by it).  What else changed
+    is seen in L{AppConfig.targetSettings}.
     """
 
     host: str
     port: int
     kind: str
+    weight: int = dataclasses.field(default=1, compare=False)
+    maxConnections: int | None = dataclasses.field(default=None, compare=False)
+    backup: bool = dataclasses.field(default=False, compare=False)
 
     def __str__(self) -> str:
         return hostPort(self.host, self.port)
@@ -264,6 +294,15 @@ class AppConfig:
         target first, or C{None}.
     @ivar targetSendProxy: C{(target, version)} for each target written as
         an object with its own C{"SendProxy"}, which wins over the app's.
+    @ivar balance: how a client's target is chosen, one of
+        L{BALANCE_POLICIES} (L{tcpproxy.balancer}).
+    @ivar queueTimeout: seconds a client may wait for a target below its
+        C{MaxConnections}; 0 refuses it at once.
+    @ivar slowStart: seconds over which a target that comes back up has
+        its weight ramped from 10% to 100%; 0 for none.
+    @ivar targetSettings: C{(weight, maxConnections, backup)} of each of
+        L{targets}, in order (made from them): what a reload compares,
+        since targets are equal by address alone (L{Target}).
     """
 
     name: str
@@ -292,6 +331,14 @@ class AppConfig:
         Whether a PROXY header is sent to any target of the app.
         """
         return self.sendProxy is not None or bool(self.targetSendProxy)
+    balance: str = DEFAULT_BALANCE
+    queueTimeout: float = 0.0
+    slowStart: float = 0.0
+    targetSettings: tuple[tuple[int, int | None, bool], ...] = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        settings = tuple((t.weight, t.maxConnections, t.backup) for t in self.targets)
+        object.__setattr__(self, "targetSettings", settings)
 
 
 LOOPBACK: tuple[Network, ...] = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
@@ -663,6 +710,22 @@ def _parseSettings(where: _Where, obj: dict) -> dict:
         settings["acceptProxy"] = _parseAcceptProxy(where, obj["AcceptProxy"])
     if "SendProxy" in obj and obj["SendProxy"] is not None:
         settings["sendProxy"] = _sendProxyVersion(where, obj["SendProxy"])
+    if "Balance" in obj:
+        balance = obj["Balance"]
+        if not isinstance(balance, str) or balance not in BALANCE_POLICIES:
+            close = []
+            if isinstance(balance, str):
+                close = difflib.get_close_matches(balance, BALANCE_POLICIES, n=1)
+            hint = f' (did you mean "{close[0]}"?)' if close else ""
+            raise where.error(
+                "Balance",
+                f"{_show(balance)} is not a balancing policy{hint}; use one of {', '.join(BALANCE_POLICIES)}",
+            )
+        settings["balance"] = balance
+    if "QueueTimeout" in obj:
+        settings["queueTimeout"] = _duration(where, "QueueTimeout", obj["QueueTimeout"])
+    if "SlowStart" in obj:
+        settings["slowStart"] = _duration(where, "SlowStart", obj["SlowStart"])
     return settings
 
 
@@ -752,27 +815,14 @@ def _parseApp(where: _Where, index: int, obj: object, defaults: dict | None = No
     targets: dict[Target, None] = {}
     targetSendProxy: list[tuple[Target, int]] = []
     for index, value in enumerate(_nonEmptyList(where, "Targets", obj["Targets"], '"host:port" targets')):
-        version = None
-        if isinstance(value, dict):
-            # The object form: {"Address": "host:port", "SendProxy": "v2"}.
-            within = _Within(where, f"Targets[{index + 1}]")
-            _checkKeys(within, value, _TARGET_KEYS, ("Address",))
-            if "SendProxy" in value and value["SendProxy"] is not None:
-                version = _sendProxyVersion(within, value["SendProxy"])
-            value = value["Address"]
-        if not isinstance(value, str):
-            raise where.error(
-                "Targets", f'{_show(value)} is not a "host:port" string (or an object with "Address")'
-            )
-        try:
-            target = parseTarget(value.strip())
-        except ValueError as e:
-            raise where.error("Targets", f"{_show(value)} {e}") from None
+        target, version = _parseTargetEntry(where, index, value)
         if target in targets:
             raise where.error("Targets", f"{_show(value)} is listed twice")
         targets[target] = None
         if version is not None:
             targetSendProxy.append((target, version))
+    if all(target.backup for target in targets):
+        raise where.error("Targets", "lists only backup targets; at least one must not be a backup")
 
     # "Defaults" was checked on its own, so a refusal here is the app's value.
     settings = _parseSettings(where, {**(defaults or {}), **obj})
@@ -781,6 +831,50 @@ def _parseApp(where: _Where, index: int, obj: object, defaults: dict | None = No
     if targetSendProxy:
         settings["targetSendProxy"] = tuple(targetSendProxy)
     return AppConfig(name, tuple(ports), tuple(targets), tls=tls, targetTLS=targetTLS, **settings)
+
+
+def _parseTargetEntry(where: _Where, index: int, value: object) -> tuple[Target, int | None]:
+    """
+    Entry C{index} (from 0) of C{"Targets"}: a C{"host:port"} string, or an
+    object C{{"Address": "host:port", "SendProxy": "v2", "Weight": 3,
+    "MaxConnections": 100, "Backup": false}}, only C{Address} required
+    (HAProxy's C{send-proxy-v2}, C{weight}, C{maxconn} and C{backup}
+    server options).
+
+    @return: the target, with its weight, limit and backup flag, and its
+        own C{SendProxy} version or C{None}.
+    """
+    version = None
+    extra: dict = {}
+    if isinstance(value, dict):
+        within = _Within(where, f"Targets[{index + 1}]")
+        _checkKeys(within, value, _TARGET_KEYS, ("Address",))
+        if "SendProxy" in value and value["SendProxy"] is not None:
+            version = _sendProxyVersion(within, value["SendProxy"])
+        if "Weight" in value:
+            weight = value["Weight"]
+            if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= MAX_WEIGHT:
+                raise within.error(
+                    "Weight", f"{_show(weight)} is not a whole number from 0 (no new clients) to {MAX_WEIGHT}"
+                )
+            extra["weight"] = weight
+        if value.get("MaxConnections") is not None:
+            extra["maxConnections"] = _count(within, "MaxConnections", value["MaxConnections"])
+        if "Backup" in value:
+            backup = value["Backup"]
+            if not isinstance(backup, bool):
+                raise within.error("Backup", f"{_show(backup)} is not true or false")
+            extra["backup"] = backup
+        value = value["Address"]
+    if not isinstance(value, str):
+        raise where.error(
+            "Targets", f'{_show(value)} is not a "host:port" string (or an object with "Address")'
+        )
+    try:
+        target = parseTarget(value.strip())
+    except ValueError as e:
+        raise where.error("Targets", f"{_show(value)} {e}") from None
+    return (dataclasses.replace(target, **extra) if extra else target), version
 
 
 class _Within(_Where):

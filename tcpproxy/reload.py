@@ -24,6 +24,7 @@ from tcpproxy.describe import quoted
 _KEYS = {
     "ports": "Ports",
     "targets": "Targets",
+    "targetSettings": "Targets",
     "connectTimeout": "ConnectTimeout",
     "tls": "TLS",
     "targetTLS": "TargetTLS",

@@ -425,12 +425,12 @@ class TargetRefusalTests(ConfigFileMixin, TestCase):
     def test_object(self) -> None:
         """
         A target written as an object has an C{"Address"} (and may have a
-        C{"SendProxy"}); anything else in it is refused, naming the key.
+        C{"SendProxy"}, a C{"Weight"}...); anything else in it is refused, naming the key.
         """
         self.assertRefused(
             document(app(Targets=[{"host": "h"}])),
             'app "web"',
-            'key "Targets[1].host": unknown key; known keys are Address, SendProxy',
+            'key "Targets[1].host": unknown key; known keys are Address, SendProxy, Weight, MaxConnections, Backup',
         )
 
     def test_noPort(self) -> None:
