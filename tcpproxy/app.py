@@ -15,9 +15,10 @@ from twisted.internet.protocol import Factory
 
 from tcpproxy import access
 from tcpproxy.access import END_DONE, END_NO_TARGET, END_OPEN, InterimRecords, formatFor
-from tcpproxy.balancer import IBalancer, RoundRobin
+from tcpproxy.balancer import IBalancer, balancerFor
 from tcpproxy.config import AppConfig
 from tcpproxy.dialer import FailoverDialer, IDialer, endpointForTarget
+from tcpproxy.dispatch import Dispatcher
 from tcpproxy.health import DEFAULT_FALL, DEFAULT_RISE, HealthTracker
 from tcpproxy.idle import IdleSweeper
 from tcpproxy.limits import REFUSED_DENIED, AcceptGate, ConnectionCounter, permitted
@@ -42,6 +43,8 @@ class ProxyServerFactory(Factory):
     @ivar gate: the proxy-wide L{AcceptGate}, if any.
     @ivar health: the app's L{HealthTracker}, if any.
     @ivar stats: the app's L{AppStats} (bytes, durations, targets' connects).
+    @ivar dispatcher: gives each client its dial, under the targets'
+        C{MaxConnections}, with the app's queue (L{Dispatcher}).
     """
 
     noisy = False
@@ -69,6 +72,7 @@ class ProxyServerFactory(Factory):
         self.interim = InterimRecords(clock, lambda: self.relays, self._logInterim)
         self.clientFactory = Factory.forProtocol(ProxyClientProtocol)
         self.clientFactory.noisy = False
+        self.dispatcher = Dispatcher(self)
         self.reconfigure(app, balancer, dialer, tls)
 
     def reconfigure(self, app: AppConfig, balancer: IBalancer, dialer: IDialer, tls: AppTLS | None) -> None:
@@ -91,6 +95,7 @@ class ProxyServerFactory(Factory):
             self.front = HeaderStageFactory(
                 app.acceptProxy, self.front, self.clock, self.logRefusal, self.counter.refusals, self.gate
             )
+        self.dispatcher.changed()
 
     def buildProtocol(self, addr) -> ProxyServerProtocol:
         protocol = ProxyServerProtocol()
@@ -152,6 +157,8 @@ class ProxyServerFactory(Factory):
         app to be idle.
         """
         self.relays.discard(relay)
+        if relay.target is not None:
+            self.dispatcher.ended(relay.target)
         self.counter.close(relay.clientHost)
         if self.gate is not None:
             self.gate.connectionClosed()
@@ -228,7 +235,7 @@ def buildApp(
     stats = AppStats(app.targets)
     return ProxyServerFactory(
         app,
-        RoundRobin(app.targets, health),
+        balancerFor(app, health, clock),
         buildDialer(app, tls, engine, health, stats),
         clock,
         tls=tls,
@@ -242,9 +249,10 @@ def updateApp(factory: ProxyServerFactory, app: AppConfig, tls: AppTLS, engine: 
     """
     Give a running app C{app}'s settings (a reload), for its new clients.
 
-    Targets that stay keep their health; the rotation goes on where it was
-    for them; the dialer is kept unless how it dials changed (timeout, TLS
-    towards the targets, or TLS files read anew).
+    Targets that stay keep their health and their count of active
+    connections; the rotation goes on where it was for them; the dialer is
+    kept unless how it dials changed (timeout, TLS towards the targets, or
+    TLS files read anew).
 
     @param tls: C{app}'s TLS, as loaded for this reload.
     """
@@ -252,8 +260,13 @@ def updateApp(factory: ProxyServerFactory, app: AppConfig, tls: AppTLS, engine: 
     factory.health.update(app.name, app.targets, *_healthSettings(app))
     factory.stats.keepTargets(app.targets)
     balancer = factory.balancer
-    if old.targets != app.targets:
-        balancer = balancer.withTargets(app.targets)
+    if (old.targets, old.targetSettings, old.balance, old.slowStart) != (
+        app.targets,
+        app.targetSettings,
+        app.balance,
+        app.slowStart,
+    ):
+        balancer = balancerFor(app, factory.health, factory.clock, balancer)
     dialer = factory.dialer
     if (old.connectTimeout, old.targetTLS, old.sendProxy, old.targetSendProxy) != (
         app.connectTimeout,

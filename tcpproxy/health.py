@@ -115,6 +115,9 @@ class HealthTracker:
         self.states: dict[Target, TargetHealth] = {}
         self._down: set[Target] = set()
         self._drained: set[Target] = set()
+        # When each target that came back up did (not at start-up): what
+        # a balancer's slow start ramps from.
+        self.recoveredAt: dict[Target, float] = {}
         self.update(app, targets, rise, fall)
 
     def update(self, app: str, targets: Sequence[Target], rise: int, fall: int) -> None:
@@ -128,6 +131,7 @@ class HealthTracker:
         self.states = {t: self.states.get(t) or TargetHealth() for t in targets}
         self._down = {t for t, state in self.states.items() if not state.up}
         self._drained = {t for t, state in self.states.items() if state.drained}
+        self.recoveredAt = {t: when for t, when in self.recoveredAt.items() if t in self.states}
 
     def isUp(self, target: Target) -> bool:
         state = self.states.get(target)
@@ -143,6 +147,13 @@ class HealthTracker:
         if state.drained:
             return DRAINING
         return UP if state.up else DOWN
+
+    @property
+    def allUsable(self) -> bool:
+        """
+        Whether every target is up and none drained: L{usable} keeps all.
+        """
+        return not self._down and not self._drained
 
     @property
     def allDrained(self) -> bool:
@@ -191,7 +202,7 @@ class HealthTracker:
         )
         return True
 
-    def usable(self, targets: Sequence[Target]) -> list[Target]:
+    def usable(self, targets: Sequence[Target], failOpen: bool = True) -> list[Target]:
         """
         The targets of C{targets} (in that order) a client may try now: the
         ones up, and a down one whose back-off is over (until a client
@@ -199,6 +210,9 @@ class HealthTracker:
         usable (fail open), but for the drained ones, which are never
         usable.  Nothing changes here: a client that connects to its first
         choice leaves the retry of a later one to the next client.
+
+        @param failOpen: C{False} to get an empty list when none is usable
+            (a balancer first looks for usable backup targets).
         """
         if not self._down and not self._drained:
             return list(targets)
@@ -211,7 +225,7 @@ class HealthTracker:
             state = self.states.get(target)
             if state is None or state.up or now >= state.retryAt:
                 usable.append(target)
-        return usable or list(targets)
+        return usable or (list(targets) if failOpen else usable)
 
     # Passive checks, from the dialer.
 
@@ -322,8 +336,10 @@ class HealthTracker:
         state.epoch += 1  # what was under way before says nothing of the new state
         if up:
             self._down.discard(target)
+            self.recoveredAt[target] = self.clock.seconds()
         else:
             self._down.add(target)
+            self.recoveredAt.pop(target, None)
         emit = self.log.info if up else self.log.warn
         emit(
             "app {app}: target {target} is {state}: {why}",

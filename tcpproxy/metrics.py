@@ -202,9 +202,11 @@ def refusals(factory: ProxyServerFactory) -> dict[str, int]:
 def openByTarget(factory: ProxyServerFactory) -> Counter[Target]:
     """
     The app's open connections, counted by the target they are relayed to
-    (read from the open relays, at scrape time).
+    (or being dialled): the counts its balancer keeps
+    (L{tcpproxy.balancer.Load}), which the policies and the targets'
+    C{MaxConnections} read too.
     """
-    return Counter(relay.target for relay in factory.relays if relay.target is not None)
+    return Counter(factory.balancer.load.counts)
 
 
 def bytesTotals(factory: ProxyServerFactory) -> tuple[int, int]:

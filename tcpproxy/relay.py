@@ -547,7 +547,7 @@ class ProxyServerProtocol(_RelaySide):
         if self.app.sendsProxy:
             # Its PROXY header goes first to the target (tcpproxy.proxysend).
             clientFactory = HeaderSource(clientFactory, self)
-        self._dialling = factory.dialer.dial(clientFactory, factory.balancer.order())
+        self._dialling = factory.dispatcher.dispatch(clientFactory, self.clientHost)
         self._dialling.addCallbacks(self._targetConnected, self._noTarget)
 
     def _refuse(self, reason: str) -> None:
