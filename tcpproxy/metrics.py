@@ -243,12 +243,13 @@ class ProxyCollector(Collector):
                 metric.add_metric(labelValues, value)
             return metric
 
-        accepted, active, refused, received, sent = [], [], [], [], []
+        accepted, active, refused, received, sent, queued = [], [], [], [], [], []
         tActive, tTotal, tErrors, tUp, tConnect, durations = [], [], [], [], [], []
         for factory in factories:
             app = factory.app.name
             accepted.append(([app], factory.counter.opened))
             active.append(([app], factory.counter.total))
+            queued.append(([app], len(factory.dispatcher.queue)))
             for reason, count in refusals(factory).items():
                 refused.append(([app, reason], count))
             bytesIn, bytesOut = bytesTotals(factory)
@@ -267,6 +268,13 @@ class ProxyCollector(Collector):
 
         yield family(CounterMetricFamily, "tcpproxy_connections", "Clients accepted.", ["app"], accepted)
         yield family(GaugeMetricFamily, "tcpproxy_connections_active", "Clients open now.", ["app"], active)
+        yield family(
+            GaugeMetricFamily,
+            "tcpproxy_queue_length",
+            "Clients waiting for a target below its MaxConnections.",
+            ["app"],
+            queued,
+        )
         yield family(
             CounterMetricFamily, "tcpproxy_refused", "Clients refused, by reason.", ["app", "reason"], refused
         )

@@ -194,6 +194,32 @@ class MetricsTests(AdminMixin, TestCase):
         yield self.ended(1)
 
     @inlineCallbacks
+    def test_queueLength(self):
+        """
+        A client waiting for a target below its C{MaxConnections} counts in
+        C{tcpproxy_queue_length}; the one served counts as its target's.
+        """
+        target = f"127.0.0.1:{echoBackend(self)}"
+        self.serve(self.document([{"Address": target, "MaxConnections": 1}], QueueTimeout=20))
+        factory = self.service.factories["web"]
+        first = yield connectClient(self.appPort)
+        second = yield connectClient(self.appPort)
+        yield eventually(lambda: len(factory.dispatcher.queue) == 1)
+        found = yield self.scrape()
+        self.assertEqual(found[("tcpproxy_queue_length", (("app", "web"),))], 1)
+        self.assertEqual(
+            found[("tcpproxy_target_connections_active", (("app", "web"), ("target", target)))], 1
+        )
+        first.transport.loseConnection()
+        yield first.lost
+        yield eventually(lambda: not factory.dispatcher.queue)
+        found = yield self.scrape()
+        self.assertEqual(found[("tcpproxy_queue_length", (("app", "web"),))], 0)
+        second.transport.loseConnection()
+        yield second.lost
+        yield self.ended(2)
+
+    @inlineCallbacks
     def test_refusals(self):
         """
         Clients refused by C{Deny} are counted as C{denied}, and none as accepted.
