@@ -817,7 +817,8 @@ def _parseApp(where: _Where, index: int, obj: object, defaults: dict | None = No
     for index, value in enumerate(_nonEmptyList(where, "Targets", obj["Targets"], '"host:port" targets')):
         target, version = _parseTargetEntry(where, index, value)
         if target in targets:
-            raise where.error("Targets", f"{_show(value)} is listed twice")
+            written = value["Address"] if isinstance(value, dict) else value
+            raise where.error("Targets", f"{_show(written)} is listed twice")
         targets[target] = None
         if version is not None:
             targetSendProxy.append((target, version))

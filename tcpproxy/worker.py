@@ -42,7 +42,7 @@ from twisted.internet.error import ReactorNotRunning
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger, globalLogBeginner
 
-from tcpproxy.config import AppConfig, ConfigError, ProxyConfig, parseConfigBytes, parseTarget
+from tcpproxy.config import AppConfig, ConfigError, ProxyConfig, Target, parseConfigBytes, parseTarget
 from tcpproxy.control import (
     CHUNK,
     AdoptPort,
@@ -77,13 +77,23 @@ def share(total: int | None, index: int, workers: int) -> int | None:
 def workerConfig(config: ProxyConfig, index: int, workers: int) -> ProxyConfig:
     """
     What worker C{index} (0-based) of C{workers} runs of C{config}: every
-    app and port, C{MaxConnections} (proxy-wide and per app) divided among
-    the workers (L{share}), and no admin endpoint (the main process serves
-    it, for all of them).
+    app and port, C{MaxConnections} (proxy-wide, per app and per target)
+    divided among the workers (L{share}), and no admin endpoint (the main
+    process serves it, for all of them).  (A client queued for a full
+    target waits for a slot of its own worker's share.)
     """
 
+    def target(target: Target) -> Target:
+        if target.maxConnections is None:
+            return target
+        return dataclasses.replace(target, maxConnections=share(target.maxConnections, index, workers))
+
     def app(app: AppConfig) -> AppConfig:
-        return dataclasses.replace(app, maxConnections=share(app.maxConnections, index, workers))
+        return dataclasses.replace(
+            app,
+            maxConnections=share(app.maxConnections, index, workers),
+            targets=tuple(map(target, app.targets)),
+        )
 
     return dataclasses.replace(
         config,

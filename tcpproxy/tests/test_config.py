@@ -430,7 +430,8 @@ class TargetRefusalTests(ConfigFileMixin, TestCase):
         self.assertRefused(
             document(app(Targets=[{"host": "h"}])),
             'app "web"',
-            'key "Targets[1].host": unknown key; known keys are Address, SendProxy, Weight, MaxConnections, Backup',
+            'key "Targets[1].host": unknown key; known keys are Address, SendProxy, Weight, '
+            "MaxConnections, Backup",
         )
 
     def test_noPort(self) -> None:
@@ -1217,3 +1218,97 @@ class AdminConfigTests(ConfigFileMixin, TestCase):
             ("127.0.0.1:9901", 'key "Admin": "127.0.0.1:9901" is not an object'),
         ]:
             self.assertRefused(document(Admin=value), fragment)
+
+
+class BalanceConfigTests(TestCase):
+    """
+    C{"Balance"}, C{"QueueTimeout"}, C{"SlowStart"}, and a target's
+    C{"Weight"}, C{"MaxConnections"} and C{"Backup"} (issue 15).
+    """
+
+    def refused(self, **keys) -> str:
+        from tcpproxy.config import ConfigError
+
+        error = self.assertRaises(ConfigError, parseConfig, document(app(**keys)), "c.json")
+        return str(error)
+
+    def test_accepted(self) -> None:
+        [web] = parseConfig(
+            document(
+                app(
+                    Targets=[
+                        "127.0.0.1:1",
+                        {"Address": "127.0.0.1:2", "Weight": 3, "MaxConnections": 10, "Backup": True},
+                        {"Address": "127.0.0.1:3", "Weight": 0},
+                    ],
+                    Balance="least-connections",
+                    QueueTimeout=2.5,
+                    SlowStart=30,
+                )
+            )
+        ).apps
+        self.assertEqual((web.balance, web.queueTimeout, web.slowStart), ("least-connections", 2.5, 30.0))
+        self.assertEqual(
+            [(t.port, t.weight, t.maxConnections, t.backup) for t in web.targets],
+            [(1, 1, None, False), (2, 3, 10, True), (3, 0, None, False)],
+        )
+        self.assertEqual(web.targetSettings, ((1, None, False), (3, 10, True), (0, None, False)))
+
+    def test_defaults(self) -> None:
+        """
+        The policy and the queue's timeout may be given for every app.
+        """
+        config = parseConfig(
+            document(
+                app("a", Ports=[1]),
+                app("b", Ports=[2], Balance="random"),
+                Defaults={"Balance": "source-hash"},
+            )
+        )
+        self.assertEqual([a.balance for a in config.apps], ["source-hash", "random"])
+        self.assertEqual(parseConfig(document()).apps[0].balance, "round-robin")
+
+    def test_sameAddressEqual(self) -> None:
+        """
+        A target is its address: with another weight it is the same target
+        (its health and counts carry over a reload), and the app differs.
+        """
+        one = parseConfig(document(app(Targets=[{"Address": "127.0.0.1:1", "Weight": 1}]))).apps[0]
+        two = parseConfig(document(app(Targets=[{"Address": "127.0.0.1:1", "Weight": 2}]))).apps[0]
+        self.assertEqual(one.targets, two.targets)
+        self.assertNotEqual(one, two)
+
+    def test_refusals(self) -> None:
+        for keys, expected in (
+            (
+                {"Balance": "leastconn"},
+                'c.json: app "web": key "Balance": "leastconn" is not a balancing policy '
+                '(did you mean "least-connections"?); use one of round-robin, least-connections, '
+                "power-of-two, source-hash, random",
+            ),
+            ({"Balance": 1}, 'key "Balance": 1 is not a balancing policy'),
+            ({"QueueTimeout": -1}, 'key "QueueTimeout": -1 must be 0 or more seconds'),
+            ({"SlowStart": "5"}, 'key "SlowStart": "5" is not a number of seconds'),
+            (
+                {"Targets": [{"Address": "127.0.0.1:1", "Weight": 257}]},
+                'key "Targets[1].Weight": 257 is not a whole number from 0 (no new clients) to 256',
+            ),
+            ({"Targets": [{"Address": "127.0.0.1:1", "Weight": 1.5}]}, 'key "Targets[1].Weight": 1.5'),
+            (
+                {"Targets": ["127.0.0.1:2", {"Address": "127.0.0.1:1", "MaxConnections": 0}]},
+                'key "Targets[2].MaxConnections": 0 is not a whole number of 1 or more',
+            ),
+            (
+                {"Targets": [{"Address": "127.0.0.1:1", "Backup": 1}]},
+                'key "Targets[1].Backup": 1 is not true or false',
+            ),
+            (
+                {"Targets": [{"Address": "127.0.0.1:1", "Backup": True}]},
+                'key "Targets": lists only backup targets; at least one must not be a backup',
+            ),
+            (
+                {"Targets": [{"Address": "127.0.0.1:1", "Wieght": 2}]},
+                'key "Targets[1].Wieght": unknown key (did you mean "Weight"?)',
+            ),
+        ):
+            self.assertIn(expected, self.refused(**keys), keys)

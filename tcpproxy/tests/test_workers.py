@@ -96,11 +96,19 @@ class ShareTests(TestCase):
                 Admin={"Listen": "127.0.0.1:9901"},
                 Apps=[
                     {"Name": "a", "Ports": [1, 2], "Targets": ["127.0.0.1:9"], "MaxConnections": 11},
-                    {"Name": "b", "Ports": [3], "Targets": ["127.0.0.1:9"]},
+                    {
+                        "Name": "b",
+                        "Ports": [3],
+                        "Targets": ["127.0.0.1:9", {"Address": "127.0.0.1:8", "MaxConnections": 5}],
+                    },
                 ],
             )
         )
         first, second = workerConfig(config, 0, 2), workerConfig(config, 1, 2)
+        self.assertEqual(
+            [[t.maxConnections for t in worker.apps[1].targets] for worker in (first, second)],
+            [[None, 3], [None, 2]],
+        )
         self.assertEqual((first.maxConnections, second.maxConnections), (51, 50))
         self.assertEqual((first.apps[0].maxConnections, second.apps[0].maxConnections), (6, 5))
         self.assertIsNone(first.apps[1].maxConnections)
