@@ -92,6 +92,12 @@ Seconds a stopping worker is given beyond C{DrainTimeout} before it is
 killed (C{SIGKILL}).
 """
 
+ASK_TIMEOUT = 2.0
+"""
+Seconds the admin endpoint waits for a worker's metrics or status before
+answering without them.
+"""
+
 CONFIG_FD, CONTROL_FD, LOG_FD = 5, 3, 4
 FIRST_LISTEN_FD = 6
 
@@ -523,6 +529,8 @@ class WorkerPool(Service):
         result: Deferred[bytes | None] = Deferred()
 
         def got(response: dict, offset: int) -> None:
+            if result.called:
+                return  # given up on (a timeout)
             parts.append(response["chunk"])
             offset += len(response["chunk"])
             if offset >= response["total"] or not response["chunk"]:
@@ -530,9 +538,13 @@ class WorkerPool(Service):
             else:
                 ask(response["token"], offset)
 
+        def failed(_: object) -> None:
+            if not result.called:
+                result.callback(None)
+
         def ask(token: int, offset: int) -> None:
             d = worker.control.callRemote(Fetch, what=what, token=token, offset=offset)
-            d.addCallbacks(got, lambda _: result.callback(None), callbackArgs=(offset,))
+            d.addCallbacks(got, failed, callbackArgs=(offset,))
 
         if worker.control.lost:
             return succeed(None)
@@ -540,8 +552,18 @@ class WorkerPool(Service):
         return result
 
     def gather(self, what: str) -> Deferred[list[tuple[WorkerProcess, bytes | None]]]:
+        """
+        Every live worker's metrics or status document; C{None} for a
+        worker that does not answer within L{ASK_TIMEOUT} seconds (one
+        stopped, or stuck: the admin endpoint still answers, without it).
+        """
         workers = self.live()
-        answers = [self.fetch(worker, what) for worker in workers]
+        answers = [
+            self.fetch(worker, what)
+            .addTimeout(ASK_TIMEOUT, self.reactor)
+            .addErrback(lambda _: None)
+            for worker in workers
+        ]
         return gatherResults(answers).addCallback(lambda results: list(zip(workers, results, strict=True)))
 
 

@@ -16,7 +16,7 @@ import socket
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
@@ -24,7 +24,7 @@ from twisted.trial.unittest import TestCase
 from tcpproxy.config import MAX_WORKERS, ConfigError, parseConfig, parseWorkers
 from tcpproxy.eventpipe import PipeObserver, decodeEvent
 from tcpproxy.listening import ListenError
-from tcpproxy.supervisor import STABLE, endOf
+from tcpproxy.supervisor import ASK_TIMEOUT, STABLE, endOf
 from tcpproxy.tests.loopback import captureEvents
 from tcpproxy.worker import WorkerService, share, workerConfig
 from tcpproxy.workerstats import mergeStatus, sumMetrics
@@ -456,3 +456,15 @@ class SupervisionTests(TestCase):
         self.successResultOf(stopped)
         self.reactor.advance(60)
         self.assertEqual(len(self.reactor.spawned), 2)
+
+    def test_askTimeout(self) -> None:
+        """
+        A worker that does not answer the admin endpoint's question in
+        time is left out of the answer, which comes anyway.
+        """
+        for protocol, _, _ in self.reactor.spawned:
+            protocol.control.makeConnection(StringTransport())
+        gathered = self.pool.gather("metrics")
+        self.assertNoResult(gathered)
+        self.reactor.advance(ASK_TIMEOUT)
+        self.assertEqual([text for _, text in self.successResultOf(gathered)], [None, None])
