@@ -131,6 +131,35 @@ class ProxyProtocolMixin(TLSServiceMixin):
         self.assertEqual((event["client"], event["reason"]), ("203.0.113.9:51000", "denied"))
 
     @inlineCallbacks
+    def test_perClientLimitUsesHeaderClient(self):
+        """
+        C{MaxConnectionsPerClient} counts the header's clients, not the
+        balancer they all come through.
+        """
+        backends, backendPort = self.backend()
+        app, port = self.app(backendPort, AcceptProxy={"From": ["127.0.0.1/32"]}, MaxConnectionsPerClient=1)
+        self.serve([app])
+        first = yield connectClient(port)
+        first.transport.write(HEADER_V1 + b"1")
+        target = yield backends.accepted.get()
+        yield eventually(lambda: bytes(target.data) == b"1")
+        again = yield connectClient(port)
+        again.transport.write(HEADER_V1.replace(b"51000", b"51001") + b"2")
+        self.assertEqual((yield again.readDone), b"")
+        again.transport.loseConnection()
+        other = yield connectClient(port)
+        other.transport.write(b"PROXY TCP4 203.0.113.10 10.0.0.1 51000 443\r\n3")
+        otherTarget = yield backends.accepted.get()
+        yield eventually(lambda: bytes(otherTarget.data) == b"3")
+        for side in (first, target, other, otherTarget):
+            side.transport.loseConnection()
+        yield self.idle()
+        refused = [e for e in accessEvents(self.events) if e.get("reason")]
+        self.assertEqual(
+            [(e["client"], e["reason"]) for e in refused], [("203.0.113.9:51001", "MaxConnectionsPerClient")]
+        )
+
+    @inlineCallbacks
     def test_malformedReachesNoTarget(self):
         backends, backendPort = self.backend()
         app, port = self.app(backendPort, AcceptProxy={"From": ["127.0.0.1/32"]})
