@@ -160,6 +160,37 @@ class ProxyProtocolMixin(TLSServiceMixin):
         )
 
     @inlineCallbacks
+    def test_sourceHashUsesHeaderClient(self):
+        """
+        C{"Balance": "source-hash"} keeps each of the header's clients on
+        one target, though every connection comes from the same balancer:
+        sixteen clients whose headers differ are spread over both targets,
+        each on its own target every time.
+        """
+        first, firstPort = self.backend()
+        second, secondPort = self.backend()
+        app, port = self.app(firstPort, AcceptProxy={"From": ["127.0.0.1/32"]}, Balance="source-hash")
+        app["Targets"].append(f"127.0.0.1:{secondPort}")
+        self.serve([app])
+        landed: dict[str, set[str]] = {}
+        for index in range(32):
+            client = f"203.0.113.{index % 16 + 1}"
+            before = len(first.protocols)
+            connection = yield connectClient(port)
+            connection.transport.write(f"PROXY TCP4 {client} 10.0.0.1 {50000 + index} 443\r\nx".encode())
+            yield eventually(lambda index=index: len(first.protocols) + len(second.protocols) == index + 1)
+            landed.setdefault(client, set()).add("first" if len(first.protocols) > before else "second")
+            connection.transport.loseConnection()
+        for backends in (first, second):
+            for target in backends.protocols:
+                target.transport.loseConnection()
+        yield self.idle()
+        self.assertEqual(len(landed), 16)
+        self.assertTrue(all(len(targets) == 1 for targets in landed.values()), landed)
+        # Hashed on the balancer's address, all would share one target.
+        self.assertEqual(set().union(*landed.values()), {"first", "second"})
+
+    @inlineCallbacks
     def test_malformedReachesNoTarget(self):
         backends, backendPort = self.backend()
         app, port = self.app(backendPort, AcceptProxy={"From": ["127.0.0.1/32"]})
