@@ -100,12 +100,18 @@ class BackendServer:
     one listening socket.
     """
 
-    def __init__(self, listener: socket.socket, slowRate: int = SLOW_RATE) -> None:
-        listener.setblocking(False)
-        self._listener = listener
+    def __init__(self, listener: socket.socket, slowRate: int = SLOW_RATE, more: tuple = ()) -> None:
+        """
+        @param more: more listening sockets served alike (the same loop
+            behind several ports, as several targets of one app).
+        """
+        self._listeners = {}
         self._slowRate = slowRate
         self._epoll = select.epoll()
-        self._epoll.register(listener.fileno(), _IN)
+        for each in (listener, *more):
+            each.setblocking(False)
+            self._listeners[each.fileno()] = each
+            self._epoll.register(each.fileno(), _IN)
         self._conns: dict[int, _Conn] = {}
         self._slow: set[int] = set()
         self._buffer = bytearray(_BUFFER)
@@ -116,7 +122,7 @@ class BackendServer:
         Serve until the process with pid C{parent} is gone (forever if
         C{None}).
         """
-        listenFd = self._listener.fileno()
+        listeners = self._listeners
         conns = self._conns
         buffer = self._buffer
         view = self._view
@@ -146,8 +152,8 @@ class BackendServer:
                         # Stop reading until the client takes what it was sent.
                         conn.pending = bytes(view[sent:n])
                         self._epoll.modify(fd, _OUT)
-                elif fd == listenFd:
-                    self._accept()
+                elif fd in listeners:
+                    self._accept(listeners[fd])
                 else:
                     self._ready(fd, events)
             now = time.monotonic()
@@ -157,10 +163,10 @@ class BackendServer:
                 if parent is not None and os.getppid() != parent:
                     return
 
-    def _accept(self) -> None:
+    def _accept(self, listener: socket.socket) -> None:
         for _ in range(_ACCEPT_BATCH):
             try:
-                sock, _ = self._listener.accept()
+                sock, _ = listener.accept()
             except BlockingIOError:
                 return
             except OSError as e:
@@ -303,13 +309,17 @@ class BackendProcess:
     The parent's handle on the backend process: bind, start, stop.
 
     @ivar address: where the backend listens, once started.
+    @ivar addresses: every port it listens on (C{ports} of them), the first
+        being L{address}.
     """
 
     address: tuple[str, int] | None = None
 
-    def __init__(self, cpus: frozenset[int] | None, host: str = "127.0.0.1") -> None:
+    def __init__(self, cpus: frozenset[int] | None, host: str = "127.0.0.1", ports: int = 1) -> None:
         self._cpus = cpus
         self._host = host
+        self._ports = ports
+        self.addresses: list[tuple[str, int]] = []
         self._process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 30.0) -> tuple[str, int]:
@@ -318,22 +328,27 @@ class BackendProcess:
 
         @raise NotReady: it did not answer.
         """
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listeners = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(self._ports)]
         try:
-            listener.bind((self._host, 0))
-            listener.listen(4096)
-            self.address = listener.getsockname()
+            for listener in listeners:
+                listener.bind((self._host, 0))
+                listener.listen(4096)
+            self.addresses = [listener.getsockname() for listener in listeners]
+            self.address = self.addresses[0]
+            fds = [str(listener.fileno()) for listener in listeners]
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "bench.backends", "--fd", str(listener.fileno())],
-                pass_fds=[listener.fileno()],
+                [sys.executable, "-m", "bench.backends", *(arg for fd in fds for arg in ("--fd", fd))],
+                pass_fds=[listener.fileno() for listener in listeners],
                 env=checkoutEnvironment(),
                 stdin=subprocess.DEVNULL,
                 preexec_fn=childSetup(self._cpus),
                 start_new_session=True,
             )
         finally:
-            listener.close()
-        waitUntilEchoing(self.address, timeout, self.alive)
+            for listener in listeners:
+                listener.close()
+        for address in self.addresses:
+            waitUntilEchoing(address, timeout, self.alive)
         return self.address
 
     @property
@@ -356,12 +371,14 @@ class BackendProcess:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.backends")
-    parser.add_argument("--fd", type=int, required=True, help="a listening TCP socket to serve")
+    parser.add_argument(
+        "--fd", type=int, required=True, action="append", help="a listening TCP socket to serve (repeatable)"
+    )
     parser.add_argument("--slow-rate", type=int, default=SLOW_RATE, help="bytes/s for slow readers")
     options = parser.parse_args(argv)
-    listener = socket.socket(fileno=options.fd)
+    listener, *more = (socket.socket(fileno=fd) for fd in options.fd)
     try:
-        BackendServer(listener, options.slow_rate).serve(parent=os.getppid())
+        BackendServer(listener, options.slow_rate, tuple(more)).serve(parent=os.getppid())
     except KeyboardInterrupt:
         pass
     sys.exit(0)
