@@ -8,7 +8,7 @@ client on one target.
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from tcpproxy.app import ProxyServerFactory
+from tcpproxy.app import ProxyServerFactory, buildApp, updateApp
 from tcpproxy.balancer import balancerFor
 from tcpproxy.config import parseConfig
 from tcpproxy.dialer import FailoverDialer
@@ -21,6 +21,7 @@ from tcpproxy.tests.loopback import (
     listen,
     listenProxy,
 )
+from tcpproxy.tls import loadAppTLS
 
 
 class BalanceLoopbackTests(TestCase):
@@ -129,6 +130,50 @@ class BalanceLoopbackTests(TestCase):
             for protocol in b.protocols:
                 protocol.transport.loseConnection()
         self.assertEqual(sorted(len(b.protocols) for b, _ in backends), [0, 0, 6])
+
+    @inlineCallbacks
+    def test_reload(self):
+        """
+        A reload (the service's L{updateApp}) that changes the policy and
+        raises a target's limit keeps the count of its open connection, and
+        serves the client that was waiting for a slot at once.
+        """
+        from twisted.internet import reactor
+
+        backend, backendPort = self.backend()
+
+        def config(limit, policy):
+            target = {"Address": f"127.0.0.1:{backendPort}", "MaxConnections": limit}
+            document = {
+                "Apps": [
+                    {"Name": "app", "Ports": [1], "Targets": [target], "QueueTimeout": 30, "Balance": policy}
+                ]
+            }
+            return parseConfig(document).apps[0]
+
+        app = config(1, "round-robin")
+        engine = engineFor(self)
+        factory = buildApp(app, loadAppTLS(app, "<config>"), engine, reactor)
+        port = listenProxy(self, factory)
+        self.addCleanup(factory.whenIdle)
+        first = yield connectClient(port)
+        served = yield backend.accepted.get()
+        second = yield connectClient(port)
+        second.transport.write(b"waited")
+        yield eventually(lambda: len(factory.dispatcher.queue) == 1)
+        before = factory.balancer
+        following = config(2, "least-connections")
+        updateApp(factory, following, loadAppTLS(following, "<config>"), engine)
+        self.assertIsNot(factory.balancer, before)
+        self.assertEqual(type(factory.balancer).__name__, "LeastConnections")
+        servedLater = yield backend.accepted.get()
+        yield eventually(lambda: bytes(servedLater.data) == b"waited")
+        self.assertEqual(list(factory.balancer.load.counts.values()), [2])
+        for client, end in ((first, served), (second, servedLater)):
+            client.transport.loseConnection()
+            yield end.readDone
+            end.transport.loseConnection()
+        yield eventually(lambda: not factory.balancer.load.counts)
 
 
 class TwistedBalanceLoopbackTests(BalanceLoopbackTests):
