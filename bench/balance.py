@@ -18,7 +18,9 @@ and the load generator to the others (as C{python -m bench} does).
 
 Every client connects from 127.0.0.1, so C{source-hash} sends them all to
 one target: the hash is computed for each all the same, which is what is
-measured.
+measured; C{round-robin-one}, round-robin with every client on one target
+too (the two others weigh 0), is the control for what that concentration
+costs by itself (fewer events handled per wake-up of the proxy).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from bench.proxies import _twistd, freePort
 from bench.system import checkoutEnvironment, childSetup, planCpus, processCpuSeconds, raiseFileLimit
 
 LOOPBACK = "127.0.0.1"
-POLICIES = ("round-robin", "least-connections", "source-hash")
+POLICIES = ("round-robin", "least-connections", "source-hash", ONE_TARGET := "round-robin-one")
 MORE_POLICIES = ("power-of-two", "random")
 
 
@@ -61,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         backend.start()
         targets = [f"{host}:{port}" for host, port in backend.addresses]
+        # The control: round-robin with every client on one target (the
+        # others weigh 0), as source-hash sends them all from 127.0.0.1.
+        oneTarget = [targets[0], *({"Address": t, "Weight": 0} for t in targets[1:])]
         ports = {policy: freePort() for policy in policies}
         config = {
             "BindAddress": LOOPBACK,
@@ -68,9 +73,9 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     "Name": policy,
                     "Ports": [ports[policy]],
-                    "Targets": targets,
+                    "Targets": targets if policy != ONE_TARGET else oneTarget,
                     "AccessLog": False,
-                    "Balance": policy,
+                    "Balance": policy if policy != ONE_TARGET else "round-robin",
                 }
                 for policy in policies
             ],
