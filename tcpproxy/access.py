@@ -318,8 +318,11 @@ def logConnection(app: str, record: IConnectionRecord, end: str, duration: float
         sni = "SNI {sni}" if tlsFields.get("sni") else "no SNI"
         tls = " ({tlsVersion} {cipher}, " + sni + ")"
     what = "open for {duration:.3f}s" if end == END_OPEN else "{end} after {duration:.3f}s"
+    # A client no target served (none answered, or it left while they were
+    # dialled) has no "-> target" part, as a refusal has none.
+    via = ": " if record.target is None else " -> {target}: "
     text = (
-        "[{connectionId}] {client} -> {app}:{port}" + tls + " -> {target}: " + what + ", "
+        "[{connectionId}] {client} -> {app}:{port}" + tls + via + what + ", "
         "{bytesIn} bytes in, {bytesOut} bytes out" + ("; failed: {failed}" if failures else "")
     )
     fields = {

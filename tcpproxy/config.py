@@ -1120,7 +1120,7 @@ def _parseAdmin(where: _Where, value: object) -> AdminConfig:
     networks.
     """
     within = _Within(where, "Admin")
-    obj = _object(where, "Admin", value, 'an object like {"Listen": "127.0.0.1:9901"}')
+    obj = _object(where, "Admin", value, 'admin endpoint settings, like {"Listen": "127.0.0.1:9901"}')
     _checkKeys(within, obj, _ADMIN_KEYS, ("Listen",))
     listen = obj["Listen"]
     try:

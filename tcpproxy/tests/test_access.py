@@ -91,6 +91,24 @@ class FormatTests(_AppMixin, SynchronousTestCase):
             "5 bytes in, 2 bytes out; failed: 127.0.0.1:7002: connection refused",
         )
 
+    def test_textNoTarget(self):
+        """
+        The text line of a client no target served names no target (it
+        is the refusal's shape, C{client -> app:port: what}), not
+        C{-> None}.
+        """
+        self.serve()
+        server, _ = self.connectClient()
+        self.dialer.calls[0][1].errback(NoTargetAvailable([(A, "connection refused")]))
+        server.connectionLost(Failure(ConnectionDone()))
+        [event] = self.events
+        self.assertEqual(
+            formatEvent(event),
+            f"[{server.connectionId}] 127.0.0.1:40000 -> web:5001: no target after 0.000s, "
+            "0 bytes in, 0 bytes out; failed: 127.0.0.1:7001: connection refused",
+        )
+        self.assertIsNone(event["target"])
+
     def test_json(self):
         """
         With C{"json"}, the line is one JSON object with every field, in

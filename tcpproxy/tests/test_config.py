@@ -1215,7 +1215,11 @@ class AdminConfigTests(ConfigFileMixin, TestCase):
                 {"Listen": "127.0.0.1:9901", "Allow": ["nope"]},
                 'key "Admin.Allow": "nope" is not an IPv4 or IPv6',
             ),
-            ("127.0.0.1:9901", 'key "Admin": "127.0.0.1:9901" is not an object'),
+            (
+                "127.0.0.1:9901",
+                'key "Admin": "127.0.0.1:9901" is not an object of admin endpoint settings, '
+                'like {"Listen": "127.0.0.1:9901"}',
+            ),
         ]:
             self.assertRefused(document(Admin=value), fragment)
 
