@@ -158,6 +158,19 @@ class AdminResource(Resource):
         ProcessCollector(namespace="", registry=self.registry)
 
     def render(self, request) -> bytes:
+        """
+        The page C{request} asks for; to a C{HEAD}, the status and headers
+        of the C{GET} with its C{Content-Length}, and no body (RFC 9110
+        section 9.3.2): twisted.web would drop a body itself, but log a
+        warning for each such request.
+        """
+        body = self._render(request)
+        if request.method == b"HEAD":
+            request.setHeader(b"content-length", b"%d" % len(body))
+            return b""
+        return body
+
+    def _render(self, request) -> bytes:
         if not allowed(request.getClientAddress().host, self.allow):
             return self._answer(
                 request, 403, "forbidden: this address is not in the admin endpoint's Allow\n"

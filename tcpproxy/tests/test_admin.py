@@ -414,6 +414,30 @@ class ReadinessTests(AdminMixin, TestCase):
             yield request(self.url("/live"))
 
 
+    @inlineCallbacks
+    def test_head(self):
+        """
+        A C{HEAD} (as a monitoring check makes) is answered with the
+        status and the length of the page a C{GET} gets, no body, and no
+        warning in the log (twisted.web logs one for every resource that
+        returns a body to a C{HEAD}).
+        """
+        self.serve(self.document([f"127.0.0.1:{echoBackend(self)}"]))
+        from twisted.web.http_headers import Headers
+
+        webEvents = captureEvents(self, "twisted.web")
+        for path, code in [("/ready", 200), ("/live", 200), ("/nope", 404), ("/metrics", 200)]:
+            response = yield Agent(reactor).request(b"HEAD", self.url(path).encode("ascii"), Headers())
+            body = yield readBody(response)
+            self.assertEqual((response.code, body), (code, b""), path)
+            if path != "/metrics":
+                _, text, _ = yield request(self.url(path))
+                self.assertEqual(
+                    response.headers.getRawHeaders(b"content-length"), [str(len(text)).encode()], path
+                )
+        self.assertEqual([e["log_format"] for e in webEvents if "HEAD" in e.get("log_format", "")], [])
+
+
 class TargetControlTests(AdminMixin, TestCase):
     @inlineCallbacks
     def test_drainAndReady(self):
