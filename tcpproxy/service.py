@@ -21,7 +21,7 @@ from zope.interface import implementer
 from tcpproxy.admin import AdminServer
 from tcpproxy.app import ProxyServerFactory, buildApp
 from tcpproxy.applying import Reloader, ReloadResult, owner
-from tcpproxy.config import AppConfig, ProxyConfig, loadConfig
+from tcpproxy.config import DEFAULT_BALANCE, AppConfig, ProxyConfig, Target, loadConfig
 from tcpproxy.describe import quoted
 from tcpproxy.dialer import endpointForTarget
 from tcpproxy.health import HealthChecker
@@ -231,7 +231,9 @@ class ProxyService(Service):
                 ports=list(app.ports),
                 targets=[str(t) for t in app.targets],
                 portList=", ".join(map(str, app.ports)) + (" (TLS)" if app.tls else ""),
-                targetList=", ".join(map(str, app.targets)) + (" (TLS)" if app.targetTLS else ""),
+                targetList=", ".join(map(_describeTarget, app.targets))
+                + (" (TLS)" if app.targetTLS else "")
+                + (f", {app.balance}" if app.balance != DEFAULT_BALANCE else ""),
             )
         self._budgetDescriptors(limit)
         self.admin.start()
@@ -358,3 +360,18 @@ class ProxyService(Service):
         )
         for factory in self._allFactories():
             factory.abortAll()
+
+
+def _describeTarget(target: Target) -> str:
+    """
+    A target as the start-up line names it: its address, and what its
+    object form set (C{weight 3}, C{at most 100}, C{backup}).
+    """
+    settings = []
+    if target.weight != 1:
+        settings.append(f"weight {target.weight}")
+    if target.maxConnections is not None:
+        settings.append(f"at most {target.maxConnections}")
+    if target.backup:
+        settings.append("backup")
+    return f"{target} ({', '.join(settings)})" if settings else str(target)

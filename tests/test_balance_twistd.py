@@ -44,6 +44,9 @@ class BalanceTwistdTests(TestCase):
         """
         first, second = f"127.0.0.1:{self.first}", f"127.0.0.1:{self.second}"
         self.start(self.app([{"Address": first, "Weight": 3}, second]))
+        self.assertTrue(
+            linesWith(self.twistd.stdout(), f"relaying to {first} (weight 3), {second}"), self.twistd.stdout()
+        )
 
         def served(count: int) -> tuple[int, int]:
             """
@@ -73,7 +76,15 @@ class BalanceTwistdTests(TestCase):
         (logged), and is echoed what it sent when the first leaves.
         """
         self.start(
-            self.app([{"Address": f"127.0.0.1:{self.first}", "MaxConnections": 1}], QueueTimeout=30)
+            self.app(
+                [{"Address": f"127.0.0.1:{self.first}", "MaxConnections": 1}],
+                QueueTimeout=30,
+                Balance="least-connections",
+            )
+        )
+        self.assertTrue(
+            linesWith(self.twistd.stdout(), f"to 127.0.0.1:{self.first} (at most 1), least-connections"),
+            self.twistd.stdout(),
         )
         held = connect(self.port)
         held.sendall(b"first")
