@@ -283,7 +283,7 @@ class ProxyCollector(Collector):
         yield family(
             GaugeMetricFamily,
             "tcpproxy_target_connections_active",
-            "Connections open to the target now.",
+            "Connections open to the target now (those being dialled included).",
             ["app", "target"],
             tActive,
         )
