@@ -33,6 +33,7 @@ from twisted.internet.abstract import isIPv6Address
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -268,8 +269,66 @@ class AdminResource(Resource):
         )
 
 
+MAX_ALLOWED_CONNECTIONS = 16
+"""
+Connections open at once to the admin endpoint from clients in C{Allow}:
+Prometheus keeps one, a browser up to six per host (the HTML living
+standard's usual limit), an operator's C{curl} one each.
+"""
+
+MAX_OTHER_CONNECTIONS = 4
+"""
+Connections open at once from clients outside C{Allow} (each gets its 403):
+few, so that they can take neither the descriptors the relay needs nor the
+places of the allowed clients.
+"""
+
+MAX_CONNECTIONS = MAX_ALLOWED_CONNECTIONS + MAX_OTHER_CONNECTIONS
+"""
+Descriptors the admin endpoint's clients may hold at most: kept out of the
+relay's descriptor budget (L{tcpproxy.limits.descriptorBudget}).
+"""
+
+
+class _AdminChannel(HTTPChannel):
+    """
+    An HTTP connection to the admin endpoint, counted by its site while open.
+    """
+
+    counted: str | None = None
+
+    def connectionLost(self, reason) -> None:
+        if self.counted is not None:
+            self.site.open[self.counted] -= 1
+            self.counted = None
+        HTTPChannel.connectionLost(self, reason)
+
+
 class _AdminSite(Site):
+    """
+    The admin endpoint's site: at most L{MAX_ALLOWED_CONNECTIONS} clients
+    in C{Allow} and L{MAX_OTHER_CONNECTIONS} others open at once; one more
+    is closed as soon as it is accepted.  Without a cap, idle connections
+    (a scanner, a stuck scraper) would each hold a descriptor until
+    twisted.web's idle timeout, outside the relay's descriptor budget, and
+    could leave the proxy none to accept its own clients with.
+    """
+
     noisy = False
+    protocol = _AdminChannel
+
+    def __init__(self, resource: AdminResource) -> None:
+        Site.__init__(self, resource)
+        self.open = {"allowed": 0, "other": 0}
+
+    def buildProtocol(self, addr):
+        kind = "allowed" if allowed(addr.host, self.resource.allow) else "other"
+        if self.open[kind] >= (MAX_ALLOWED_CONNECTIONS if kind == "allowed" else MAX_OTHER_CONNECTIONS):
+            return None
+        channel = Site.buildProtocol(self, addr)
+        channel.counted = kind
+        self.open[kind] += 1
+        return channel
 
     def logPrefix(self) -> str:
         return "admin endpoint"

@@ -18,6 +18,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from tcpproxy.admin import MAX_CONNECTIONS as ADMIN_MAX_CONNECTIONS
 from tcpproxy.admin import AdminServer
 from tcpproxy.app import ProxyServerFactory, buildApp
 from tcpproxy.applying import Reloader, ReloadResult, owner
@@ -26,6 +27,7 @@ from tcpproxy.describe import quoted
 from tcpproxy.dialer import endpointForTarget
 from tcpproxy.health import HealthChecker
 from tcpproxy.limits import (
+    DESCRIPTOR_MARGIN,
     DESCRIPTORS_PER_CONNECTION,
     AcceptGate,
     descriptorBudget,
@@ -250,7 +252,8 @@ class ProxyService(Service):
         inUse = openDescriptors()
         if inUse is None or limit in (resource.RLIM_INFINITY, -1):
             return
-        budget = descriptorBudget(limit, inUse)
+        margin = DESCRIPTOR_MARGIN + (ADMIN_MAX_CONNECTIONS if self.config.admin is not None else 0)
+        budget = descriptorBudget(limit, inUse, margin)
         self.gate.setBudget(budget)
         if self.config.maxConnections is None or budget < self.config.maxConnections:
             self.log.info(

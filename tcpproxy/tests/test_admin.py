@@ -12,6 +12,7 @@ import os
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionRefusedError
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, readBody
@@ -413,7 +414,6 @@ class ReadinessTests(AdminMixin, TestCase):
         with self.assertRaises(ConnectionRefusedError):
             yield request(self.url("/live"))
 
-
     @inlineCallbacks
     def test_head(self):
         """
@@ -436,6 +436,56 @@ class ReadinessTests(AdminMixin, TestCase):
                     response.headers.getRawHeaders(b"content-length"), [str(len(text)).encode()], path
                 )
         self.assertEqual([e["log_format"] for e in webEvents if "HEAD" in e.get("log_format", "")], [])
+
+
+class ConnectionCapTests(AdminMixin, TestCase):
+    @inlineCallbacks
+    def idle(self, count: int, source: str) -> list[Collector]:
+        clients = []
+        for _ in range(count):
+            endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.adminPort, bindAddress=(source, 0))
+            clients.append((yield connectProtocol(endpoint, Collector())))
+        return clients
+
+    @inlineCallbacks
+    def test_idleConnectionsCapped(self):
+        """
+        Idle connections to the admin endpoint are capped, those of clients
+        outside C{Allow} apart, so that neither they nor a stuck scraper
+        can take the descriptors the relay needs, nor outsiders the places
+        of allowed clients: one more is closed at once, and a place freed
+        is taken again.
+        """
+        from tcpproxy.admin import MAX_ALLOWED_CONNECTIONS, MAX_OTHER_CONNECTIONS
+
+        self.serve(
+            self.document(
+                [f"127.0.0.1:{echoBackend(self)}"],
+                admin={"Listen": f"127.0.0.1:{self.adminPort}", "Allow": ["127.0.0.1/32"]},
+            )
+        )
+        others = yield self.idle(MAX_OTHER_CONNECTIONS + 1, "127.0.0.2")
+        received = yield others[-1].readDone
+        self.assertEqual(received, b"")
+        allowed = yield self.idle(MAX_ALLOWED_CONNECTIONS + 1, "127.0.0.1")
+        yield allowed[-1].readDone
+        self.assertEqual(
+            [c.readDone.called for c in allowed[:-1] + others[:-1]],
+            [False] * (len(allowed) + len(others) - 2),
+        )
+        allowed[0].transport.loseConnection()
+        yield allowed[0].lost
+
+        @inlineCallbacks
+        def served():
+            code, text, _ = yield request(self.url("/live"))
+            return code, text
+
+        # The freed place is taken again once the endpoint has seen the close.
+        result = yield served()
+        self.assertEqual(result, (200, "live\n"))
+        for client in allowed[1:-1] + others[:-1]:
+            client.transport.loseConnection()
 
 
 class TargetControlTests(AdminMixin, TestCase):
