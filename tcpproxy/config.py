@@ -545,11 +545,27 @@ def dnsNameProblem(name: str) -> str | None:
     return None
 
 
+def canonicalIPv6(address: str) -> str:
+    """
+    The one text form of an IPv6 address (RFC 5952 section 4: lower-case,
+    leading zeros dropped, the longest run of zero groups compressed;
+    section 5: an IPv4-mapped address ends in its dotted IPv4 address), so
+    that C{"[0:0::1]:80"} and C{"[::1]:80"} are one target, as
+    C{"Backend.:80"} and C{"backend:80"} are (L{normalName}).
+
+    @param address: an IPv6 address without zone id.
+    """
+    parsed = ipaddress.IPv6Address(address)
+    mapped = parsed.ipv4_mapped
+    return f"::ffff:{mapped}" if mapped is not None else parsed.compressed
+
+
 def parseTarget(text: str) -> Target:
     """
     Parse C{"host:port"}, C{"1.2.3.4:port"} or C{"[::1]:port"}.
 
-    A hostname is kept in its L{normalName} form.  Refused, because they
+    A hostname is kept in its L{normalName} form, an IPv6 address in its
+    L{canonicalIPv6} form.  Refused, because they
     cannot be dialled: an IPv6 address with a zone id (C{"[fe80::1%eth0]"}:
     the endpoints do not pass a scope on), and a name L{dnsNameProblem}
     finds fault with.
@@ -570,6 +586,7 @@ def parseTarget(text: str) -> Target:
                 f"has {host!r}, an IPv6 address with a zone id, which is not supported "
                 "(give an address that needs no zone)"
             )
+        host = canonicalIPv6(host)
         kind = IPV6
     else:
         written, sep, portText = text.rpartition(":")

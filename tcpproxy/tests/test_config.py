@@ -539,6 +539,26 @@ class TargetRefusalTests(ConfigFileMixin, TestCase):
             '"BACKEND.internal.:80" is listed twice',
         )
 
+    def test_ipv6AsWritten(self) -> None:
+        """
+        An IPv6 address is kept in its one text form (RFC 5952: lower-case,
+        zeros compressed, an IPv4-mapped address with its IPv4 part dotted),
+        so that two spellings of one address are a duplicate, and metrics
+        labels and the admin endpoint's target names do not depend on how
+        it was written.
+        """
+        loaded = parseConfig(
+            document(app(Targets=["[2001:DB8:0:0::1]:80", "[::FFFF:7f00:1]:81", "[0:0:0:0:0:0:0:1]:82"]))
+        )
+        self.assertEqual(
+            [str(t) for t in loaded.apps[0].targets],
+            ["[2001:db8::1]:80", "[::ffff:127.0.0.1]:81", "[::1]:82"],
+        )
+        self.assertRefused(
+            document(app(Targets=["[::1]:80", "[0:0::1]:80"])),
+            '"[0:0::1]:80" is listed twice',
+        )
+
     def test_listedTwice(self) -> None:
         self.assertRefused(
             document(app(Targets=["127.0.0.1:9090", "127.0.0.1:9091", "127.0.0.1:9090"])),
