@@ -21,6 +21,7 @@ relay does nothing for the admin endpoint between two requests.
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import json
 import socket
@@ -35,7 +36,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
 
 from tcpproxy.config import AdminConfig, Network, parseTarget
 from tcpproxy.listening import bindAll
@@ -290,6 +291,31 @@ relay's descriptor budget (L{tcpproxy.limits.descriptorBudget}).
 """
 
 
+MAX_BODY = 64 * 1024
+"""
+Bytes of a request's body kept: no page reads a body.
+"""
+
+
+class _AdminRequest(Request):
+    """
+    A request to the admin endpoint: its body is kept in memory up to
+    L{MAX_BODY} and the rest dropped as it arrives.  twisted.web would
+    write a body over 100,000 bytes to a temporary file, whole, before the
+    page (and C{Allow}) is even looked at: any client that can connect,
+    allowed or not, could fill the disk with a C{POST} of a large
+    C{Content-Length}.
+    """
+
+    def gotLength(self, length: int | None) -> None:
+        self.content = io.BytesIO()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        room = MAX_BODY - self.content.tell()
+        if room > 0:
+            self.content.write(data[:room])
+
+
 class _AdminChannel(HTTPChannel):
     """
     An HTTP connection to the admin endpoint, counted by its site while open.
@@ -316,6 +342,7 @@ class _AdminSite(Site):
 
     noisy = False
     protocol = _AdminChannel
+    requestFactory = _AdminRequest
 
     def __init__(self, resource: AdminResource) -> None:
         Site.__init__(self, resource)

@@ -488,6 +488,54 @@ class ConnectionCapTests(AdminMixin, TestCase):
             client.transport.loseConnection()
 
 
+class RequestBodyTests(AdminMixin, TestCase):
+    @inlineCallbacks
+    def test_largeBodyNotStored(self):
+        """
+        A C{POST} with a large body, from a client outside C{Allow}, is
+        answered 403 without its body being written anywhere (twisted.web
+        writes a body over 100,000 bytes to a temporary file before any
+        page is asked): no temporary file, at most L{MAX_BODY} bytes kept.
+        """
+        import tempfile
+
+        from tcpproxy.admin import MAX_BODY, _AdminRequest
+
+        files = []
+        realFile = tempfile.TemporaryFile
+
+        def temporaryFile(*args, **kwargs):
+            files.append(args)
+            return realFile(*args, **kwargs)
+
+        self.patch(tempfile, "TemporaryFile", temporaryFile)
+        kept = []
+        handleContentChunk = _AdminRequest.handleContentChunk
+
+        def spy(request, data):
+            handleContentChunk(request, data)
+            kept.append(request.content.tell())
+
+        self.patch(_AdminRequest, "handleContentChunk", spy)
+        self.serve(
+            self.document(
+                [f"127.0.0.1:{echoBackend(self)}"],
+                admin={"Listen": f"127.0.0.1:{self.adminPort}", "Allow": ["127.0.0.1/32"]},
+            )
+        )
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.adminPort, bindAddress=("127.0.0.2", 0))
+        client = yield connectProtocol(endpoint, Collector())
+        body = b"x" * (4 * 1024 * 1024)
+        client.transport.write(
+            b"POST /apps/web/targets/127.0.0.1:1/drain HTTP/1.1\r\nHost: a\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body) + body
+        )
+        answer = yield client.readDone
+        self.assertTrue(answer.startswith(b"HTTP/1.1 403 "), answer[:100])
+        self.assertEqual(files, [])
+        self.assertEqual(max(kept), MAX_BODY)
+
+
 class TargetControlTests(AdminMixin, TestCase):
     @inlineCallbacks
     def test_drainAndReady(self):
