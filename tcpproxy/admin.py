@@ -98,7 +98,8 @@ def statusOf(service: ProxyService) -> dict:
         open = openByTarget(factory)
         bytesIn, bytesOut = bytesTotals(factory)
         targets = []
-        for target in app.targets:
+        # The targets as they run: with those found in DNS.
+        for target in factory.app.targets:
             stats = factory.stats.targets.get(target)
             last = stats.lastError if stats is not None else None
             targets.append(

@@ -85,6 +85,7 @@ class ProxyServerFactory(Factory):
         the connections are still this app's to drain.
         """
         self.app = app
+        self.tls = tls
         self.balancer = balancer
         self.dialer = dialer
         self.front: IProtocolFactory = self

@@ -147,7 +147,8 @@ class Reloader:
         tls = {
             app.name: loadAppTLS(app, new.source)
             for app in new.apps
-            if app.name not in service.factories or service.factories[app.name].app != app
+            if app.name not in service.factories
+            or service.factories[app.name].app != service.discovery.runtime(app)
         }
 
         # Everything that can fail comes first, so a failure can still be
@@ -176,7 +177,10 @@ class Reloader:
         running = withoutPorts(dataclasses.replace(new, bindAddress=address, admin=admin), failed)
 
         # Apps before ports, so that a port always finds its app's factory.
+        service.discovery.setServers(new.resolvers)
         for app in running.apps:
+            # As it runs: with the targets found in DNS (tcpproxy.discovery).
+            app = service.discovery.track(app)
             factory = service.factories.get(app.name)
             if factory is None:
                 service.factories[app.name] = service.newFactory(app, tls[app.name])
@@ -198,6 +202,7 @@ class Reloader:
                 if restartChecks:
                     service.startChecks(app)
         for app in plan.removedApps:
+            service.discovery.forget(app.name)
             service.stopChecks(app.name)
             self._retire(service.factories.pop(app.name))
         service.gate.setMaximum(new.maxConnections)

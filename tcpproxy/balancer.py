@@ -164,8 +164,9 @@ class _Balancer:
         @param clock: an L{IReactorTime}, read only for slow start.
         @param rng: the source of randomness (a seeded one in tests).
         """
-        if not targets:
-            raise ValueError("a balancer needs at least one target")
+        # No target at all is an app whose targets come from DNS and are
+        # not found (yet, or any more): its clients are refused with
+        # "no target" (tcpproxy.discovery).
         self._targets = tuple(targets)
         self._primaries = tuple(t for t in self._targets if not t.backup)
         self._backups = tuple(t for t in self._targets if t.backup)

@@ -64,7 +64,16 @@ IPV4 = "ipv4"
 IPV6 = "ipv6"
 HOSTNAME = "hostname"
 
-_TOP_KEYS = ("Apps", "BindAddress", "DrainTimeout", "Defaults", "MaxConnections", "Admin", "Workers")
+_TOP_KEYS = (
+    "Apps",
+    "BindAddress",
+    "DrainTimeout",
+    "Defaults",
+    "MaxConnections",
+    "Admin",
+    "Workers",
+    "Resolvers",
+)
 _ADMIN_KEYS = ("Listen", "Allow")
 _APP_KEYS = (
     "Name",
@@ -88,6 +97,9 @@ _APP_KEYS = (
     "Balance",
     "QueueTimeout",
     "SlowStart",
+    "Resolve",
+    "Refresh",
+    "Hold",
 )
 # "Defaults" holds the settings common to apps; what names an app, and its
 # certificates, stay the app's own.
@@ -141,6 +153,18 @@ MAX_DEPTH = 16
 How deeply objects and lists may nest in a configuration file; a valid one
 needs 6 levels (top, "Apps", an app, "TLS", "Certificates", a certificate).
 """
+SRV_PREFIX = "srv:"
+RESOLVE_CONNECT = "connect"
+RESOLVE_ALL = "all"
+RESOLVE_MODES = (RESOLVE_CONNECT, RESOLVE_ALL)
+DEFAULT_HOLD = 300.0
+MIN_REFRESH = 1.0
+MAX_REFRESH = 300.0
+"""
+The range a C{"Refresh"} taken from the records' TTL is kept within
+(seconds): a TTL of 0 would ask the DNS server in a loop, and a day-long
+one would leave a removed target in use for a day.
+"""
 _HOSTNAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._")
 
 
@@ -172,6 +196,8 @@ class Target:
     backup flag, so that a reload that changes those keeps the target's
     health, counts and figures (they are keyed by it).  What else changed
     is seen in L{AppConfig.targetSettings}.
+    An SRV record's weight is the weight of the targets it gives
+    (L{tcpproxy.discovery}).
     """
 
     host: str
@@ -183,6 +209,31 @@ class Target:
 
     def __str__(self) -> str:
         return hostPort(self.host, self.port)
+
+
+@dataclass(frozen=True)
+class DNSSource:
+    """
+    Targets an app discovers in DNS, asked again every C{"Refresh"} seconds
+    (L{tcpproxy.discovery}).
+
+    @ivar kind: C{"srv"} (C{"srv:_service._proto.name"}: every SRV record's
+        C{host:port}, RFC 2782) or C{"all"} (C{"host:port"} with C{"Resolve":
+        "all"}: every A and AAAA address of C{name}, each a target, as
+        Envoy's C{STRICT_DNS} clusters do).
+    @ivar name: the name asked, in its L{normalName} form.
+    @ivar port: the targets' port for C{"all"}; 0 for C{"srv"} (each record
+        has its own).
+    """
+
+    kind: str
+    name: str
+    port: int = 0
+
+    def __str__(self) -> str:
+        if self.kind == "srv":
+            return SRV_PREFIX + self.name
+        return hostPort(self.name, self.port)
 
 
 @dataclass(frozen=True)
@@ -303,6 +354,14 @@ class AppConfig:
     @ivar targetSettings: C{(weight, maxConnections, backup)} of each of
         L{targets}, in order (made from them): what a reload compares,
         since targets are equal by address alone (L{Target}).
+    @ivar discover: the targets looked up in DNS (L{DNSSource}); they are
+        not in L{targets}, which holds the targets written as addresses
+        (and hostnames resolved per connect).  At run time the app's
+        targets are both (L{tcpproxy.discovery}).
+    @ivar refresh: seconds between two lookups of L{discover}, or C{None}
+        for the records' TTL (kept within L{MIN_REFRESH}-L{MAX_REFRESH}).
+    @ivar hold: seconds the last good answer is kept while lookups fail or
+        come back empty.
     """
 
     name: str
@@ -324,6 +383,9 @@ class AppConfig:
     acceptProxy: AcceptProxyConfig | None = None
     sendProxy: int | None = None
     targetSendProxy: tuple[tuple[Target, int], ...] = ()
+    discover: tuple[DNSSource, ...] = ()
+    refresh: float | None = None
+    hold: float = DEFAULT_HOLD
 
     @property
     def sendsProxy(self) -> bool:
@@ -390,6 +452,11 @@ class ProxyConfig:
     maxConnections: int | None = None
     admin: AdminConfig | None = None
     workers: int = 1
+    resolvers: tuple[tuple[str, int], ...] = ()
+    """
+    The name servers the apps' L{DNSSource}s are asked of, as C{(address,
+    port)}; none for the system's (C{/etc/resolv.conf}).
+    """
 
     def listeners(self) -> list[tuple[AppConfig, int]]:
         """
@@ -743,7 +810,77 @@ def _parseSettings(where: _Where, obj: dict) -> dict:
         settings["queueTimeout"] = _duration(where, "QueueTimeout", obj["QueueTimeout"])
     if "SlowStart" in obj:
         settings["slowStart"] = _duration(where, "SlowStart", obj["SlowStart"])
+    _resolveMode(where, obj)
+    if "Refresh" in obj and obj["Refresh"] is not None:
+        refresh = _duration(where, "Refresh", obj["Refresh"], positive=True)
+        if refresh < MIN_REFRESH:
+            raise where.error(
+                "Refresh",
+                f"{_show(obj['Refresh'])} is less than {MIN_REFRESH:g} second:"
+                " asking the DNS server more often would only load it",
+            )
+        settings["refresh"] = refresh
+    if "Hold" in obj:
+        settings["hold"] = _duration(where, "Hold", obj["Hold"])
     return settings
+
+
+def _resolveMode(where: _Where, obj: dict) -> str:
+    """
+    The C{"Resolve"} key: C{"connect"} (a hostname target is resolved on
+    each connect, the default) or C{"all"} (every address of it is a target,
+    looked up every C{"Refresh"} seconds).
+    """
+    mode = obj.get("Resolve", RESOLVE_CONNECT)
+    if not isinstance(mode, str) or mode not in RESOLVE_MODES:
+        raise where.error(
+            "Resolve",
+            f'{_show(mode)} is not one of "{RESOLVE_CONNECT}" (resolve a hostname on each connect)'
+            f' or "{RESOLVE_ALL}" (every A and AAAA address a target)',
+        )
+    return mode
+
+
+def _srvSource(where: _Where, value: str) -> DNSSource:
+    """
+    C{"srv:_service._proto.name"} (RFC 2782): the targets are the SRV
+    records of that name.
+    """
+    name = normalName(value.strip()[len(SRV_PREFIX) :])
+    problem = None
+    if not name:
+        problem = "has no name after srv:"
+    elif not set(name) <= _HOSTNAME_CHARS or name.startswith(("-", ".")) or ".." in name:
+        problem = "is not a DNS name after srv:"
+    else:
+        detail = dnsNameProblem(name)
+        if detail is not None:
+            problem = f"is not a valid DNS name after srv: ({detail})"
+    if problem is not None:
+        raise where.error("Targets", f"{_show(value)} {problem} (write it as srv:_service._tcp.example.com)")
+    return DNSSource("srv", name)
+
+
+def _resolvers(where: _Where, value: object) -> tuple[tuple[str, int], ...]:
+    """
+    The top-level C{"Resolvers"}: name servers as C{"address"} or
+    C{"address:port"} (C{"[v6]:port"}), port 53 if not given.
+    """
+    servers: list[tuple[str, int]] = []
+    for entry in _nonEmptyList(where, "Resolvers", value, 'name servers ("127.0.0.1:8600")'):
+        if isinstance(entry, str) and (isIPAddress(entry) or isIPv6Address(entry)):
+            servers.append((entry, 53))
+            continue
+        try:
+            if not isinstance(entry, str):
+                raise ValueError("is not a string")
+            address = parseTarget(entry)
+            if address.kind == HOSTNAME:
+                raise ValueError("is not an IP address (a name server is given by its address)")
+        except ValueError as e:
+            raise where.error("Resolvers", f"{_show(entry)} {e}") from None
+        servers.append((address.host, address.port))
+    return tuple(servers)
 
 
 def _sendProxyVersion(where: _Where, version: object) -> int:
@@ -831,15 +968,37 @@ def _parseApp(where: _Where, index: int, obj: object, defaults: dict | None = No
 
     targets: dict[Target, None] = {}
     targetSendProxy: list[tuple[Target, int]] = []
+    discover: dict[DNSSource, None] = {}
+    resolveAll = _resolveMode(where, {**(defaults or {}), **obj}) == RESOLVE_ALL
     for index, value in enumerate(_nonEmptyList(where, "Targets", obj["Targets"], '"host:port" targets')):
+        if isinstance(value, str) and value.strip().lower().startswith(SRV_PREFIX):
+            source = _srvSource(where, value)
+            if source in discover:
+                raise where.error("Targets", f"{_show(value)} is listed twice")
+            discover[source] = None
+            continue
         target, version = _parseTargetEntry(where, index, value)
+        if resolveAll and target.kind == HOSTNAME:
+            written = value["Address"] if isinstance(value, dict) else value
+            source = DNSSource(RESOLVE_ALL, target.host, target.port)
+            if source in discover:
+                raise where.error("Targets", f"{_show(written)} is listed twice")
+            settings = (target.weight, target.maxConnections, target.backup)
+            if version is not None or settings != (1, None, False):
+                raise where.error(
+                    "Targets",
+                    f'{_show(written)} has settings of its own, which a hostname with "Resolve": "all"'
+                    " cannot have (each of its addresses is a target with the app's settings)",
+                )
+            discover[source] = None
+            continue
         if target in targets:
             written = value["Address"] if isinstance(value, dict) else value
             raise where.error("Targets", f"{_show(written)} is listed twice")
         targets[target] = None
         if version is not None:
             targetSendProxy.append((target, version))
-    if all(target.backup for target in targets):
+    if not discover and all(target.backup for target in targets):
         raise where.error("Targets", "lists only backup targets; at least one must not be a backup")
 
     # "Defaults" was checked on its own, so a refusal here is the app's value.
@@ -848,6 +1007,8 @@ def _parseApp(where: _Where, index: int, obj: object, defaults: dict | None = No
     targetTLS = _parseTargetTLS(where, obj["TargetTLS"]) if "TargetTLS" in obj else None
     if targetSendProxy:
         settings["targetSendProxy"] = tuple(targetSendProxy)
+    if discover:
+        settings["discover"] = tuple(discover)
     return AppConfig(name, tuple(ports), tuple(targets), tls=tls, targetTLS=targetTLS, **settings)
 
 
@@ -1092,9 +1253,17 @@ def parseConfig(document: object, source: str = "<config>") -> ProxyConfig:
 
     admin = _parseAdmin(where, document["Admin"]) if document.get("Admin") is not None else None
     workers = parseWorkers(document["Workers"], where) if "Workers" in document else 1
+    resolvers = _resolvers(where, document["Resolvers"]) if document.get("Resolvers") is not None else ()
 
     return ProxyConfig(
-        tuple(apps), bindAddress or DEFAULT_BIND_ADDRESS, drainTimeout, source, maxConnections, admin, workers
+        tuple(apps),
+        bindAddress or DEFAULT_BIND_ADDRESS,
+        drainTimeout,
+        source,
+        maxConnections,
+        admin,
+        workers,
+        resolvers,
     )
 
 

@@ -29,6 +29,7 @@ _KEYS = {
     "tls": "TLS",
     "targetTLS": "TargetTLS",
     "targetSendProxy": "Targets",
+    "discover": "Targets",
 }
 """
 The configuration key of each L{AppConfig} field, for messages.  A field

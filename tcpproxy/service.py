@@ -20,11 +20,12 @@ from zope.interface import implementer
 
 from tcpproxy.admin import MAX_CONNECTIONS as ADMIN_MAX_CONNECTIONS
 from tcpproxy.admin import AdminServer
-from tcpproxy.app import ProxyServerFactory, buildApp
+from tcpproxy.app import ProxyServerFactory, buildApp, updateApp
 from tcpproxy.applying import Reloader, ReloadResult, owner
 from tcpproxy.config import DEFAULT_BALANCE, AppConfig, ProxyConfig, Target, loadConfig
 from tcpproxy.describe import quoted
 from tcpproxy.dialer import endpointForTarget
+from tcpproxy.discovery import Discovery, resolverFor
 from tcpproxy.health import HealthChecker
 from tcpproxy.limits import (
     DESCRIPTOR_MARGIN,
@@ -104,10 +105,14 @@ class ProxyService(Service):
         configPath: str | None = None,
         triggers: Sequence[IReloadTrigger] = (),
         engine: IEngine | None = None,
+        resolverFactory=resolverFor,
     ) -> None:
         """
         @param configPath: the file L{reload} reads; by default the one
             C{config} was read from.
+        @param resolverFactory: makes the DNS resolver of the apps' targets
+            found in DNS, from C{"Resolvers"} and the reactor
+            (L{tcpproxy.discovery.resolverFor}).
         @param triggers: what calls L{reload} while the service runs
             (L{tcpproxy.triggers}).
         @param engine: where connections run (L{tcpproxy.transport.engine});
@@ -121,8 +126,9 @@ class ProxyService(Service):
         self.reloader = Reloader(self)
         self.gate = AcceptGate(config.maxConnections, lambda: list(self.listeningPorts.values()), reactor)
         self._checkers: dict[str, HealthChecker] = {}
+        self.discovery = Discovery(reactor, config.resolvers, self.targetsFound, resolverFactory)
         self.factories: dict[str, ProxyServerFactory] = {
-            app.name: self.newFactory(app) for app in config.apps
+            app.name: self.newFactory(self.discovery.track(app)) for app in config.apps
         }
         self.retired: set[ProxyServerFactory] = set()
         self._sockets: dict[int, socket.socket] = {}
@@ -140,6 +146,19 @@ class ProxyService(Service):
         if tls is None:
             tls = loadAppTLS(app, self.config.source)
         return buildApp(app, tls, self.engine, self.reactor, self.gate)
+
+    def targetsFound(self, app: AppConfig) -> None:
+        """
+        The targets of C{app} found in DNS changed (L{Discovery}): apply them
+        as a reload applies new targets (L{updateApp}); active checks, if
+        any, go on over the new list.
+        """
+        factory = self.factories.get(app.name)
+        if factory is None or factory.app == app:
+            return
+        updateApp(factory, app, factory.tls, self.engine)
+        if app.healthCheck is not None and self.running:
+            self.startChecks(app)
 
     def startChecks(self, app: AppConfig) -> None:
         """
@@ -233,14 +252,15 @@ class ProxyService(Service):
                 ports=list(app.ports),
                 targets=[str(t) for t in app.targets],
                 portList=", ".join(map(str, app.ports)) + (" (TLS)" if app.tls else ""),
-                targetList=", ".join(map(_describeTarget, app.targets))
+                targetList=", ".join([*map(_describeTarget, app.targets), *map(str, app.discover)])
                 + (" (TLS)" if app.targetTLS else "")
                 + (f", {app.balance}" if app.balance != DEFAULT_BALANCE else ""),
             )
         self._budgetDescriptors(limit)
         self.admin.start()
+        self.discovery.start()
         for app in self.config.apps:
-            self.startChecks(app)
+            self.startChecks(self.factories[app.name].app)
         for trigger in self._triggers:
             trigger.start(self.reload)
 
@@ -311,6 +331,7 @@ class ProxyService(Service):
         """
         Service.stopService(self)
         self.gate.stop()
+        self.discovery.stop()
         for name in list(self._checkers):
             self.stopChecks(name)
         self.unbind()

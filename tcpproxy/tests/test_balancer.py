@@ -40,4 +40,12 @@ class RoundRobinTests(SynchronousTestCase):
         self.assertEqual([balancer.order(), balancer.order()], [[A], [A]])
 
     def test_noTargets(self):
-        self.assertRaises(ValueError, RoundRobin, [])
+        """
+        An app whose targets all come from DNS has none until they are
+        found: no target to try (its clients are refused with "no target"),
+        and the rotation starts at the top once it has some.
+        """
+        balancer = RoundRobin([])
+        self.assertEqual([balancer.order(), balancer.order()], [[], []])
+        following = balancer.withTargets([A, B])
+        self.assertEqual([following.order(), following.order()], [[A, B], [B, A]])

@@ -64,7 +64,13 @@ class WithTargetsTests(SynchronousTestCase):
         self.assertEqual(firsts(balancer, 1), [A])
 
     def test_noTargets(self):
-        self.assertRaises(ValueError, RoundRobin([A]).withTargets, [])
+        """
+        No target left (targets from DNS all gone): nothing to try, and the
+        rotation starts at the top of the next list.
+        """
+        empty = RoundRobin([A, B]).withTargets([])
+        self.assertEqual(empty.order(), [])
+        self.assertEqual(firsts(empty.withTargets([B, A]), 2), [B, A])
 
     def test_linearTime(self):
         """

@@ -1,0 +1,606 @@
+"""
+Targets discovered in DNS: an app's C{"srv:_service._tcp.name"} targets
+(RFC 2782 SRV records) and its hostnames with C{"Resolve": "all"} (every A
+and AAAA address), looked up again every C{"Refresh"} seconds.
+
+Nothing here relays or dials.  A lookup's answer becomes a list of
+L{Target}s; when the app's list changes it is handed to the service, which
+applies it exactly as a configuration reload applies new targets
+(L{tcpproxy.app.updateApp}): open connections go on, targets that stay keep
+their health and counts, the rotation goes on.
+
+The lookups are asynchronous (L{twisted.names}, UDP on the reactor, no
+thread), asked of the top-level C{"Resolvers"} or of the name servers of
+C{/etc/resolv.conf}.  A lookup that fails or comes back empty keeps the
+source's last good answer for C{"Hold"} seconds (a DNS server restarting
+must not empty a pool of healthy targets); each change of a source's state
+is logged once, not at every retry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+from collections.abc import Callable, Sequence
+
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.names import dns
+from twisted.names.common import ResolverBase
+from twisted.names.error import DNSNameError, DNSQueryTimeoutError, DNSServerError
+from twisted.python.failure import Failure
+
+from tcpproxy.config import (
+    HOSTNAME,
+    IPV4,
+    IPV6,
+    MAX_REFRESH,
+    MAX_WEIGHT,
+    MIN_REFRESH,
+    AppConfig,
+    DNSSource,
+    Target,
+    normalName,
+)
+from tcpproxy.describe import quoted
+from tcpproxy.resolve import nameServers
+
+LOOKUP_TIMEOUT = (1, 3)
+"""
+Seconds before each retry of one query (L{Resolver}'s C{timeout}): a
+lookup gives up after 4 s, well before the next refresh is due.
+"""
+RETRY = 5.0
+"""
+Seconds before a source that has never answered is asked again when the
+app has no C{"Refresh"}: there is no TTL to go by.
+"""
+
+OK = "ok"
+HELD = "held"
+EXPIRED = "expired"
+UNRESOLVED = "unresolved"
+
+
+def clampTTL(ttl: float) -> float:
+    """
+    The refresh period a TTL gives: kept within L{MIN_REFRESH} and
+    L{MAX_REFRESH} seconds (a TTL of 0 would ask in a loop; a day-long one
+    would keep a removed target for a day).
+    """
+    return min(MAX_REFRESH, max(MIN_REFRESH, float(ttl)))
+
+
+def srvWeight(weight: int) -> int:
+    """
+    A target's weight from its SRV record's: the same, kept within 1 and
+    L{MAX_WEIGHT}.  RFC 2782 gives a weight of 0 "a very small chance" of
+    being chosen, not none, so it becomes 1, not a drain.
+    """
+    return min(MAX_WEIGHT, max(1, weight))
+
+
+def _target(host: str, port: int, weight: int = 1, backup: bool = False) -> Target:
+    if isIPAddress(host):
+        kind = IPV4
+    elif isIPv6Address(host):
+        kind = IPV6
+    else:
+        kind = HOSTNAME
+    return Target(host, port, kind, weight, backup=backup)
+
+
+def _address(record: dns.RRHeader) -> str | None:
+    if record.type == dns.A:
+        return record.payload.dottedQuad()
+    if record.type == dns.AAAA:
+        return socket.inet_ntop(socket.AF_INET6, record.payload.address)
+    return None
+
+
+class Answer:
+    """
+    One source's lookup, answered.
+
+    @ivar targets: in order: SRV records by priority (lowest first, the
+        others as backup targets), then by weight (heaviest first);
+        addresses in the order the server gave.
+    @ivar ttl: the smallest TTL of the records used (seconds).
+    """
+
+    def __init__(self, targets: Sequence[Target], ttl: float) -> None:
+        self.targets = tuple(dict.fromkeys(targets))
+        self.ttl = ttl
+
+
+def lookUp(resolver, source: DNSSource) -> Deferred[Answer]:
+    """
+    Ask C{resolver} (an L{twisted.names} C{IResolver}) for C{source}'s targets.
+
+    An SRV record's host is resolved from the answer's additional section
+    when the server put its addresses there (Consul and Kubernetes do),
+    else with A and AAAA queries to the same resolver: the system's resolver
+    would not know a name only the discovery server serves.
+
+    @return: a L{Deferred} firing with an L{Answer} (possibly empty), or
+        failing as the resolver's lookup failed.
+    """
+    if source.kind == "srv":
+        return resolver.lookupService(source.name, timeout=LOOKUP_TIMEOUT).addCallback(_fromSRV, resolver)
+
+    def answer(found: list[tuple[str, float]]) -> Answer:
+        return Answer([_target(a, source.port) for a, _ in found], min((t for _, t in found), default=0))
+
+    return _addresses(resolver, source.name).addCallback(answer)
+
+
+def _addresses(resolver, name: str) -> Deferred[list[tuple[str, float]]]:
+    """
+    The A and AAAA addresses of C{name}, each with its TTL; a failure if
+    both lookups failed (an empty list if the name has none).
+    """
+    lookups = [
+        resolver.lookupAddress(name, timeout=LOOKUP_TIMEOUT),
+        resolver.lookupIPV6Address(name, timeout=LOOKUP_TIMEOUT),
+    ]
+    failures: list[Failure] = []
+
+    def caught(reason: Failure) -> None:
+        if not reason.check(DNSNameError):
+            failures.append(reason)
+        return None
+
+    def combine(results: list) -> list[tuple[str, float]]:
+        found: list[tuple[str, float]] = []
+        for result in results:
+            if result is not None:
+                for record in result[0]:
+                    address = _address(record)
+                    if address is not None:
+                        found.append((address, record.ttl))
+        if not found and len(failures) == len(lookups):
+            failures[0].raiseException()
+        return found
+
+    return gatherResults([d.addErrback(caught) for d in lookups]).addCallback(combine)
+
+
+def _fromSRV(result: tuple, resolver) -> Deferred[Answer]:
+    answers, _authority, additional = result
+    records = [r for r in answers if r.type == dns.SRV]
+    # RFC 2782: lowest priority first; within one, heavier first.
+    records.sort(key=lambda r: (r.payload.priority, -r.payload.weight))
+    known: dict[str, list[tuple[str, float]]] = {}
+    for record in additional:
+        address = _address(record)
+        if address is not None:
+            known.setdefault(normalName(str(record.name)), []).append((address, record.ttl))
+    ttls = [r.ttl for r in records]
+    # RFC 2782: a client must try the lowest priority first and the others
+    # only if those cannot be reached; they are the app's backup targets.
+    lowest = records[0].payload.priority if records else 0
+
+    def each(record: dns.RRHeader) -> Deferred[list[Target]]:
+        srv = record.payload
+        host = normalName(str(srv.target))
+        if host in ("", "."):
+            # "." says the service is decidedly not available (RFC 2782).
+            return succeed([])
+        if isIPAddress(host) or isIPv6Address(host):
+            found: Deferred = succeed([(host, record.ttl)])
+        elif host in known:
+            found = succeed(known[host])
+        else:
+            found = _addresses(resolver, host).addErrback(lambda _: [])
+
+        def targets(addresses: list[tuple[str, float]]) -> list[Target]:
+            ttls.extend(t for _, t in addresses)
+            backup = srv.priority > lowest
+            return [_target(a, srv.port, srvWeight(srv.weight), backup) for a, _ in addresses]
+
+        return found.addCallback(targets)
+
+    def answer(lists: list[list[Target]]) -> Answer:
+        return Answer([t for targets in lists for t in targets], min(ttls, default=0))
+
+    return gatherResults([each(r) for r in records]).addCallback(answer)
+
+
+class _Source:
+    """
+    What is known of one source: its last good answer and its state.
+    """
+
+    def __init__(self) -> None:
+        self.targets: tuple[Target, ...] = ()
+        self.goodAt: float | None = None
+        self.ttl: float | None = None
+        self.state: str | None = None
+
+
+def describeLookupFailure(reason: Failure | None) -> str:
+    if reason is None:
+        return "no records"
+    if reason.check(DNSNameError):
+        return "no such name"
+    if reason.check(DNSQueryTimeoutError):
+        return "no answer from the name servers"
+    if reason.check(DNSServerError):
+        return "the name server failed"
+    return reason.getErrorMessage() or reason.type.__name__
+
+
+class AppDiscovery:
+    """
+    The DNS sources of one app, looked up every C{"Refresh"} seconds on
+    C{clock}.
+
+    @ivar targets: the targets found now, every source's in the order of
+        the app's C{"Targets"} (duplicates left out).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        app: AppConfig,
+        resolver,
+        clock: IReactorTime,
+        changed: Callable[[str], None],
+    ) -> None:
+        """
+        @param resolver: an L{twisted.names} C{IResolver}.
+        @param changed: called with the app's name when L{targets} changed.
+        """
+        self.app = app
+        self.resolver = resolver
+        self.clock = clock
+        self._changed = changed
+        self._sources: dict[DNSSource, _Source] = {s: _Source() for s in app.discover}
+        self._call: IDelayedCall | None = None
+        self._pending: Deferred | None = None
+        self._running = False
+        self.targets: tuple[Target, ...] = ()
+
+    def configure(self, app: AppConfig, resolver) -> None:
+        """
+        New settings (a reload): sources that stay keep what they found;
+        new ones are looked up at once.
+        """
+        added = [s for s in app.discover if s not in self._sources]
+        self._sources = {s: self._sources.get(s) or _Source() for s in app.discover}
+        self.app = app
+        self.resolver = resolver
+        self.targets = self._combined()
+        if self._running and added:
+            self._lookUpNow()
+
+    def start(self) -> None:
+        self._running = True
+        self._lookUpNow()
+
+    def stop(self) -> None:
+        self._running = False
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def _lookUpNow(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        if self._pending is None:
+            self.lookUp()
+
+    def lookUp(self) -> Deferred[None]:
+        """
+        Ask for every source now; the next round is scheduled once all
+        have answered or failed.
+        """
+        self._call = None
+        sources = list(self._sources)
+
+        def ask(source: DNSSource) -> Deferred:
+            try:
+                d = lookUp(self.resolver, source)
+            except Exception:
+                d = Deferred()
+                d.errback(Failure())
+            # Each source's outcome, answer or failure, as a value: one
+            # source failing must not hide another's answer.
+            return d.addCallbacks(lambda answer: (answer, None), lambda reason: (None, reason))
+
+        d = gatherResults([ask(s) for s in sources])
+        self._pending = d
+
+        def answered(results: list) -> None:
+            self._pending = None
+            if not self._running:
+                return
+            for source, (answer, reason) in zip(sources, results, strict=True):
+                if source in self._sources:
+                    self._answered(source, self._sources[source], answer, reason)
+            self._update()
+            self._schedule()
+
+        return d.addCallback(answered)
+
+    def _answered(
+        self, source: DNSSource, known: _Source, result: Answer | None, reason: Failure | None
+    ) -> None:
+        """
+        Keep C{source}'s new answer, or its last good one for C{Hold}
+        seconds after a lookup that failed (C{reason}) or found nothing;
+        log each change of its state once.
+        """
+        now = self.clock.seconds()
+        app = self.app
+        if result is not None and result.targets:
+            known.ttl = result.ttl
+            if known.state != OK or known.targets != result.targets:
+                self.log.info(
+                    "app {quoted}: {source} gives {count} target(s): {targetList}",
+                    app=app.name,
+                    quoted=quoted(app.name),
+                    source=str(source),
+                    count=len(result.targets),
+                    targets=[str(t) for t in result.targets],
+                    targetList=", ".join(map(str, result.targets)),
+                    discovery=OK,
+                )
+            known.targets = result.targets
+            known.goodAt = now
+            known.state = OK
+            return
+        why = describeLookupFailure(reason)
+        if known.goodAt is None:
+            if known.state != UNRESOLVED:
+                known.state = UNRESOLVED
+                self.log.warn(
+                    "app {quoted}: {source} does not resolve ({why}): no targets from it until it does",
+                    app=app.name,
+                    quoted=quoted(app.name),
+                    source=str(source),
+                    why=why,
+                    discovery=UNRESOLVED,
+                )
+            return
+        if now - known.goodAt >= app.hold:
+            if known.state != EXPIRED:
+                known.state = EXPIRED
+                self.log.warn(
+                    "app {quoted}: {source} has not answered for {hold:g} s ({why}):"
+                    " its {count} target(s) removed",
+                    app=app.name,
+                    quoted=quoted(app.name),
+                    source=str(source),
+                    why=why,
+                    hold=app.hold,
+                    count=len(known.targets),
+                    discovery=EXPIRED,
+                )
+            known.targets = ()
+            return
+        if known.state != HELD:
+            known.state = HELD
+            self.log.warn(
+                "app {quoted}: lookup of {source} failed ({why}): keeping its {count} last target(s)"
+                " for up to {hold:g} s",
+                app=app.name,
+                quoted=quoted(app.name),
+                source=str(source),
+                why=why,
+                hold=app.hold,
+                count=len(known.targets),
+                discovery=HELD,
+            )
+
+    def _combined(self) -> tuple[Target, ...]:
+        return tuple(dict.fromkeys(t for known in self._sources.values() for t in known.targets))
+
+    def _update(self) -> None:
+        combined = self._combined()
+        # Targets are equal by address: a change of weight is a change too.
+        if [dataclasses.astuple(t) for t in combined] != [dataclasses.astuple(t) for t in self.targets]:
+            self.targets = combined
+            self._changed(self.app.name)
+
+    def nextDelay(self) -> float:
+        """
+        Seconds until the next round: the app's C{"Refresh"}, or the
+        smallest TTL of the answers clamped (L{clampTTL}), or L{RETRY} if
+        no source has answered yet; never past the moment a held answer
+        expires.
+        """
+        if self.app.refresh is not None:
+            delay = self.app.refresh
+        else:
+            ttls = [k.ttl for k in self._sources.values() if k.ttl is not None]
+            delay = clampTTL(min(ttls)) if ttls else RETRY
+        now = self.clock.seconds()
+        for known in self._sources.values():
+            if known.state == HELD and known.goodAt is not None:
+                delay = min(delay, max(MIN_REFRESH, known.goodAt + self.app.hold - now))
+        return delay
+
+    def _schedule(self) -> None:
+        if self._running and self._sources:
+            self._call = self.clock.callLater(self.nextDelay(), self.lookUp)
+
+
+class _Unsolicited:
+    """
+    The controller of L{DiscoveryResolver}'s protocol: a message that
+    answers no query of ours is dropped.
+    """
+
+    def messageReceived(self, message, protocol, address=None) -> None:
+        pass
+
+
+class DiscoveryResolver(ResolverBase):
+    """
+    Asks name servers over one UDP socket, kept for as long as the service
+    runs.
+
+    L{twisted.names.client.Resolver} opens a socket per query, and Twisted
+    logs each socket opened and closed: with C{"Refresh": 1} that would be
+    several lines a second in the proxy's log.  Here one socket (logged
+    once) sends every query, each with a random id that the answer must
+    match and answered only from the server asked (L{dns.DNSDatagramProtocol}).
+    The servers are tried in turn, each with each timeout of L{LOOKUP_TIMEOUT}.
+
+    @param servers: C{(address, port)} of each name server.
+    """
+
+    def __init__(self, servers: Sequence[tuple[str, int]], reactor) -> None:
+        ResolverBase.__init__(self)
+        self.servers = list(servers)
+        self._protocol = dns.DNSDatagramProtocol(_Unsolicited(), reactor=reactor)
+        self._protocol.noisy = False
+
+    def _lookup(self, name: bytes, cls: int, type: int, timeout):
+        query = dns.Query(name, type, cls)
+        attempts = [(server, seconds) for seconds in (timeout or LOOKUP_TIMEOUT) for server in self.servers]
+
+        def answered(message: dns.Message):
+            if message.rCode == dns.ENAME:
+                raise DNSNameError(message)
+            if message.rCode != dns.OK:
+                raise DNSServerError(message)
+            return (message.answers, message.authority, message.additional)
+
+        def attempt(index: int) -> Deferred:
+            server, seconds = attempts[index]
+
+            def unanswered(reason: Failure):
+                reason.trap(DNSQueryTimeoutError)
+                if index + 1 < len(attempts):
+                    return attempt(index + 1)
+                return reason
+
+            return self._protocol.query(server, [query], seconds).addCallbacks(answered, unanswered)
+
+        return attempt(0)
+
+    def stop(self) -> Deferred | None:
+        """
+        Close the socket (the service stops); unanswered queries fail.
+        """
+        transport = self._protocol.transport
+        if transport is not None:
+            return transport.stopListening()
+        return None
+
+
+def resolverFor(servers: Sequence[tuple[str, int]], reactor) -> DiscoveryResolver:
+    """
+    The resolver of targets found in DNS: asking C{servers}, or the name
+    servers of C{/etc/resolv.conf} if none is given.
+    """
+    return DiscoveryResolver(list(servers) or nameServers(), reactor)
+
+
+class Discovery:
+    """
+    The DNS sources of every app of a service.
+
+    @param changed: called with an app's name when its discovered targets
+        changed; L{runtime} then gives the app as it now runs.
+    @param resolverFactory: makes the resolver from the top-level
+        C{"Resolvers"} and the reactor (L{resolverFor}; tests give a fake).
+    """
+
+    def __init__(
+        self,
+        reactor,
+        servers: Sequence[tuple[str, int]],
+        changed: Callable[[AppConfig], None],
+        resolverFactory: Callable = resolverFor,
+    ) -> None:
+        self.reactor = reactor
+        self._servers = tuple(servers)
+        self._resolverFactory = resolverFactory
+        self._resolver = None
+        self._changed = changed
+        self.apps: dict[str, AppDiscovery] = {}
+        self._running = False
+
+    @property
+    def resolver(self):
+        if self._resolver is None:
+            self._resolver = self._resolverFactory(self._servers, self.reactor)
+        return self._resolver
+
+    def setServers(self, servers: Sequence[tuple[str, int]]) -> None:
+        """
+        Ask C{servers} from the next lookup on (a reload).
+        """
+        servers = tuple(servers)
+        if servers != self._servers:
+            self._servers = servers
+            self._closeResolver()
+            for each in self.apps.values():
+                each.configure(each.app, self.resolver)
+
+    def runtime(self, app: AppConfig) -> AppConfig:
+        """
+        C{app} as it runs: its written targets, then those found in DNS for
+        the sources it has now.
+        """
+        if not app.discover:
+            return app
+        each = self.apps.get(app.name)
+        found: tuple[Target, ...] = ()
+        if each is not None:
+            wanted = set(app.discover)
+            found = tuple(
+                dict.fromkeys(t for s, k in each._sources.items() if s in wanted for t in k.targets)
+            )
+        return dataclasses.replace(app, targets=tuple(dict.fromkeys((*app.targets, *found))))
+
+    def track(self, app: AppConfig) -> AppConfig:
+        """
+        Look C{app}'s sources up from now on (or stop, if it has none), and
+        give it as it runs (L{runtime}).
+        """
+        each = self.apps.get(app.name)
+        if not app.discover:
+            self.forget(app.name)
+            return app
+        if each is None:
+            each = self.apps[app.name] = AppDiscovery(app, self.resolver, self.reactor, self._found)
+            if self._running:
+                each.start()
+        else:
+            each.configure(app, self.resolver)
+        return self.runtime(app)
+
+    def forget(self, name: str) -> None:
+        each = self.apps.pop(name, None)
+        if each is not None:
+            each.stop()
+
+    def start(self) -> None:
+        self._running = True
+        for each in self.apps.values():
+            each.start()
+
+    def stop(self) -> None:
+        self._running = False
+        for each in self.apps.values():
+            each.stop()
+        self._closeResolver()
+
+    def _closeResolver(self) -> None:
+        resolver, self._resolver = self._resolver, None
+        stop = getattr(resolver, "stop", None)
+        if stop is not None:
+            stop()
+
+    def _found(self, name: str) -> None:
+        each = self.apps.get(name)
+        if each is not None:
+            self._changed(self.runtime(each.app))
