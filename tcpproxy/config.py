@@ -1320,7 +1320,14 @@ def _parseAdmin(where: _Where, value: object) -> AdminConfig:
             "Listen", f'{_show(listen)} is not an IP address and port (like "127.0.0.1:9901" or "[::1]:9901")'
         )
     if "Allow" in obj:
-        return AdminConfig(address.host, address.port, _networks(within, "Allow", obj["Allow"]), True)
+        allow = _networks(within, "Allow", obj["Allow"])
+        if not allow:
+            # An endpoint that answers 403 to everyone is a mistake, not a
+            # way to turn it off (leave out "Admin", or give it null).
+            raise within.error(
+                "Allow", "[] lets no client in (leave Allow out for loopback only, or list the networks)"
+            )
+        return AdminConfig(address.host, address.port, allow, True)
     return AdminConfig(address.host, address.port)
 
 

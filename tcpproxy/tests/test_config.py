@@ -1232,6 +1232,10 @@ class AdminConfigTests(ConfigFileMixin, TestCase):
                 'key "Admin.Alow": unknown key (did you mean "Allow"?)',
             ),
             (
+                {"Listen": "127.0.0.1:9901", "Allow": []},
+                'key "Admin.Allow": [] lets no client in (leave Allow out for loopback only',
+            ),
+            (
                 {"Listen": "127.0.0.1:9901", "Allow": ["nope"]},
                 'key "Admin.Allow": "nope" is not an IPv4 or IPv6',
             ),
