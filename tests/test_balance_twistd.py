@@ -44,8 +44,10 @@ class BalanceTwistdTests(TestCase):
         """
         first, second = f"127.0.0.1:{self.first}", f"127.0.0.1:{self.second}"
         self.start(self.app([{"Address": first, "Weight": 3}, second]))
-        self.assertTrue(
-            linesWith(self.twistd.stdout(), f"relaying to {first} (weight 3), {second}"), self.twistd.stdout()
+        # The port accepts once bound, before the start-up lines are written.
+        waitUntil(
+            lambda: linesWith(self.twistd.stdout(), f"relaying to {first} (weight 3), {second}"),
+            "the start-up line with the weights",
         )
 
         def served(count: int) -> tuple[int, int]:
