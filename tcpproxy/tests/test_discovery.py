@@ -314,6 +314,35 @@ class ServiceTests(SynchronousTestCase):
         self.assertFalse(factory.health.isUp(b))
         self.assertEqual(set(factory.stats.targets), {a, b, d})
 
+    def test_weightChange(self):
+        """
+        A record whose weight alone changed is a change of the app's
+        targets: the balancer gets the new weight.
+        """
+        self.zone.srv("_echo._tcp.example", [(1, 1, 7001, "127.0.0.1"), (1, 1, 7002, "127.0.0.2")])
+        service = self.serve(["srv:_echo._tcp.example"], Refresh=1)
+        factory = service.factories["echo"]
+        self.zone.srv("_echo._tcp.example", [(1, 3, 7001, "127.0.0.1"), (1, 1, 7002, "127.0.0.2")])
+        self.reactor.advance(1)
+        self.assertEqual([x.weight for x in factory.app.targets], [3, 1])
+        firsts = [factory.balancer.order()[0] for _ in range(8)]
+        self.assertEqual(firsts.count(t("127.0.0.1:7001")), 6)
+
+    def test_holdExpiredNoTarget(self):
+        """
+        Once C{Hold} is over without an answer, the targets are removed:
+        nothing left to try (clients are refused with "no target").
+        """
+        self.zone.srv("_echo._tcp.example", [(1, 1, 7001, "127.0.0.1")])
+        service = self.serve(["srv:_echo._tcp.example"], Refresh=1, Hold=3)
+        factory = service.factories["echo"]
+        self.zone.down = True
+        self.reactor.advance(1)
+        self.reactor.advance(1)
+        self.assertEqual(factory.balancer.order(), [t("127.0.0.1:7001")])
+        self.reactor.advance(1)
+        self.assertEqual((factory.app.targets, factory.balancer.order()), ((), []))
+
     def test_reloadKeepsFoundTargets(self):
         """
         A reload of the file keeps the targets found in DNS: an unchanged
