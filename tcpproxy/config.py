@@ -196,6 +196,7 @@ class Target:
     backup flag, so that a reload that changes those keeps the target's
     health, counts and figures (they are keyed by it).  What else changed
     is seen in L{AppConfig.targetSettings}.
+
     An SRV record's weight is the weight of the targets it gives
     (L{tcpproxy.discovery}).
     """
