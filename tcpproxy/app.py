@@ -23,6 +23,7 @@ from tcpproxy.health import DEFAULT_FALL, DEFAULT_RISE, HealthTracker
 from tcpproxy.idle import IdleSweeper
 from tcpproxy.limits import REFUSED_DENIED, AcceptGate, ConnectionCounter, permitted
 from tcpproxy.metrics import REFUSED_DRAINING, AppStats
+from tcpproxy.pool import WarmPool, stopPool
 from tcpproxy.proxyaccept import HeaderStageFactory, ProxiedAddress
 from tcpproxy.proxysend import sendingEndpoints
 from tcpproxy.relay import IRelayed, ProxyClientProtocol, ProxyServerProtocol
@@ -234,10 +235,11 @@ def buildApp(
     """
     health = HealthTracker(app.name, app.targets, clock, *_healthSettings(app))
     stats = AppStats(app.targets)
+    balancer = balancerFor(app, health, clock)
     return ProxyServerFactory(
         app,
-        balancerFor(app, health, clock),
-        buildDialer(app, tls, engine, health, stats),
+        balancer,
+        _pooled(app, buildDialer(app, tls, engine, health, stats), clock, health, balancer),
         clock,
         tls=tls,
         health=health,
@@ -269,6 +271,9 @@ def updateApp(factory: ProxyServerFactory, app: AppConfig, tls: AppTLS, engine: 
     ):
         balancer = balancerFor(app, factory.health, factory.clock, balancer)
     dialer = factory.dialer
+    pool = dialer if isinstance(dialer, WarmPool) else None
+    if pool is not None:
+        dialer = pool.dialer
     if (old.connectTimeout, old.targetTLS, old.sendProxy, old.targetSendProxy) != (
         app.connectTimeout,
         app.targetTLS,
@@ -276,4 +281,27 @@ def updateApp(factory: ProxyServerFactory, app: AppConfig, tls: AppTLS, engine: 
         app.targetSendProxy,
     ) or tls.client is not None:
         dialer = buildDialer(app, tls, engine, factory.health, factory.stats)
+    if (
+        pool is not None
+        and pool.dialer is dialer
+        and (old.pool, old.targets, old.targetSettings) == (app.pool, app.targets, app.targetSettings)
+    ):
+        # The same pool dials the same way: its idle connections stay.
+        dialer = pool
+    else:
+        if pool is not None:
+            stopPool(pool)
+        dialer = _pooled(app, dialer, factory.clock, factory.health, balancer)
     factory.reconfigure(app, balancer, dialer, tls)
+
+
+def _pooled(
+    app: AppConfig, dialer: IDialer, clock: IReactorTime, health: HealthTracker | None, balancer: IBalancer
+) -> IDialer:
+    """
+    C{dialer}, behind a warm pool of connections (L{tcpproxy.pool}) if the
+    app has a C{"Pool"}.
+    """
+    if app.pool is None:
+        return dialer
+    return WarmPool(dialer, app.pool, app.targets, clock, health, balancer.load)

@@ -20,6 +20,7 @@ from tcpproxy.app import ProxyServerFactory, updateApp
 from tcpproxy.config import ConfigError, ProxyConfig
 from tcpproxy.describe import quoted
 from tcpproxy.listening import ListenError, SocketPort
+from tcpproxy.pool import stopPool
 from tcpproxy.reload import ReloadPlan, planReload, withoutPorts
 from tcpproxy.tls import loadAppTLS
 
@@ -204,7 +205,9 @@ class Reloader:
         for app in plan.removedApps:
             service.discovery.forget(app.name)
             service.stopChecks(app.name)
-            self._retire(service.factories.pop(app.name))
+            factory = service.factories.pop(app.name)
+            stopPool(factory.dialer)
+            self._retire(factory)
         service.gate.setMaximum(new.maxConnections)
 
         for move in plan.movedPorts:

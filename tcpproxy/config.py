@@ -100,6 +100,7 @@ _APP_KEYS = (
     "Resolve",
     "Refresh",
     "Hold",
+    "Pool",
 )
 # "Defaults" holds the settings common to apps; what names an app, and its
 # certificates, stay the app's own.
@@ -112,6 +113,9 @@ _CERTIFICATE_KEYS = ("Cert", "Key")
 _TARGET_TLS_KEYS = ("CA", "ServerName", "Cert", "Key", "Verify")
 _ACCEPT_PROXY_KEYS = ("From", "Required", "Timeout")
 _TARGET_KEYS = ("Address", "SendProxy", "Weight", "MaxConnections", "Backup")
+_POOL_KEYS = ("Size", "MaxIdle")
+DEFAULT_POOL_MAX_IDLE = 30.0
+MAX_POOL_SIZE = 1000
 SEND_PROXY_VERSIONS = {"v1": 1, "v2": 2}
 DEFAULT_ACCEPT_PROXY_TIMEOUT = 3.0
 BALANCE_POLICIES = ("round-robin", "least-connections", "power-of-two", "source-hash", "random")
@@ -267,6 +271,22 @@ class TLSConfig:
 
 
 @dataclass(frozen=True)
+class PoolConfig:
+    """
+    A warm pool of connections to each target (an app's C{"Pool"} key,
+    L{tcpproxy.pool}).
+
+    @ivar size: idle connections kept open to each usable target.
+    @ivar maxIdle: seconds a pooled connection may wait for a client
+        before it is closed and replaced (a target or a middlebox may
+        drop a connection idle for long).
+    """
+
+    size: int
+    maxIdle: float = DEFAULT_POOL_MAX_IDLE
+
+
+@dataclass(frozen=True)
 class TargetTLSConfig:
     """
     TLS spoken by the proxy to an app's targets (its C{"TargetTLS"} key).
@@ -363,6 +383,7 @@ class AppConfig:
         for the records' TTL (kept within L{MIN_REFRESH}-L{MAX_REFRESH}).
     @ivar hold: seconds the last good answer is kept while lookups fail or
         come back empty.
+    @ivar pool: the warm pool of target connections, or C{None}.
     """
 
     name: str
@@ -387,6 +408,7 @@ class AppConfig:
     discover: tuple[DNSSource, ...] = ()
     refresh: float | None = None
     hold: float = DEFAULT_HOLD
+    pool: PoolConfig | None = None
 
     @property
     def sendsProxy(self) -> bool:
@@ -823,6 +845,8 @@ def _parseSettings(where: _Where, obj: dict) -> dict:
         settings["refresh"] = refresh
     if "Hold" in obj:
         settings["hold"] = _duration(where, "Hold", obj["Hold"])
+    if "Pool" in obj and obj["Pool"] is not None:
+        settings["pool"] = _parsePool(where, obj["Pool"])
     return settings
 
 
@@ -882,6 +906,23 @@ def _resolvers(where: _Where, value: object) -> tuple[tuple[str, int], ...]:
             raise where.error("Resolvers", f"{_show(entry)} {e}") from None
         servers.append((address.host, address.port))
     return tuple(servers)
+
+
+def _parsePool(where: _Where, value: object) -> PoolConfig:
+    """
+    The C{"Pool"} key: C{{"Size": 4, "MaxIdle": 30}}, C{Size} required.
+    """
+    if not isinstance(value, dict):
+        raise where.error("Pool", f'{_show(value)} is not an object like {{"Size": 4, "MaxIdle": 30}}')
+    within = _Within(where, "Pool")
+    _checkKeys(within, value, _POOL_KEYS, ("Size",))
+    size = _count(within, "Size", value["Size"])
+    if size > MAX_POOL_SIZE:
+        raise within.error("Size", f"{_show(size)} is more than {MAX_POOL_SIZE} idle connections per target")
+    maxIdle = DEFAULT_POOL_MAX_IDLE
+    if "MaxIdle" in value:
+        maxIdle = _duration(within, "MaxIdle", value["MaxIdle"], positive=True)
+    return PoolConfig(size, maxIdle)
 
 
 def _sendProxyVersion(where: _Where, version: object) -> int:
@@ -1010,6 +1051,14 @@ def _parseApp(where: _Where, index: int, obj: object, defaults: dict | None = No
         settings["targetSendProxy"] = tuple(targetSendProxy)
     if discover:
         settings["discover"] = tuple(discover)
+    if settings.get("pool") is not None and (settings.get("sendProxy") is not None or targetSendProxy):
+        # The header names the client, unknown when a pooled connection is
+        # opened: it cannot be sent first on a connection made in advance.
+        raise where.error(
+            "Pool",
+            "cannot be used with SendProxy: the PROXY header names the client, who is not known"
+            " when a pooled connection is opened; remove one of the two",
+        )
     return AppConfig(name, tuple(ports), tuple(targets), tls=tls, targetTLS=targetTLS, **settings)
 
 

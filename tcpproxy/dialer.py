@@ -148,11 +148,14 @@ class Dialled:
     @ivar target: the target that answered.
     @ivar protocol: the protocol connected to it.
     @ivar failures: C{(target, reason text)} of the targets tried before it.
+    @ivar early: bytes the target sent before a client was paired with the
+        connection (a pooled one, L{tcpproxy.pool}): the client gets them first.
     """
 
     target: Target
     protocol: IProtocol
     failures: Sequence[tuple[Target, str]] = ()
+    early: bytes = b""
 
 
 class IDialer(Interface):

@@ -593,6 +593,9 @@ class ProxyServerProtocol(_RelaySide):
             return
         app = self.app
         self.pairWith(client, app.bandwidthLimit, self.factory.clock)
+        if dialled.early:
+            # A pooled connection's greeting, sent before this client came.
+            self.transport.write(dialled.early)
         if app.idleTimeout:
             self.factory.idleSweeper.watch(self)
         if self.readDone:

@@ -36,6 +36,7 @@ from tcpproxy.limits import (
     raiseFileLimit,
 )
 from tcpproxy.listening import ISocketAcceptor, SocketPort, bindAll
+from tcpproxy.pool import stopPool
 from tcpproxy.proxysend import sendingEndpoints
 from tcpproxy.tls import AppTLS, loadAppTLS
 from tcpproxy.transport.engine import IEngine, defaultEngine
@@ -332,6 +333,9 @@ class ProxyService(Service):
         Service.stopService(self)
         self.gate.stop()
         self.discovery.stop()
+        for factory in self._allFactories():
+            # Idle pooled connections are no client's: closed at once.
+            stopPool(factory.dialer)
         for name in list(self._checkers):
             self.stopChecks(name)
         self.unbind()

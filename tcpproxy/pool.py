@@ -1,0 +1,369 @@
+"""
+A warm pool of target connections (an app's C{"Pool"} key): connections
+opened to each target before a client needs them, so that a new client is
+paired with a ready one at once instead of waiting for a dial (a round
+trip to the target, more with TLS towards it).
+
+The pool is a dialer (L{IDialer}) in front of the app's own one: a client's
+dial walks the balancer's order and takes an idle pooled connection of the
+first target that has one; with none, the dial goes on to the real dialer,
+as without a pool.  The pool fills itself through that same dialer, one
+target at a time, so its dials are bounded by C{ConnectTimeout} and counted
+in the targets' health and metrics like any other.
+
+A pooled connection is a L{ProxyClientProtocol} not yet paired.  What the
+target sends before a client takes it (the greeting of a server-first
+protocol: SSH, SMTP, MySQL) is held, bounded as a client's bytes are during
+a dial (L{tcpproxy.relay.PREDIAL_BUFFER}), and handed over with it
+(L{Dialled.early}): the client gets it first, exactly.  A pooled connection
+the target closed, reset or that failed is dropped as soon as the reactor
+says so, and is looked at once more (a non-blocking peek at its socket)
+before it is handed out, so that a client is never given a dead one.
+
+Envoy's "preconnect" is the same idea for its upstream clusters; HAProxy,
+nginx stream and Traefik have none for TCP.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections import deque
+from collections.abc import Iterable, Sequence
+from itertools import chain
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IProtocolFactory,
+    IReactorTime,
+    ISSLTransport,
+    ISystemHandle,
+)
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from tcpproxy.config import PoolConfig, Target
+from tcpproxy.dialer import Dialled, IDialer
+from tcpproxy.health import UP
+from tcpproxy.relay import PREDIAL_BUFFER, ProxyClientProtocol
+
+REFILL_INTERVAL = 1.0
+"""
+Seconds between two looks at every target's pool: a target that came up
+(or whose pooled dial failed) is filled again at the next look.
+"""
+
+
+class PooledClientProtocol(ProxyClientProtocol):
+    """
+    A connection to a target opened by the pool: until a client takes it,
+    what the target sends is held (L{early}), and its end drops it from
+    the pool; once paired it is a L{ProxyClientProtocol} like any other.
+
+    @ivar pool: the L{WarmPool} that keeps it while it is idle.
+    @ivar early: the bytes the target sent while it was idle.
+    @ivar earlySize: their length.
+    @ivar expiry: the call that closes it after C{MaxIdle}, while idle.
+    @ivar target: the target it is connected to.
+    """
+
+    __slots__ = ("pool", "early", "earlySize", "expiry", "target")
+
+    def __init__(self) -> None:
+        ProxyClientProtocol.__init__(self)
+        self.pool: WarmPool | None = None
+        self.early: list[bytes] = []
+        self.earlySize = 0
+        self.expiry: IDelayedCall | None = None
+        self.target: Target | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.peer is not None:
+            ProxyClientProtocol.dataReceived(self, data)
+            return
+        self.received += len(data)
+        self.early.append(data)
+        self.earlySize += len(data)
+        if self.earlySize >= PREDIAL_BUFFER:
+            # Bounded as a client's bytes are during a dial.
+            self.transport.pauseProducing()
+
+    def readConnectionLost(self) -> None:
+        if self.relay is not None:
+            ProxyClientProtocol.readConnectionLost(self)
+            return
+        # The target ended it while idle: no client may have it.
+        self.readDone = True
+        if self.pool is not None:
+            self.pool.dropped(self)
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self.relay is not None:
+            ProxyClientProtocol.connectionLost(self, reason)
+            return
+        self.closed = True
+        if self.pool is not None:
+            self.pool.dropped(self)
+
+    def alive(self) -> bool:
+        """
+        Whether this idle connection may be given to a client: not ended
+        as far as the reactor knows, and no end or reset waiting unread
+        in its socket (a peek that takes nothing, C{MSG_PEEK}).
+        """
+        if self.closed or self.readDone:
+            return False
+        transport = self.transport
+        if ISSLTransport.providedBy(transport) or not ISystemHandle.providedBy(transport):
+            return True
+        try:
+            peeked = transport.getHandle().recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        return peeked != b""
+
+
+class _PoolFactory(Factory):
+    """
+    Builds the pool's protocols for one target.
+    """
+
+    noisy = False
+
+    def __init__(self, pool: WarmPool, target: Target) -> None:
+        self.pool = pool
+        self.target = target
+
+    def buildProtocol(self, addr) -> PooledClientProtocol:
+        protocol = PooledClientProtocol()
+        protocol.factory = self
+        protocol.pool = self.pool
+        protocol.target = self.target
+        return protocol
+
+
+@implementer(IDialer)
+class WarmPool:
+    """
+    Up to C{Size} idle connections to each target that is up, given to
+    new clients in the balancer's order, refilled after use, replaced
+    after C{MaxIdle} seconds.
+
+    @ivar dialer: the app's own dialer, which makes every connection.
+    @ivar config: the app's L{PoolConfig}.
+    @ivar idle: per target, its idle connections, oldest first.
+    @ivar handedOut: connections given to clients so far (for tests,
+        and to say in the log how useful the pool is).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        dialer: IDialer,
+        config: PoolConfig,
+        targets: Sequence[Target],
+        clock: IReactorTime,
+        health=None,
+        load=None,
+    ) -> None:
+        """
+        @param health: the app's L{tcpproxy.health.HealthTracker}, or C{None}.
+        @param load: the app's L{tcpproxy.balancer.Load}, or C{None}: the
+            clients' connections per target, under C{MaxConnections}.
+        """
+        self.dialer = dialer
+        self.load = load
+        self.config = config
+        self.clock = clock
+        self.health = health
+        self.targets = tuple(targets)
+        self.idle: dict[Target, deque[PooledClientProtocol]] = {t: deque() for t in self.targets}
+        self._dialling: dict[Target, set[Deferred]] = {t: set() for t in self.targets}
+        self._factories = {t: _PoolFactory(self, t) for t in self.targets}
+        self.handedOut = 0
+        self.idleTotal = 0
+        self._stopped = False
+        self._tick: IDelayedCall | None = clock.callLater(0, self._look)
+
+    # IDialer
+
+    def dial(self, protocolFactory: IProtocolFactory, targets: Iterable[Target]) -> Deferred[Dialled]:
+        """
+        A pooled connection to the first target of C{targets}, at once, if
+        it has a live one; else C{targets} dialled by the app's dialer.
+
+        Only the first target is looked at: C{targets} is the balancer's
+        order, walked lazily (L{tcpproxy.dispatch}: each target taken from
+        it is counted in the app's load, a full one skipped), so the pool
+        changes neither which target a client goes to nor the counts.
+        """
+        if not self.idleTotal:
+            return self.dialer.dial(protocolFactory, targets)
+        targets = iter(targets)
+        target = next(targets, None)
+        if target is None:
+            return self.dialer.dial(protocolFactory, ())
+        protocol = self._take(target)
+        if protocol is None:
+            return self.dialer.dial(protocolFactory, chain((target,), targets))
+        early = b"".join(protocol.early)
+        protocol.early = []
+        if protocol.earlySize >= PREDIAL_BUFFER:
+            protocol.transport.resumeProducing()
+        self.handedOut += 1
+        return succeed(Dialled(target, protocol, (), early))
+
+    def _take(self, target: Target) -> PooledClientProtocol | None:
+        """
+        The oldest live idle connection to C{target}, taken out of the
+        pool (and replaced), or C{None}; dead ones found on the way are
+        aborted.
+        """
+        idle = self.idle.get(target)
+        while idle:
+            protocol = idle.popleft()
+            self.idleTotal -= 1
+            self._unwatch(protocol)
+            self._fill(target)
+            if protocol.alive():
+                return protocol
+            protocol.pool = None
+            protocol.transport.abortConnection()
+        return None
+
+    # Filling
+
+    def usable(self, target: Target) -> bool:
+        """
+        Whether C{target} is pooled now: it is up and not drained (a down
+        target is left to clients' own dials to retry), takes clients in
+        the rotation (not a backup, a weight above 0).
+        """
+        if target.backup or not target.weight:
+            return False
+        return self.health is None or self.health.stateOf(target) == UP
+
+    def _room(self, target: Target) -> int:
+        """
+        How many more connections the pool may open to C{target}: up to
+        C{Size} idle ones, and no more than its C{MaxConnections} leaves
+        beside the clients' connections (counted in the app's load).
+        """
+        dialling = len(self._dialling[target])
+        room = self.config.size - len(self.idle[target]) - dialling
+        limit = target.maxConnections
+        if limit is not None:
+            active = self.load.active(target) if self.load is not None else 0
+            room = min(room, limit - active - len(self.idle[target]) - dialling)
+        return room
+
+    def _look(self) -> None:
+        self._tick = None
+        if self._stopped:
+            return
+        for target in self.targets:
+            self._fill(target)
+        self._tick = self.clock.callLater(REFILL_INTERVAL, self._look)
+
+    def _fill(self, target: Target) -> None:
+        if self._stopped or not self.usable(target):
+            return
+        dialling = self._dialling[target]
+        for _ in range(self._room(target)):
+            d = self.dialer.dial(self._factories[target], [target])
+            dialling.add(d)
+            d.addCallbacks(self._connected, self._failed, callbackArgs=(d, target), errbackArgs=(d, target))
+
+    def _connected(self, dialled: Dialled, d: Deferred, target: Target) -> None:
+        self._dialling[target].discard(d)
+        protocol = dialled.protocol
+        if self._stopped or protocol.closed or protocol.readDone:
+            protocol.pool = None
+            if not protocol.closed:
+                protocol.transport.loseConnection()
+            return
+        protocol.expiry = self.clock.callLater(self.config.maxIdle, self._expire, protocol)
+        self.idle[target].append(protocol)
+        self.idleTotal += 1
+
+    def _failed(self, reason: Failure, d: Deferred, target: Target) -> None:
+        # Told to the target's health and metrics by the dialer already;
+        # the next look (REFILL_INTERVAL) tries again if it is still up.
+        self._dialling[target].discard(d)
+
+    def _unwatch(self, protocol: PooledClientProtocol) -> None:
+        expiry = protocol.expiry
+        protocol.expiry = None
+        if expiry is not None and expiry.active():
+            expiry.cancel()
+
+    def _expire(self, protocol: PooledClientProtocol) -> None:
+        """
+        C{protocol} waited C{MaxIdle} seconds for a client: close it, and
+        open a fresh one in its place.
+        """
+        protocol.expiry = None
+        self._remove(protocol)
+        protocol.pool = None
+        protocol.transport.loseConnection()
+        self._fill(protocol.target)
+
+    def _remove(self, protocol: PooledClientProtocol) -> bool:
+        idle = self.idle.get(protocol.target)
+        if idle is not None and protocol in idle:
+            idle.remove(protocol)
+            self.idleTotal -= 1
+            return True
+        return False
+
+    def dropped(self, protocol: PooledClientProtocol) -> None:
+        """
+        An idle C{protocol}'s connection ended (the target closed or reset
+        it): it is no longer offered, and another is opened.
+        """
+        self._unwatch(protocol)
+        if self._remove(protocol):
+            self._fill(protocol.target)
+
+    # Stopping
+
+    def stop(self) -> None:
+        """
+        Open no more connections and close the idle ones (shutdown, or
+        the pool replaced by a reload).
+        """
+        self._stopped = True
+        if self._tick is not None and self._tick.active():
+            self._tick.cancel()
+        self._tick = None
+        self.idleTotal = 0
+        for idle in self.idle.values():
+            while idle:
+                protocol = idle.popleft()
+                self._unwatch(protocol)
+                protocol.pool = None
+                protocol.transport.loseConnection()
+        for dialling in self._dialling.values():
+            for d in list(dialling):
+                d.cancel()
+
+    def idleCount(self) -> int:
+        """
+        Idle pooled connections, all targets together.
+        """
+        return self.idleTotal
+
+
+def stopPool(dialer: IDialer) -> None:
+    """
+    Stop C{dialer} if it is a L{WarmPool} (an app's dialer at shutdown or
+    when a reload replaces it).
+    """
+    if isinstance(dialer, WarmPool):
+        dialer.stop()

@@ -1,0 +1,327 @@
+"""
+Tests for L{tcpproxy.pool}: the warm pool, on a fake dialer and a clock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from tcpproxy.balancer import Load
+from tcpproxy.config import ConfigError, PoolConfig, parseConfig, parseTarget
+from tcpproxy.dialer import Dialled, IDialer
+from tcpproxy.health import DOWN, UP
+from tcpproxy.pool import REFILL_INTERVAL, PooledClientProtocol, WarmPool
+from tcpproxy.relay import PREDIAL_BUFFER
+
+A = parseTarget("127.0.0.1:7001")
+B = parseTarget("127.0.0.1:7002")
+C = parseTarget("127.0.0.1:7003")
+
+
+@implementer(IDialer)
+class FakeDialer:
+    """
+    Records each dial; the test fires it with L{answer} or L{refuse}.
+    """
+
+    def __init__(self) -> None:
+        self.dials: list[tuple[object, list, Deferred]] = []
+
+    def dial(self, protocolFactory, targets):
+        d: Deferred = Deferred()
+        self.dials.append((protocolFactory, list(targets), d))
+        return d
+
+    def pending(self, target=None) -> list:
+        return [dial for dial in self.dials if not dial[2].called and (target is None or dial[1] == [target])]
+
+    def answer(self, dial) -> PooledClientProtocol:
+        factory, targets, d = dial
+        protocol = factory.buildProtocol(None)
+        protocol.makeConnection(StringTransport())
+        d.callback(Dialled(targets[0], protocol))
+        return protocol
+
+    def answerAll(self) -> list[PooledClientProtocol]:
+        return [self.answer(dial) for dial in self.pending()]
+
+
+class FakeHealth:
+    def __init__(self) -> None:
+        self.states: dict = {}
+
+    def stateOf(self, target) -> str:
+        return self.states.get(target, UP)
+
+
+class WarmPoolTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.dialer = FakeDialer()
+        self.health = FakeHealth()
+        self.pool = WarmPool(self.dialer, PoolConfig(2, 30.0), (A, B), self.clock, self.health)
+        self.addCleanup(self.pool.stop)
+
+    def filled(self) -> list[PooledClientProtocol]:
+        self.clock.advance(0)
+        return self.dialer.answerAll()
+
+    def test_interface(self) -> None:
+        self.assertTrue(verifyObject(IDialer, self.pool))
+
+    def test_fillsSizePerTarget(self) -> None:
+        """
+        Once the reactor runs, C{Size} connections are dialled to each
+        target, each through the app's dialer for that target alone.
+        """
+        self.assertEqual(self.dialer.dials, [])
+        self.clock.advance(0)
+        self.assertEqual([targets for _, targets, _ in self.dialer.dials], [[A], [A], [B], [B]])
+        self.dialer.answerAll()
+        self.assertEqual(self.pool.idleCount(), 4)
+        # A later look dials nothing more: the pool is full.
+        self.clock.advance(REFILL_INTERVAL)
+        self.assertEqual(self.dialer.pending(), [])
+
+    def test_handsOutWithoutDialAndRefills(self) -> None:
+        """
+        A client's dial takes a pooled connection of the first target of
+        its order at once, without dialling; one is dialled in its place.
+        """
+        pooled = self.filled()
+        d = self.pool.dial(object(), [B, A])
+        dialled = self.successResultOf(d)
+        self.assertEqual(dialled.target, B)
+        self.assertIn(dialled.protocol, pooled)
+        self.assertEqual(self.dialer.pending(), [self.dialer.dials[-1]])
+        self.assertEqual(self.dialer.dials[-1][1], [B])
+        self.assertEqual(self.pool.handedOut, 1)
+
+    def test_emptyPoolDialsTheClientsOrder(self) -> None:
+        """
+        With no idle connection, the client's dial is the app dialer's,
+        with the client's factory and the whole order.
+        """
+        self.clock.advance(0)
+        factory = object()
+        d = self.pool.dial(factory, [B, A])
+        self.assertNoResult(d)
+        self.assertEqual(self.dialer.dials[-1][:2], (factory, [B, A]))
+
+    def test_greetingDeliveredFirst(self) -> None:
+        """
+        What the target sent on an idle connection is handed over with it,
+        exactly, and counted as received from the target.
+        """
+        pooled = self.filled()
+        pooled[0].dataReceived(b"220 mail ")
+        pooled[0].dataReceived(b"ready\r\n")
+        dialled = self.successResultOf(self.pool.dial(object(), [A]))
+        self.assertIs(dialled.protocol, pooled[0])
+        self.assertEqual(dialled.early, b"220 mail ready\r\n")
+        self.assertEqual(dialled.protocol.received, 16)
+
+    def test_greetingBounded(self) -> None:
+        """
+        An idle connection whose target sends more than a dial would hold
+        is paused, and resumed when a client takes it.
+        """
+        pooled = self.filled()
+        pooled[0].dataReceived(b"x" * PREDIAL_BUFFER)
+        self.assertEqual(pooled[0].transport.producerState, "paused")
+        dialled = self.successResultOf(self.pool.dial(object(), [A]))
+        self.assertEqual(len(dialled.early), PREDIAL_BUFFER)
+        self.assertEqual(dialled.protocol.transport.producerState, "producing")
+
+    def test_closedByTargetNeverHandedOut(self) -> None:
+        """
+        An idle connection the target closed (or reset) is dropped from the
+        pool and replaced; a client gets a live one.
+        """
+        first, second, *_ = self.filled()
+        first.readConnectionLost()
+        self.assertTrue(first.transport.disconnecting)
+        first.connectionLost(Failure(ConnectionDone()))
+        second.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(len(self.dialer.pending(A)), 2)
+        self.assertEqual(self.pool.idleCount(), 2)
+        # A has none left: the client dials, in its order, as without a pool.
+        factory = object()
+        self.assertNoResult(self.pool.dial(factory, [A, B]))
+        self.assertEqual(self.dialer.dials[-1][:2], (factory, [A, B]))
+
+    def test_deadOnPeekNeverHandedOut(self) -> None:
+        """
+        An idle connection found dead as it is taken is aborted, and the
+        next one is given.
+        """
+        first, second, *_ = self.filled()
+        first.alive = lambda: False
+        dialled = self.successResultOf(self.pool.dial(object(), [A]))
+        self.assertIs(dialled.protocol, second)
+        self.assertTrue(first.transport.disconnecting)
+
+    def test_maxIdleReplaces(self) -> None:
+        """
+        An idle connection older than C{MaxIdle} is closed, and another is
+        dialled in its place.
+        """
+        pooled = self.filled()
+        self.clock.advance(29)
+        self.assertFalse(any(p.transport.disconnecting for p in pooled))
+        self.clock.advance(1)
+        self.assertTrue(all(p.transport.disconnecting for p in pooled))
+        self.assertEqual(len(self.dialer.pending()), 4)
+
+    def test_takenConnectionNotExpired(self) -> None:
+        """
+        A connection given to a client is no longer the pool's to expire.
+        """
+        self.filled()
+        dialled = self.successResultOf(self.pool.dial(object(), [A]))
+        self.clock.advance(60)
+        self.assertFalse(dialled.protocol.transport.disconnecting)
+
+    def test_onlyFirstOfOrderTaken(self) -> None:
+        """
+        Only the first target of the client's order is looked at, and the
+        order is walked no further than that (it is the dispatcher's walk,
+        which counts each target it gives): the balancer's choice stands.
+        """
+        self.filled()
+        taken = []
+
+        def walk():
+            for target in (A, B):
+                taken.append(target)
+                yield target
+
+        self.assertEqual(self.successResultOf(self.pool.dial(object(), walk())).target, A)
+        self.assertEqual(taken, [A])
+
+    def test_maxConnectionsRespected(self) -> None:
+        """
+        The pool opens no more than a target's C{MaxConnections} leaves
+        beside the clients' connections.
+        """
+        limited = dataclasses.replace(C, maxConnections=3)
+        load = Load()
+        load.opened(limited)
+        load.opened(limited)
+        pool = WarmPool(self.dialer, PoolConfig(2, 30.0), (limited,), self.clock, None, load)
+        self.addCleanup(pool.stop)
+        self.clock.advance(0)
+        self.assertEqual(len(self.dialer.pending(limited)), 1)
+        self.dialer.answerAll()
+        load.closed(limited)
+        self.clock.advance(REFILL_INTERVAL)
+        self.assertEqual(len(self.dialer.pending(limited)), 1)
+
+    def test_backupAndWeightZeroNotPooled(self) -> None:
+        """
+        A backup target, or one of weight 0, takes no client in the
+        rotation: it gets no pooled connection.
+        """
+        backup = dataclasses.replace(A, backup=True)
+        unweighted = dataclasses.replace(B, weight=0)
+        pool = WarmPool(self.dialer, PoolConfig(2, 30.0), (backup, unweighted), self.clock)
+        self.addCleanup(pool.stop)
+        before = len(self.dialer.dials)
+        self.clock.advance(0)
+        self.assertEqual(len(self.dialer.dials) - before, 4)  # The setUp pool's, none of these.
+        self.assertEqual([t for _, t, _ in self.dialer.dials[before:]], [[A], [A], [B], [B]])
+        self.assertEqual(pool.idleCount(), 0)
+
+    def test_downTargetNotPooled(self) -> None:
+        """
+        A target that is down (or drained) gets no pooled connection.
+        """
+        self.health.states[B] = DOWN
+        self.clock.advance(0)
+        self.assertEqual([targets for _, targets, _ in self.dialer.dials], [[A], [A]])
+        self.health.states[B] = UP
+        self.clock.advance(REFILL_INTERVAL)
+        self.assertEqual(len(self.dialer.pending(B)), 2)
+
+    def test_failedDialRetriedLater(self) -> None:
+        """
+        A pooled dial that fails is tried again at the next look.
+        """
+        self.clock.advance(0)
+        for _, _targets, d in self.dialer.pending(A):
+            d.errback(ConnectionRefusedError())
+        self.assertEqual(self.dialer.pending(A), [])
+        self.clock.advance(REFILL_INTERVAL)
+        self.assertEqual(len(self.dialer.pending(A)), 2)
+
+    def test_stopClosesIdleAndCancelsDials(self) -> None:
+        """
+        Stopping closes the idle connections, cancels the dials under way,
+        and opens no more.
+        """
+        self.clock.advance(0)
+        first = self.dialer.answer(self.dialer.pending()[0])
+        waiting = self.dialer.pending()
+        self.pool.stop()
+        self.assertTrue(first.transport.disconnecting)
+        self.assertTrue(all(d.called for _, _, d in waiting))
+        self.clock.advance(REFILL_INTERVAL * 5)
+        self.assertEqual(self.dialer.pending(), [])
+
+
+def document(app=None, **top):
+    base = {"Name": "web", "Ports": [5001], "Targets": ["127.0.0.1:6001"]}
+    return {**top, "Apps": [{**base, **(app or {})}]}
+
+
+class PoolConfigTests(SynchronousTestCase):
+    """
+    The C{"Pool"} key: what it turns into, and each refusal in one line
+    naming the file, the app, the key and the value.
+    """
+
+    def refused(self, doc) -> str:
+        message = str(self.assertRaises(ConfigError, parseConfig, doc, "c.json"))
+        self.assertNotIn("\n", message)
+        return message
+
+    def test_absent(self) -> None:
+        self.assertIsNone(parseConfig(document()).apps[0].pool)
+
+    def test_accepted(self) -> None:
+        self.assertEqual(parseConfig(document({"Pool": {"Size": 4}})).apps[0].pool, PoolConfig(4, 30.0))
+        self.assertEqual(
+            parseConfig(document({"Pool": {"Size": 1, "MaxIdle": 2.5}})).apps[0].pool, PoolConfig(1, 2.5)
+        )
+        # From "Defaults" too.
+        self.assertEqual(
+            parseConfig(document(Defaults={"Pool": {"Size": 2}})).apps[0].pool, PoolConfig(2, 30.0)
+        )
+
+    def test_refusals(self) -> None:
+        for app, expected in (
+            ({"Pool": 4}, 'c.json: app "web": key "Pool": 4 is not an object like {"Size": 4, "MaxIdle"'),
+            ({"Pool": {}}, 'c.json: app "web": key "Pool.Size": missing required key'),
+            ({"Pool": {"Size": 0}}, 'key "Pool.Size": 0 is not a whole number of 1 or more'),
+            ({"Pool": {"Size": 5000}}, 'key "Pool.Size": 5000 is more than 1000 idle connections per target'),
+            ({"Pool": {"Size": 1, "MaxIdle": 0}}, 'key "Pool.MaxIdle": 0 must be greater than 0 seconds'),
+            ({"Pool": {"Size": 1, "Max": 3}}, 'key "Pool.Max": unknown key (did you mean "MaxIdle"?)'),
+            (
+                {"Pool": {"Size": 2}, "SendProxy": "v2"},
+                'c.json: app "web": key "Pool": cannot be used with SendProxy: the PROXY header names',
+            ),
+            (
+                {"Pool": {"Size": 2}, "Targets": [{"Address": "127.0.0.1:6001", "SendProxy": "v1"}]},
+                'key "Pool": cannot be used with SendProxy',
+            ),
+        ):
+            self.assertIn(expected, self.refused(document(app)))
