@@ -9,18 +9,20 @@ import dataclasses
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from tcpproxy.app import buildApp, updateApp
 from tcpproxy.balancer import Load
 from tcpproxy.config import ConfigError, PoolConfig, parseConfig, parseTarget
 from tcpproxy.dialer import Dialled, IDialer
 from tcpproxy.health import DOWN, UP
-from tcpproxy.pool import REFILL_INTERVAL, PooledClientProtocol, WarmPool
+from tcpproxy.pool import REFILL_INTERVAL, PooledClientProtocol, WarmPool, stopPool
 from tcpproxy.relay import PREDIAL_BUFFER
+from tcpproxy.tls import loadAppTLS
 
 A = parseTarget("127.0.0.1:7001")
 B = parseTarget("127.0.0.1:7002")
@@ -325,3 +327,82 @@ class PoolConfigTests(SynchronousTestCase):
             ),
         ):
             self.assertIn(expected, self.refused(document(app)))
+
+
+class _MemoryEngine:
+    """
+    An engine whose reactor connects nothing (L{MemoryReactorClock}).
+    """
+
+    def __init__(self) -> None:
+        self.reactor = MemoryReactorClock()
+
+
+class PoolAppTests(SynchronousTestCase):
+    """
+    The pool in an app's runtime (L{tcpproxy.app.buildApp}, L{updateApp}):
+    made for an app with C{"Pool"}, kept by a reload that changes nothing of
+    it, replaced (the old one stopped) by one that does.
+    """
+
+    def setUp(self) -> None:
+        self.engine = _MemoryEngine()
+        self.clock = self.engine.reactor
+
+    def app(self, **overrides):
+        doc = document({"Pool": {"Size": 1}, **overrides})
+        return parseConfig(doc).apps[0]
+
+    def build(self, app):
+        factory = buildApp(app, loadAppTLS(app, "<config>"), self.engine, self.clock)
+        self.addCleanup(stopPool, factory.dialer)
+        return factory
+
+    def update(self, factory, app) -> None:
+        updateApp(factory, app, loadAppTLS(app, "<config>"), self.engine)
+        self.addCleanup(stopPool, factory.dialer)
+
+    def test_built(self) -> None:
+        """
+        An app with a C{"Pool"} dials through one, which starts filling
+        at once; an app without has none.
+        """
+        factory = self.build(self.app())
+        self.assertIsInstance(factory.dialer, WarmPool)
+        self.clock.advance(0)
+        self.assertEqual([(host, port) for host, port, *_ in self.clock.tcpClients], [("127.0.0.1", 6001)])
+        self.assertNotIsInstance(self.build(self.app(Pool=None)).dialer, WarmPool)
+
+    def test_reloadKeeps(self) -> None:
+        """
+        A reload that changes nothing the pool depends on keeps it, with
+        its connections.
+        """
+        factory = self.build(self.app())
+        pool = factory.dialer
+        self.update(factory, self.app(IdleTimeout=5))
+        self.assertIs(factory.dialer, pool)
+
+    def test_reloadReplaces(self) -> None:
+        """
+        A reload that changes the pool, the targets (their limits too) or
+        how they are dialled stops the old pool and makes a new one; one
+        that removes the pool stops it.
+        """
+        factory = self.build(self.app())
+        for app in (
+            self.app(Pool={"Size": 2}),
+            self.app(Targets=["127.0.0.1:6002"]),
+            self.app(Targets=[{"Address": "127.0.0.1:6002", "MaxConnections": 5}]),
+            self.app(Targets=[{"Address": "127.0.0.1:6002", "MaxConnections": 5}], ConnectTimeout=2),
+        ):
+            old = factory.dialer
+            self.update(factory, app)
+            self.assertIsInstance(factory.dialer, WarmPool)
+            self.assertIsNot(factory.dialer, old)
+            self.assertEqual(factory.dialer.config, app.pool)
+            self.assertTrue(old._stopped)
+        old = factory.dialer
+        self.update(factory, self.app(Pool=None))
+        self.assertNotIsInstance(factory.dialer, WarmPool)
+        self.assertTrue(old._stopped)
