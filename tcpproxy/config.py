@@ -212,6 +212,15 @@ class Target:
     maxConnections: int | None = dataclasses.field(default=None, compare=False)
     backup: bool = dataclasses.field(default=False, compare=False)
 
+    def __post_init__(self) -> None:
+        # Targets key the per-target tables of a connection's path (counts,
+        # health, figures, endpoints): hashed several times per connection,
+        # so the hash is made once.
+        object.__setattr__(self, "_hash", hash((self.host, self.port, self.kind)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
     def __str__(self) -> str:
         return hostPort(self.host, self.port)
 
