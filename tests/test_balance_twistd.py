@@ -84,9 +84,10 @@ class BalanceTwistdTests(TestCase):
                 Balance="least-connections",
             )
         )
-        self.assertTrue(
-            linesWith(self.twistd.stdout(), f"to 127.0.0.1:{self.first} (at most 1), least-connections"),
-            self.twistd.stdout(),
+        # The port accepts once bound, before the start-up lines are written.
+        startup = f"to 127.0.0.1:{self.first} (at most 1), least-connections"
+        waitUntil(
+            lambda: linesWith(self.twistd.stdout(), startup), "the start-up line with the limit and policy"
         )
         held = connect(self.port)
         held.sendall(b"first")
