@@ -440,23 +440,42 @@ class SourceHash(_Balancer):
     (not the port), the same in every process.
     """
 
+    RANKED = 4096
+    """
+    Rankings remembered (by client address and candidates) at most: the
+    same clients come back, and a ranking costs a few microseconds to make
+    (a hash and a score per target) where a look-up costs a fraction.
+    """
+
     def __init__(self, *args, **kwargs) -> None:
         _Balancer.__init__(self, *args, **kwargs)
         self._seeds = {t: _stableHash(str(t)) for t in self._targets}
+        self._ranked: dict[tuple, list[Target]] = {}
 
     def _rank(self, candidates: list[Target], source: str) -> list[Target]:
         if len(candidates) == 1:
             return candidates
-        key = _stableHash(source)
-        seeds = self._seeds
         weights = self._weights(candidates)
         if weights is None:
-            scores = [_mix(key ^ seeds[t]) for t in candidates]
-        else:
-            scores = [
-                -weights[i] / math.log((_mix(key ^ seeds[t]) + 0.5) / 18446744073709551616.0)
-                for i, t in enumerate(candidates)
-            ]
+            # Unweighted (or all alike): the ranking depends on nothing else.
+            memo = (source, *candidates)
+            ranked = self._ranked.get(memo)
+            if ranked is None:
+                if len(self._ranked) >= self.RANKED:
+                    self._ranked.clear()
+                key = _stableHash(source)
+                seeds = self._seeds
+                scores = [_mix(key ^ seeds[t]) for t in candidates]
+                order = sorted(range(len(candidates)), key=scores.__getitem__, reverse=True)
+                ranked = self._ranked[memo] = [candidates[i] for i in order]
+            return list(ranked)
+        # Weighted, and ramped by slow start as time goes: made each time.
+        key = _stableHash(source)
+        seeds = self._seeds
+        scores = [
+            -weights[i] / math.log((_mix(key ^ seeds[t]) + 0.5) / 18446744073709551616.0)
+            for i, t in enumerate(candidates)
+        ]
         ranked = sorted(range(len(candidates)), key=scores.__getitem__, reverse=True)
         return [candidates[i] for i in ranked]
 

@@ -290,6 +290,25 @@ class SourceHashTests(SynchronousTestCase):
         health.checkSucceeded(B)
         self.assertEqual({s: balancer.order(s) for s in sources}, before)
 
+    def test_rankingsRemembered(self):
+        """
+        A client's ranking is made once and remembered (for at most
+        L{SourceHash.RANKED} clients); each call gets a list of its own, and
+        the same ranking as a balancer that never saw the client.
+        """
+        balancer = SourceHash([A, B, C])
+        first = balancer.order("10.0.0.7")
+        first.clear()
+        self.assertEqual(balancer.order("10.0.0.7"), SourceHash([A, B, C]).order("10.0.0.7"))
+        for source in clients(2 * SourceHash.RANKED + 10):
+            balancer.order(source)
+        self.assertLessEqual(len(balancer._ranked), SourceHash.RANKED)
+        fresh = SourceHash([A, B, C])
+        self.assertEqual(
+            [balancer.order(s) for s in clients(50)],
+            [fresh.order(s) for s in clients(50)],
+        )
+
     def test_weights(self):
         heavy = target(7001, weight=3)
         balancer = SourceHash([heavy, B])
