@@ -24,13 +24,14 @@ import socket
 from collections.abc import Callable, Sequence
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.defer import Deferred, gatherResults, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IReadDescriptor
 from twisted.logger import Logger
 from twisted.names import dns
 from twisted.names.common import ResolverBase
 from twisted.names.error import DNSNameError, DNSQueryTimeoutError, DNSServerError
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from tcpproxy.config import (
     HOSTNAME,
@@ -432,7 +433,7 @@ class AppDiscovery:
 
 class _Unsolicited:
     """
-    The controller of L{DiscoveryResolver}'s protocol: a message that
+    The controller of L{DiscoveryResolver}'s protocols: a message that
     answers no query of ours is dropped.
     """
 
@@ -440,17 +441,84 @@ class _Unsolicited:
         pass
 
 
+@implementer(IReadDescriptor)
+class _QuerySocket:
+    """
+    One UDP socket on a port the kernel picks at random, for the queries of
+    one lookup, closed when the lookup is done: the transport of a
+    L{dns.DNSDatagramProtocol}, read through the reactor's public
+    L{IReactorFDSet}.
+
+    Twisted's own UDP port (C{listenUDP}) logs a line when it opens and
+    another when it closes, whatever the protocol's C{noisy}: with a socket
+    per lookup and C{"Refresh": 1} that would be several lines a second in
+    the proxy's log.  This socket logs nothing.
+
+    @param family: C{AF_INET} or C{AF_INET6}, that of the servers asked.
+    """
+
+    MAX_READS = 16
+    """Datagrams read at most per readiness (then back to the reactor)."""
+
+    def __init__(self, reactor, family: int, protocol: dns.DNSDatagramProtocol) -> None:
+        self.reactor = reactor
+        self.socket = socket.socket(family, socket.SOCK_DGRAM)
+        self.socket.setblocking(False)
+        # Port 0: the kernel picks a free ephemeral port at random for each
+        # socket (Linux randomises it), as RFC 5452 section 9.2 asks.
+        self.socket.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+        self.protocol = protocol
+        protocol.makeConnection(self)
+        reactor.addReader(self)
+
+    def getHost(self) -> tuple[str, int]:
+        return self.socket.getsockname()[:2]
+
+    def write(self, data: bytes, address: tuple[str, int]) -> None:
+        try:
+            self.socket.sendto(data, address)
+        except OSError:
+            pass  # as a datagram lost: the query times out, the next server is asked
+
+    def fileno(self) -> int:
+        return self.socket.fileno()
+
+    def logPrefix(self) -> str:
+        return "DNSQuery"
+
+    def doRead(self) -> None:
+        for _ in range(self.MAX_READS):
+            try:
+                data, address = self.socket.recvfrom(512)
+            except OSError:
+                return
+            self.protocol.datagramReceived(data, address[:2])
+            if self.protocol.transport is None:
+                return
+
+    def connectionLost(self, reason) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.protocol.transport is not None:
+            self.reactor.removeReader(self)
+            self.socket.close()
+            self.protocol.doStop()
+
+
 class DiscoveryResolver(ResolverBase):
     """
-    Asks name servers over one UDP socket, kept for as long as the service
-    runs.
+    Asks name servers over UDP, each lookup from a new socket on a random
+    source port.
 
-    L{twisted.names.client.Resolver} opens a socket per query, and Twisted
-    logs each socket opened and closed: with C{"Refresh": 1} that would be
-    several lines a second in the proxy's log.  Here one socket (logged
-    once) sends every query, each with a random id that the answer must
-    match and answered only from the server asked (L{dns.DNSDatagramProtocol}).
-    The servers are tried in turn, each with each timeout of L{LOOKUP_TIMEOUT}.
+    A forged answer must match the query's random 16-bit id and come to its
+    source port: with one long-lived socket the port is known and only the
+    id is left to guess.  RFC 5452 section 4.5 and 9.2 ask for the source
+    port to be random per query; here each lookup has its own socket
+    (L{_QuerySocket}, logging nothing), closed when it is answered or gives
+    up.  An answer is taken only from the server asked, with the id asked
+    (L{dns.DNSDatagramProtocol}).  The servers are tried in turn, each with
+    each timeout of L{LOOKUP_TIMEOUT}.
 
     @param servers: C{(address, port)} of each name server.
     """
@@ -458,12 +526,20 @@ class DiscoveryResolver(ResolverBase):
     def __init__(self, servers: Sequence[tuple[str, int]], reactor) -> None:
         ResolverBase.__init__(self)
         self.servers = list(servers)
-        self._protocol = dns.DNSDatagramProtocol(_Unsolicited(), reactor=reactor)
-        self._protocol.noisy = False
+        self.reactor = reactor
+        self._open: set[_QuerySocket] = set()
+
+    def _socket(self, family: int) -> _QuerySocket:
+        protocol = dns.DNSDatagramProtocol(_Unsolicited(), reactor=self.reactor)
+        protocol.noisy = False
+        each = _QuerySocket(self.reactor, family, protocol)
+        self._open.add(each)
+        return each
 
     def _lookup(self, name: bytes, cls: int, type: int, timeout):
         query = dns.Query(name, type, cls)
         attempts = [(server, seconds) for seconds in (timeout or LOOKUP_TIMEOUT) for server in self.servers]
+        sockets: dict[int, _QuerySocket] = {}
 
         def answered(message: dns.Message):
             if message.rCode == dns.ENAME:
@@ -474,6 +550,14 @@ class DiscoveryResolver(ResolverBase):
 
         def attempt(index: int) -> Deferred:
             server, seconds = attempts[index]
+            family = socket.AF_INET6 if isIPv6Address(server[0]) else socket.AF_INET
+            if family in sockets and sockets[family].protocol.transport is None:
+                return fail(DNSQueryTimeoutError(name))  # closed: the resolver stopped
+            if family not in sockets:
+                try:
+                    sockets[family] = self._socket(family)
+                except OSError:
+                    return fail()
 
             def unanswered(reason: Failure):
                 reason.trap(DNSQueryTimeoutError)
@@ -481,18 +565,23 @@ class DiscoveryResolver(ResolverBase):
                     return attempt(index + 1)
                 return reason
 
-            return self._protocol.query(server, [query], seconds).addCallbacks(answered, unanswered)
+            return sockets[family].protocol.query(server, [query], seconds).addCallbacks(answered, unanswered)
 
-        return attempt(0)
+        def close(result):
+            for each in sockets.values():
+                self._open.discard(each)
+                each.close()
+            return result
 
-    def stop(self) -> Deferred | None:
+        return attempt(0).addBoth(close)
+
+    def stop(self) -> None:
         """
-        Close the socket (the service stops); unanswered queries fail.
+        Close the sockets of the lookups under way (the service stops);
+        their queries then go unanswered.
         """
-        transport = self._protocol.transport
-        if transport is not None:
-            return transport.stopListening()
-        return None
+        while self._open:
+            self._open.pop().close()
 
 
 def resolverFor(servers: Sequence[tuple[str, int]], reactor) -> DiscoveryResolver:

@@ -68,16 +68,29 @@ class Zone(ResolverBase):
         return succeed((list(found), [], []))
 
 
+class _RecordingFactory(DNSServerFactory):
+    """
+    A server that notes the address each query came from (its C{peers}).
+    """
+
+    def messageReceived(self, message, proto, address=None):
+        self.peers.append(address)
+        return DNSServerFactory.messageReceived(self, message, proto, address)
+
+
 class DNSServer:
     """
     A L{Zone} served over UDP on 127.0.0.1, on a free port, until the test
-    ends (or L{stop}).
+    ends (or L{stop}).  C{peers} lists the C{(address, port)} each query
+    came from.
     """
 
     def __init__(self, testCase, zone: Zone) -> None:
         self.zone = zone
-        self.factory = DNSServerFactory(clients=[zone])
+        self.factory = _RecordingFactory(clients=[zone])
         self.factory.noisy = False
+        self.peers: list[tuple[str, int]] = []
+        self.factory.peers = self.peers
         self.protocol = dns.DNSDatagramProtocol(self.factory)
         self.port = reactor.listenUDP(0, self.protocol, interface="127.0.0.1")
         self.number = self.port.getHost().port

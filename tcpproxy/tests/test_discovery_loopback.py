@@ -12,9 +12,12 @@ import os
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import globalLogPublisher
+from twisted.names import dns
 from twisted.trial.unittest import TestCase
 
 from tcpproxy.config import loadConfig
+from tcpproxy.discovery import DiscoveryResolver
 from tcpproxy.service import ProxyService
 from tcpproxy.tests.dnsserver import DNSServer, Zone
 from tcpproxy.tests.loopback import captureEvents, connectClient, deadPort, engineFor, eventually, listen
@@ -194,3 +197,37 @@ class DiscoveryLoopbackTests(DiscoveryLoopbackMixin, TestCase):
 
 class DiscoveryLoopbackTwistedTests(DiscoveryLoopbackMixin, TestCase):
     engine = "twisted"
+
+
+class ResolverSourcePortTests(TestCase):
+    """
+    L{DiscoveryResolver} on a real socket, against the test's DNS server.
+    """
+
+    timeout = 15
+
+    @inlineCallbacks
+    def test_sourcePortPerLookup(self):
+        """
+        Each lookup is sent from a source port of its own (RFC 5452 section
+        4.5: a fixed port leaves only the query id to guess to forge an
+        answer), and the sockets opened and closed for it log nothing.
+        """
+        zone = Zone(ttl=1)
+        zone.a("a.cluster.test", ["127.0.0.1"])
+        server = DNSServer(self, zone)
+        resolver = DiscoveryResolver([("127.0.0.1", server.number)], reactor)
+        self.addCleanup(resolver.stop)
+        logged: list[dict] = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        for _ in range(3):
+            answers, _, _ = yield resolver.lookupAddress("a.cluster.test")
+            self.assertEqual([a.payload.dottedQuad() for a in answers if a.type == dns.A], ["127.0.0.1"])
+        globalLogPublisher.removeObserver(logged.append)
+        ports = [port for _, port in server.peers]
+        self.assertEqual(len(ports), 3)
+        # Three ports drawn at random from the kernel's ephemeral range
+        # (about 28000 ports): all three the same by chance is unthinkable.
+        self.assertGreater(len(set(ports)), 1, f"every lookup came from the same port: {ports}")
+        self.assertEqual([e.get("log_format") or e.get("log_text") or e.get("message") for e in logged], [])
