@@ -513,8 +513,9 @@ class DiscoveryResolver(ResolverBase):
 
     A forged answer must match the query's random 16-bit id and come to its
     source port: with one long-lived socket the port is known and only the
-    id is left to guess.  RFC 5452 section 4.5 and 9.2 ask for the source
-    port to be random per query; here each lookup has its own socket
+    id is left to guess.  RFC 5452 section 9.2 asks for an unpredictable
+    source port, and different ports for queries outstanding at once; here
+    each lookup has its own socket
     (L{_QuerySocket}, logging nothing), closed when it is answered or gives
     up.  An answer is taken only from the server asked, with the id asked
     (L{dns.DNSDatagramProtocol}).  The servers are tried in turn, each with

@@ -210,7 +210,7 @@ class ResolverSourcePortTests(TestCase):
     def test_sourcePortPerLookup(self):
         """
         Each lookup is sent from a source port of its own (RFC 5452 section
-        4.5: a fixed port leaves only the query id to guess to forge an
+        9.2: a fixed port leaves only the query id to guess to forge an
         answer), and the sockets opened and closed for it log nothing.
         """
         zone = Zone(ttl=1)
