@@ -40,13 +40,19 @@ def haproxyMissing() -> None:
 
 def whyNoNamespaces() -> str | None:
     """
-    Why network namespaces cannot be made here, or None (as the script
-    decides: root and C{ip}).
+    Why network namespaces cannot be made here, or None: root, C{ip}, and
+    one namespace actually made and deleted (root in a container may lack
+    the capability).
     """
     if os.geteuid() != 0:
         return "not root"
     if shutil.which("ip") is None:
         return "no ip command (Debian: iproute2)"
+    probe = f"tcpxprobe{os.getpid()}"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True, timeout=10)
+    if made.returncode != 0:
+        return f"ip netns add: {made.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=10)
     return None
 
 
