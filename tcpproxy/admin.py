@@ -38,7 +38,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from tcpproxy.config import AdminConfig, Network, parseTarget
+from tcpproxy.config import AdminConfig, Network, ProxyConfig, parseTarget
 from tcpproxy.listening import bindAll
 from tcpproxy.metrics import CONNECT_ERRORS, ProxyCollector, bytesTotals, openByTarget, refusals
 from tcpproxy.statuspage import renderPage
@@ -135,9 +135,18 @@ def statusOf(service: ProxyService) -> dict:
                 "targets": targets,
             }
         )
+    return statusDocument(service, config, apps)
+
+
+def statusDocument(source, config: ProxyConfig, apps: list[dict]) -> dict:
+    """
+    The C{/status} document around C{apps} (each app's entry): whether
+    C{source} (the service, or the main process of workers) serves, its
+    configuration file and when it was loaded, and the proxy-wide limits.
+    """
     return {
-        "ready": bool(service.running),
-        "config": {"path": service.configPath, "loadedAt": service.loadedAt},
+        "ready": bool(source.running),
+        "config": {"path": source.configPath, "loadedAt": source.loadedAt},
         "bindAddress": config.bindAddress,
         "limits": {"maxConnections": config.maxConnections, "drainTimeout": config.drainTimeout},
         "apps": apps,

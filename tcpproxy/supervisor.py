@@ -56,7 +56,7 @@ from twisted.logger import Logger, globalLogPublisher
 from twisted.web.server import NOT_DONE_YET
 
 import tcpproxy
-from tcpproxy.admin import AdminResource, AdminServer
+from tcpproxy.admin import AdminResource, AdminServer, statusDocument
 from tcpproxy.applying import NOT_APPLIED, REFUSED, owner
 from tcpproxy.config import ConfigError, ProxyConfig, parseConfigBytes, parseTarget, readConfigBytes
 from tcpproxy.control import (
@@ -674,14 +674,7 @@ class WorkersAdminResource(AdminResource):
             configured = next((a for a in config.apps if a.name == app["name"]), None)
             if configured is not None:
                 app["limits"]["maxConnections"] = configured.maxConnections
-        return {
-            "ready": bool(pool.running),
-            "config": {"path": pool.configPath, "loadedAt": pool.loadedAt},
-            "bindAddress": config.bindAddress,
-            "limits": {"maxConnections": config.maxConnections, "drainTimeout": config.drainTimeout},
-            "apps": apps,
-            "workers": workers,
-        }
+        return {**statusDocument(pool, config, apps), "workers": workers}
 
     def _status(self, request) -> object:
         request.setResponseCode(200)
