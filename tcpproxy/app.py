@@ -27,6 +27,7 @@ from tcpproxy.pool import WarmPool, stopPool
 from tcpproxy.proxyaccept import HeaderStageFactory, ProxiedAddress
 from tcpproxy.proxysend import sendingEndpoints
 from tcpproxy.relay import IRelayed, ProxyClientProtocol, ProxyServerProtocol
+from tcpproxy.scaling import ScaleToZero
 from tcpproxy.tls import AppTLS
 from tcpproxy.transport.engine import IEngine
 
@@ -50,6 +51,7 @@ class ProxyServerFactory(Factory):
 
     noisy = False
     protocol = ProxyServerProtocol
+    scaler: ScaleToZero | None = None
 
     def __init__(
         self,
@@ -236,7 +238,7 @@ def buildApp(
     health = HealthTracker(app.name, app.targets, clock, *_healthSettings(app))
     stats = AppStats(app.targets)
     balancer = balancerFor(app, health, clock)
-    return ProxyServerFactory(
+    factory = ProxyServerFactory(
         app,
         balancer,
         _pooled(app, buildDialer(app, tls, engine, health, stats), clock, health, balancer),
@@ -246,6 +248,26 @@ def buildApp(
         gate=gate,
         stats=stats,
     )
+    _scale(factory, app, engine)
+    return factory
+
+
+def _scale(factory: ProxyServerFactory, app: AppConfig, engine: IEngine) -> None:
+    """
+    Give the app its L{ScaleToZero} if it has a C{"ScaleToZero"} (with
+    its new settings on a reload), or take it away.
+    """
+    scaler = factory.scaler
+    if app.scaleToZero is None:
+        if scaler is not None:
+            scaler.shutdown()
+            factory.scaler = None
+    elif scaler is None:
+        factory.scaler = ScaleToZero(
+            app, factory.dialer, factory.clock, engine.reactor, factory.health, lambda: factory.balancer.load
+        )
+    else:
+        scaler.update(app, factory.dialer)
 
 
 def updateApp(factory: ProxyServerFactory, app: AppConfig, tls: AppTLS, engine: IEngine) -> None:
@@ -293,6 +315,7 @@ def updateApp(factory: ProxyServerFactory, app: AppConfig, tls: AppTLS, engine: 
             stopPool(pool)
         dialer = _pooled(app, dialer, factory.clock, factory.health, balancer)
     factory.reconfigure(app, balancer, dialer, tls)
+    _scale(factory, app, engine)
 
 
 def _pooled(

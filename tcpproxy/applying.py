@@ -207,6 +207,8 @@ class Reloader:
             service.stopChecks(app.name)
             factory = service.factories.pop(app.name)
             stopPool(factory.dialer)
+            if factory.scaler is not None:
+                factory.scaler.shutdown()
             self._retire(factory)
         service.gate.setMaximum(new.maxConnections)
 

@@ -101,6 +101,7 @@ _APP_KEYS = (
     "Refresh",
     "Hold",
     "Pool",
+    "ScaleToZero",
 )
 # "Defaults" holds the settings common to apps; what names an app, and its
 # certificates, stay the app's own.
@@ -112,8 +113,12 @@ _TLS_KEYS = ("Certificates", "MinVersion", "HandshakeTimeout", "ALPN", "MaxPendi
 _CERTIFICATE_KEYS = ("Cert", "Key")
 _TARGET_TLS_KEYS = ("CA", "ServerName", "Cert", "Key", "Verify")
 _ACCEPT_PROXY_KEYS = ("From", "Required", "Timeout")
-_TARGET_KEYS = ("Address", "SendProxy", "Weight", "MaxConnections", "Backup")
+_TARGET_KEYS = ("Address", "SendProxy", "Weight", "MaxConnections", "Backup", "Start", "Stop")
 _POOL_KEYS = ("Size", "MaxIdle")
+_SCALE_KEYS = ("IdleAfter", "StartTimeout", "MinRunning")
+DEFAULT_IDLE_AFTER = 300.0
+DEFAULT_START_TIMEOUT = 30.0
+COMMAND_FIELDS = ("address", "host", "port", "app")
 DEFAULT_POOL_MAX_IDLE = 30.0
 MAX_POOL_SIZE = 1000
 SEND_PROXY_VERSIONS = {"v1": 1, "v2": 2}
@@ -194,6 +199,9 @@ class Target:
         (0 to L{MAX_WEIGHT}; 0 sends it none, as a drain does).
     @ivar maxConnections: connections open to it at most, or C{None}.
     @ivar backup: it gets clients only when no other target is usable.
+    @ivar start: the argv that starts it when it is stopped (scale to
+        zero, L{tcpproxy.scaling}), or C{None}.
+    @ivar stop: the argv that stops it when idle, or C{None}.
 
     A target is its address: two targets are equal (and hash alike) when
     C{host}, C{port} and C{kind} are, whatever their weight, limit or
@@ -211,6 +219,8 @@ class Target:
     weight: int = dataclasses.field(default=1, compare=False)
     maxConnections: int | None = dataclasses.field(default=None, compare=False)
     backup: bool = dataclasses.field(default=False, compare=False)
+    start: tuple[str, ...] | None = dataclasses.field(default=None, compare=False)
+    stop: tuple[str, ...] | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         # Targets key the per-target tables of a connection's path (counts,
@@ -293,6 +303,25 @@ class PoolConfig:
 
     size: int
     maxIdle: float = DEFAULT_POOL_MAX_IDLE
+
+
+@dataclass(frozen=True)
+class ScaleToZeroConfig:
+    """
+    Stopping idle targets and waking them for a client (an app's
+    C{"ScaleToZero"} key, L{tcpproxy.scaling}); only targets with a
+    C{"Stop"} command are stopped, and with a C{"Start"} command woken.
+
+    @ivar idleAfter: seconds a target must have had no connection before
+        its C{Stop} is run.
+    @ivar startTimeout: seconds a woken target has to accept a connection
+        (and a command to finish) before its clients are refused.
+    @ivar minRunning: targets that stay running whatever their idleness.
+    """
+
+    idleAfter: float = DEFAULT_IDLE_AFTER
+    startTimeout: float = DEFAULT_START_TIMEOUT
+    minRunning: int = 0
 
 
 @dataclass(frozen=True)
@@ -418,6 +447,7 @@ class AppConfig:
     refresh: float | None = None
     hold: float = DEFAULT_HOLD
     pool: PoolConfig | None = None
+    scaleToZero: ScaleToZeroConfig | None = None
 
     @property
     def sendsProxy(self) -> bool:
@@ -425,6 +455,7 @@ class AppConfig:
         Whether a PROXY header is sent to any target of the app.
         """
         return self.sendProxy is not None or bool(self.targetSendProxy)
+
     balance: str = DEFAULT_BALANCE
     queueTimeout: float = 0.0
     slowStart: float = 0.0
@@ -856,6 +887,8 @@ def _parseSettings(where: _Where, obj: dict) -> dict:
         settings["hold"] = _duration(where, "Hold", obj["Hold"])
     if "Pool" in obj and obj["Pool"] is not None:
         settings["pool"] = _parsePool(where, obj["Pool"])
+    if "ScaleToZero" in obj and obj["ScaleToZero"] is not None:
+        settings["scaleToZero"] = _parseScaleToZero(where, obj["ScaleToZero"])
     return settings
 
 
@@ -932,6 +965,55 @@ def _parsePool(where: _Where, value: object) -> PoolConfig:
     if "MaxIdle" in value:
         maxIdle = _duration(within, "MaxIdle", value["MaxIdle"], positive=True)
     return PoolConfig(size, maxIdle)
+
+
+def _parseScaleToZero(where: _Where, value: object) -> ScaleToZeroConfig:
+    """
+    The C{"ScaleToZero"} key: C{{"IdleAfter": 300, "StartTimeout": 30,
+    "MinRunning": 0}}, every key optional.
+    """
+    if not isinstance(value, dict):
+        raise where.error(
+            "ScaleToZero",
+            f'{_show(value)} is not an object like {{"IdleAfter": 300, "StartTimeout": 30, "MinRunning": 0}}',
+        )
+    within = _Within(where, "ScaleToZero")
+    _checkKeys(within, value, _SCALE_KEYS, ())
+    settings: dict = {}
+    if "IdleAfter" in value:
+        settings["idleAfter"] = _duration(within, "IdleAfter", value["IdleAfter"], positive=True)
+    if "StartTimeout" in value:
+        settings["startTimeout"] = _duration(within, "StartTimeout", value["StartTimeout"], positive=True)
+    if "MinRunning" in value:
+        running = value["MinRunning"]
+        if isinstance(running, bool) or not isinstance(running, int) or running < 0:
+            raise within.error("MinRunning", f"{_show(running)} is not a whole number of 0 or more")
+        settings["minRunning"] = running
+    return ScaleToZeroConfig(**settings)
+
+
+def _command(where: _Where, key: str, value: object) -> tuple[str, ...]:
+    """
+    A target's C{"Start"} or C{"Stop"}: an argv list of strings, run
+    without a shell; C{{address}}, C{{host}}, C{{port}} and C{{app}} in it
+    are substituted (L{tcpproxy.scaling.commandFor}).
+    """
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(word, str) and word and "\0" not in word for word in value)
+    ):
+        raise where.error(
+            key, f'{_show(value)} is not a command as a list of words, like ["systemctl", "start", "app"]'
+        )
+    for word in value:
+        try:
+            word.format(**{field: "" for field in COMMAND_FIELDS})
+        except (KeyError, IndexError, ValueError):
+            raise where.error(
+                key, f"{_show(word)} has a {{...}} other than {{address}}, {{host}}, {{port}} or {{app}}"
+            ) from None
+    return tuple(value)
 
 
 def _sendProxyVersion(where: _Where, version: object) -> int:
@@ -1034,8 +1116,8 @@ def _parseApp(where: _Where, index: int, obj: object, defaults: dict | None = No
             source = DNSSource(RESOLVE_ALL, target.host, target.port)
             if source in discover:
                 raise where.error("Targets", f"{_show(written)} is listed twice")
-            settings = (target.weight, target.maxConnections, target.backup)
-            if version is not None or settings != (1, None, False):
+            settings = (target.weight, target.maxConnections, target.backup, target.start, target.stop)
+            if version is not None or settings != (1, None, False, None, None):
                 raise where.error(
                     "Targets",
                     f'{_show(written)} has settings of its own, which a hostname with "Resolve": "all"'
@@ -1103,6 +1185,9 @@ def _parseTargetEntry(where: _Where, index: int, value: object) -> tuple[Target,
             if not isinstance(backup, bool):
                 raise within.error("Backup", f"{_show(backup)} is not true or false")
             extra["backup"] = backup
+        for key in ("Start", "Stop"):
+            if value.get(key) is not None:
+                extra[key.lower()] = _command(within, key, value[key])
         value = value["Address"]
     if not isinstance(value, str):
         raise where.error(
@@ -1206,9 +1291,7 @@ def _parseTLS(where: _Where, value: object) -> TLSConfig:
     if "MaxPendingHandshakes" in obj:
         maxPending = _count(within, "MaxPendingHandshakes", obj["MaxPendingHandshakes"])
     files = [path for pair in certificates for path in pair]
-    return TLSConfig(
-        tuple(certificates), minVersion, handshakeTimeout, alpn, maxPending, filesDigest(files)
-    )
+    return TLSConfig(tuple(certificates), minVersion, handshakeTimeout, alpn, maxPending, filesDigest(files))
 
 
 def _alpn(within: _Where, value: object) -> tuple[str, ...]:

@@ -168,6 +168,10 @@ class Dispatcher:
         balancer = self.factory.balancer
         walk = _Walk(balancer.load, order)
         d = self.factory.dialer.dial(protocolFactory, walk)
+        scaler = self.factory.scaler
+        if scaler is not None:
+            # No running target took the client: wake a stopped one.
+            d = scaler.dialled(d, protocolFactory)
         if balancer.limited or self.queue:
             # A target that failed on the way freed a slot too.
             d.addBoth(self._settled, walk)
@@ -193,6 +197,10 @@ class Dispatcher:
         queue the client, or refuse it if the app has no C{QueueTimeout}.
         """
         app = self.factory.app
+        scaler = self.factory.scaler
+        if scaler is not None and scaler.wakeable():
+            # A stopped target takes it rather than the queue (scale to zero).
+            return scaler.wake(protocolFactory, [(target, fullReason(target)) for target in order])
         if not app.queueTimeout:
             failures = [(target, fullReason(target)) for target in order]
             return _failed(NoTargetAvailable(failures))
@@ -250,6 +258,9 @@ class Dispatcher:
         count it out, and serve whoever waits for the slot.
         """
         self.factory.balancer.load.closed(target)
+        scaler = self.factory.scaler
+        if scaler is not None:
+            scaler.ended(target)
         if self.queue:
             self._wake()
 

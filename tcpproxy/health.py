@@ -54,6 +54,7 @@ from tcpproxy.dialer import describeFailure, endpointForTarget
 UP = "up"
 DOWN = "down"
 DRAINING = "draining"
+STOPPED = "stopped"
 DEFAULT_RISE = 2
 DEFAULT_FALL = 3
 """
@@ -76,10 +77,13 @@ class TargetHealth:
         up: an attempt started in an earlier epoch has nothing new to say
         when it fails.
     @ivar drained: an operator took it out of rotation (L{HealthTracker.drain}).
+    @ivar stopped: scaled to zero (L{tcpproxy.scaling}): not checked, not
+        down, and offered to no client until it is woken.
     """
 
     def __init__(self) -> None:
         self.drained = False
+        self.stopped = False
         self.up = True
         self.successes = 0
         self.failures = 0
@@ -115,6 +119,7 @@ class HealthTracker:
         self.states: dict[Target, TargetHealth] = {}
         self._down: set[Target] = set()
         self._drained: set[Target] = set()
+        self.stopped: set[Target] = set()
         # When each target that came back up did (not at start-up): what
         # a balancer's slow start ramps from.
         self.recoveredAt: dict[Target, float] = {}
@@ -131,6 +136,7 @@ class HealthTracker:
         self.states = {t: self.states.get(t) or TargetHealth() for t in targets}
         self._down = {t for t, state in self.states.items() if not state.up}
         self._drained = {t for t, state in self.states.items() if state.drained}
+        self.stopped = {t for t, state in self.states.items() if state.stopped}
         self.recoveredAt = {t: when for t, when in self.recoveredAt.items() if t in self.states}
 
     def isUp(self, target: Target) -> bool:
@@ -139,11 +145,13 @@ class HealthTracker:
 
     def stateOf(self, target: Target) -> str:
         """
-        L{DRAINING}, L{UP} or L{DOWN}: what the status page shows.
+        L{STOPPED}, L{DRAINING}, L{UP} or L{DOWN}: what the status page shows.
         """
         state = self.states.get(target)
         if state is None:
             return UP
+        if state.stopped:
+            return STOPPED
         if state.drained:
             return DRAINING
         return UP if state.up else DOWN
@@ -153,7 +161,7 @@ class HealthTracker:
         """
         Whether every target is up and none drained: L{usable} keeps all.
         """
-        return not self._down and not self._drained
+        return not self._down and not self._drained and not self.stopped
 
     @property
     def allDrained(self) -> bool:
@@ -183,6 +191,28 @@ class HealthTracker:
         @raise KeyError: C{target} is not one of the app's.
         """
         return self._setDrained(target, False, why)
+
+    def setStopped(self, target: Target, stopped: bool) -> None:
+        """
+        Mark C{target} stopped (its C{Stop} ran: no client is sent to it,
+        no check runs, it is not down) or running again (it accepted a
+        connection after its C{Start}), for L{tcpproxy.scaling}, which logs
+        why.  A stopped target that comes back is up, with no failure
+        counted while it was stopped.
+        """
+        state = self.states.get(target)
+        if state is None:
+            return
+        state.stopped = stopped
+        if stopped:
+            self.stopped.add(target)
+        else:
+            self.stopped.discard(target)
+            state.attempts = state.failures = 0
+            state.epoch += 1
+            if not state.up:
+                state.up = True
+                self._down.discard(target)
 
     def _setDrained(self, target: Target, drained: bool, why: str) -> bool:
         state = self.states[target]
@@ -214,11 +244,12 @@ class HealthTracker:
         @param failOpen: C{False} to get an empty list when none is usable
             (a balancer first looks for usable backup targets).
         """
-        if not self._down and not self._drained:
+        if not self._down and not self._drained and not self.stopped:
             return list(targets)
         drained = self._drained
-        if drained:
-            targets = [target for target in targets if target not in drained]
+        if drained or self.stopped:
+            stopped = self.stopped
+            targets = [target for target in targets if target not in drained and target not in stopped]
         now = self.clock.seconds()
         usable = []
         for target in targets:
@@ -280,7 +311,8 @@ class HealthTracker:
             back-off is over.
         """
         state = self.states.get(target)
-        if state is None:
+        if state is None or state.stopped:
+            # A stopped target refuses until woken: that is not a failure.
             return
         now = self.clock.seconds()
         if token is None:
@@ -321,7 +353,7 @@ class HealthTracker:
 
     def checkFailed(self, target: Target, why: str) -> None:
         state = self.states.get(target)
-        if state is None:
+        if state is None or state.stopped:
             return
         state.successes = 0
         state.failures += 1
@@ -389,8 +421,9 @@ class HealthChecker:
             attempt.cancel()
 
     def checkAll(self) -> None:
+        stopped = self.tracker.stopped
         for target in list(self.tracker.states):
-            if target not in self._inFlight:
+            if target not in self._inFlight and target not in stopped:
                 self._check(target)
 
     def _check(self, target: Target) -> None:

@@ -245,6 +245,7 @@ class ProxyCollector(Collector):
 
         accepted, active, refused, received, sent, queued = [], [], [], [], [], []
         tActive, tTotal, tErrors, tUp, tConnect, durations = [], [], [], [], [], []
+        tStopped = []
         for factory in factories:
             app = factory.app.name
             accepted.append(([app], factory.counter.opened))
@@ -263,7 +264,9 @@ class ProxyCollector(Collector):
                 tTotal.append((labels, stats.connections))
                 for kind in CONNECT_ERRORS:
                     tErrors.append(([*labels, kind], stats.errors[kind]))
-                tUp.append((labels, 1 if factory.health.stateOf(target) == "up" else 0))
+                state = factory.health.stateOf(target)
+                tUp.append((labels, 1 if state == "up" else 0))
+                tStopped.append((labels, 1 if state == "stopped" else 0))
                 tConnect.append((labels, stats.connectTime))
 
         yield family(CounterMetricFamily, "tcpproxy_connections", "Clients accepted.", ["app"], accepted)
@@ -307,6 +310,13 @@ class ProxyCollector(Collector):
             "1 if the target is in rotation (up and not drained), else 0.",
             ["app", "target"],
             tUp,
+        )
+        yield family(
+            GaugeMetricFamily,
+            "tcpproxy_target_stopped",
+            "1 if the target is stopped by scale to zero (not down: woken for the next client), else 0.",
+            ["app", "target"],
+            tStopped,
         )
         yield _histogram(
             "tcpproxy_target_connect_seconds",

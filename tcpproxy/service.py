@@ -336,6 +336,8 @@ class ProxyService(Service):
         for factory in self._allFactories():
             # Idle pooled connections are no client's: closed at once.
             stopPool(factory.dialer)
+            if factory.scaler is not None:
+                factory.scaler.shutdown()
         for name in list(self._checkers):
             self.stopChecks(name)
         self.unbind()

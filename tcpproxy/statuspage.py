@@ -7,7 +7,8 @@ one small HTML document that a person reads at a glance.
   - It refreshes itself (C{<meta http-equiv="refresh">}, every
     L{REFRESH} seconds), with no script.
   - One table per app; each target's row is coloured by its state (green
-    up, red down, amber draining), and says so in words too.
+    up, red down, amber draining,
+    grey stopped by scale to zero), and says so in words too.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ td.n { text-align: right; font-variant-numeric: tabular-nums; }
 tr.up td.state { background: #c8f0c8; }
 tr.down td.state { background: #f6c4c4; }
 tr.draining td.state { background: #fbe3a6; }
+tr.stopped td.state { background: #dddddd; }
 tr.down { color: #8a0000; }
 """
 

@@ -31,6 +31,7 @@ class FakeFactory:
         self.health = health
         self.balancer = balancerFor(app, health, reactor)
         self.dialer = FailoverDialer(reactor, 5, health=health)
+        self.scaler = None
 
 
 def appWith(targets, **settings):

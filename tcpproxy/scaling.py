@@ -1,0 +1,502 @@
+"""
+Scale to zero: an app's idle targets are stopped, and a stopped target is
+woken when a client comes that no running target can take (fly.io's
+autostop/autostart, for any TCP service; an app's C{"ScaleToZero"} key).
+
+  - Each target names its own commands, in the object form of targets:
+    C{"Start"} and C{"Stop"}, argv lists run without a shell through the
+    reactor's C{spawnProcess}, with C{{address}}, C{{host}}, C{{port}} and
+    C{{app}} substituted (L{commandFor}).  Their output goes to the log,
+    line by line; one still running after C{StartTimeout} is killed.
+  - A target with a C{Stop} and no connection for C{IdleAfter} seconds is
+    stopped, unless fewer than C{MinRunning} targets would then run.  The
+    connections counted are the clients' (the app's L{Load}): a warm pool's
+    idle connections (L{tcpproxy.pool}) never keep a target awake.  At
+    start-up every target is assumed to be running.
+  - A stopped target is marked so in the app's health
+    (L{tcpproxy.health.STOPPED}): no client is sent to it, it is not
+    checked and not counted down; logs, C{/status} and metrics show it.
+  - A client that no running target took (none runs, every one failed, or
+    every one is at its C{MaxConnections}) wakes the first stopped target
+    with a C{Start}: its C{Start} runs once however many clients wait, and
+    the proxy connects to the target again and again (every
+    L{PROBE_INTERVAL} seconds) until it accepts or C{StartTimeout} passes.
+    The clients are held meanwhile as during any dial (their bytes kept,
+    bounded, by the relay), then relayed; if the start failed (the command's
+    exit status and last line of output), or no answer came in time, the
+    next stopped target is woken, and with none left the client is refused:
+    the access log names each target and why.
+  - A reload that removes a target forgets it and does not stop it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from collections.abc import Callable, Sequence
+
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
+from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from tcpproxy.config import AppConfig, ScaleToZeroConfig, Target
+from tcpproxy.dialer import Dialled, NoTargetAvailable, endpointForTarget
+from tcpproxy.health import HealthTracker
+
+PROBE_INTERVAL = 0.05
+"""
+Seconds between two connects to a target being woken: what a wake-up may
+add to the time the target itself takes to listen.
+"""
+
+PROBE_TIMEOUT = 1.0
+"""
+Seconds one connect to a target being woken may take before it is tried
+again (within what is left of C{StartTimeout}).
+"""
+
+OUTPUT_GRACE = 1.0
+"""
+Seconds the output of a command that failed is awaited after it exited
+(its last line says why), should a child of its hold its pipes open.
+"""
+
+log = Logger()
+
+
+def commandFor(argv: Sequence[str], target: Target, app: str) -> list[str]:
+    """
+    C{argv} with C{{address}} (C{host:port}), C{{host}}, C{{port}} and
+    C{{app}} substituted in each word (the configuration refused any
+    other C{{...}}).
+    """
+    fields = {"address": str(target), "host": target.host, "port": target.port, "app": app}
+    return [word.format(**fields) for word in argv]
+
+
+class _CommandProtocol(ProcessProtocol):
+    """
+    A command's output, logged line by line; C{done} fires with
+    C{(exit status or None, signal or None, last line of output)}.
+    """
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.done: Deferred[tuple[int | None, int | None, str]] = Deferred()
+        self.ended: Deferred[None] = Deferred()
+        self.lastLine = ""
+        self._partial = {1: b"", 2: b""}
+        self._exit: tuple[int | None, int | None] | None = None
+        self._grace: IDelayedCall | None = None
+        self.clock = None
+
+    def connectionMade(self) -> None:
+        self.transport.closeStdin()
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        lines = (self._partial.get(childFD, b"") + data).split(b"\n")
+        self._partial[childFD] = lines.pop()
+        for line in lines:
+            self._line(line)
+
+    def _line(self, raw: bytes) -> None:
+        line = raw.decode("utf-8", "replace").rstrip()
+        if line:
+            self.lastLine = line
+            log.info("{label}: {line}", label=self.label, line=line)
+
+    def _flush(self) -> None:
+        for rest in self._partial.values():
+            if rest:
+                self._line(rest)
+        self._partial = {}
+
+    def processExited(self, reason: Failure) -> None:
+        self._exit = (reason.value.exitCode, reason.value.signal)
+        if self._exit[0] == 0:
+            self._fire()
+        elif self.clock is not None:
+            self._grace = self.clock.callLater(OUTPUT_GRACE, self._fire)
+
+    def processEnded(self, reason: Failure) -> None:
+        if self._exit is None:
+            self._exit = (reason.value.exitCode, reason.value.signal)
+        self._fire()
+        self.ended.callback(None)
+
+    def _fire(self) -> None:
+        if self._grace is not None and self._grace.active():
+            self._grace.cancel()
+        self._grace = None
+        if not self.done.called:
+            self._flush()
+            self.done.callback((*self._exit, self.lastLine))
+
+
+def runCommand(
+    reactor, argv: list[str], timeout: float, label: str, running: set[Deferred[None]] | None = None
+) -> Deferred[tuple[int | None, int | None, str]]:
+    """
+    Run C{argv} without a shell (the first word looked up in C{PATH}), its
+    output logged with C{label}, killed if still running after C{timeout}
+    seconds.
+
+    @param running: where the command's end (its output closed as well,
+        a L{Deferred}) is kept while it runs.
+    @return: a L{Deferred} firing with C{(exit status or None, signal or
+        None, last line of output)}; a command not found exits with 127,
+        as in a shell.
+    """
+    executable = shutil.which(argv[0])
+    if executable is None:
+        done: Deferred = Deferred()
+        done.callback((127, None, f"{argv[0]}: command not found"))
+        return done
+    protocol = _CommandProtocol(label)
+    protocol.clock = reactor
+    try:
+        process = reactor.spawnProcess(protocol, executable, argv, env=dict(os.environ))
+    except OSError as e:
+        done = Deferred()
+        done.callback((126, None, f"{argv[0]}: {e.strerror}"))
+        return done
+
+    def kill() -> None:
+        try:
+            process.signalProcess("KILL")
+        except ProcessExitedAlready:
+            pass
+        else:
+            log.warn("{label}: still running after {timeout:g}s: killed", label=label, timeout=timeout)
+
+    timer = reactor.callLater(timeout, kill)
+    if running is not None:
+        running.add(protocol.ended)
+        protocol.ended.addBoth(lambda _: running.discard(protocol.ended))
+
+    def ended(result):
+        if timer.active():
+            timer.cancel()
+        return result
+
+    return protocol.done.addBoth(ended)
+
+
+def describeExit(status: int | None, signal: int | None, lastLine: str) -> str:
+    """
+    A failed command, for the log: its exit status (or signal) and the
+    last line of its output.
+    """
+    how = f"exit status {status}" if status is not None else f"killed by signal {signal}"
+    return f"{how} ({'last output: ' + repr(lastLine) if lastLine else 'no output'})"
+
+
+class _Probe(Protocol):
+    def connectionMade(self) -> None:
+        self.transport.loseConnection()
+
+
+class _Wake:
+    """
+    One target being woken: its C{Start} running, and connects to it until
+    it accepts or C{StartTimeout} passes; clients wait on it (L{wait}).
+    """
+
+    def __init__(self, scaler: ScaleToZero, target: Target) -> None:
+        self.scaler = scaler
+        self.target = target
+        self.waiters: list[Deferred[str | None]] = []
+        self.done = False
+        self.why: str | None = None
+        scaler._waking[target] = self
+        reactor = scaler.reactor
+        settings = scaler.settings
+        self.began = reactor.seconds()
+        self.deadline = self.began + settings.startTimeout
+        argv = commandFor(target.start, target, scaler.app)
+        log.info(
+            "app {app}: target {target} is stopped: starting it for a client: {command}",
+            app=scaler.app,
+            target=str(target),
+            command=" ".join(argv),
+        )
+        self._retry: IDelayedCall | None = None
+        self._attempt: Deferred | None = None
+        self._timer = reactor.callLater(settings.startTimeout, self._timedOut)
+        label = f"app {scaler.app}: target {target}: Start"
+        runCommand(reactor, argv, settings.startTimeout, label, scaler.running).addCallback(self._commandDone)
+        if not self.done:
+            self._probe()
+
+    def wait(self) -> Deferred[str | None]:
+        """
+        A L{Deferred} firing with C{None} once the target accepts, or with
+        why it will not; cancelling it leaves the others waiting.
+        """
+        if self.done:
+            return succeed(self.why)
+        d: Deferred[str | None] = Deferred(self.waiters.remove)
+        self.waiters.append(d)
+        return d
+
+    def _probe(self) -> None:
+        self._retry = None
+        if self.done:
+            return
+        reactor = self.scaler.reactor
+        left = self.deadline - reactor.seconds()
+        endpoint = endpointForTarget(self.scaler.connector, self.target)
+        attempt = self._attempt = endpoint.connect(self.scaler.probes)
+        attempt.addTimeout(max(0.001, min(PROBE_TIMEOUT, left)), reactor)
+        attempt.addCallbacks(self._answered, self._notYet)
+
+    def _answered(self, protocol) -> None:
+        self._attempt = None
+        self._finish(None)
+
+    def _notYet(self, reason: Failure) -> None:
+        self._attempt = None
+        if not self.done:
+            self._retry = self.scaler.reactor.callLater(PROBE_INTERVAL, self._probe)
+
+    def _commandDone(self, result: tuple[int | None, int | None, str]) -> None:
+        status, signal, lastLine = result
+        if status != 0 and not self.done:
+            self._finish(f"its Start failed: {describeExit(status, signal, lastLine)}")
+
+    def _timedOut(self) -> None:
+        self._timer = None
+        self._finish(
+            f"no answer within {self.scaler.settings.startTimeout:g}s (StartTimeout) after its Start"
+        )
+
+    def _finish(self, why: str | None) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.why = why
+        scaler = self.scaler
+        for call in (self._timer, self._retry):
+            if call is not None and call.active():
+                call.cancel()
+        if self._attempt is not None:
+            attempt, self._attempt = self._attempt, None
+            attempt.addErrback(lambda reason: None)
+            attempt.cancel()
+        scaler._waking.pop(self.target, None)
+        took = scaler.reactor.seconds() - self.began
+        if why is None:
+            scaler.health.setStopped(self.target, False)
+            scaler._lastEnded[self.target] = scaler.reactor.seconds()
+            scaler._arm(self.target, scaler.settings.idleAfter)
+            log.info(
+                "app {app}: target {target} is up: woken in {seconds:.3f}s",
+                app=scaler.app,
+                target=str(self.target),
+                seconds=took,
+            )
+        else:
+            log.warn(
+                "app {app}: target {target} did not start: {why}",
+                app=scaler.app,
+                target=str(self.target),
+                why=why,
+            )
+        waiters, self.waiters = self.waiters, []
+        for d in waiters:
+            d.callback(why)
+
+
+class ScaleToZero:
+    """
+    Stops an app's idle targets and wakes them for its clients (see the
+    module's description).
+
+    @ivar reactor: runs the commands (C{IReactorProcess}) and keeps time
+        (C{IReactorTime}).
+    @ivar connector: connects to a target being woken (C{IReactorTCP}:
+        the engine's reactor).
+    @ivar health: the app's L{HealthTracker}, where C{stopped} is kept.
+    @ivar load: gives the app's L{tcpproxy.balancer.Load} now (the
+        clients' connections per target, dials included).
+    """
+
+    def __init__(
+        self,
+        app: AppConfig,
+        dialer,
+        reactor,
+        connector,
+        health: HealthTracker,
+        load: Callable[[], object],
+    ) -> None:
+        self.reactor = reactor
+        self.connector = connector
+        self.health = health
+        self.load = load
+        self.probes = Factory.forProtocol(_Probe)
+        self.probes.noisy = False
+        self._timers: dict[Target, IDelayedCall] = {}
+        self._lastEnded: dict[Target, float] = {}
+        self._waking: dict[Target, _Wake] = {}
+        self.running: set[Deferred[None]] = set()
+        self.targets: tuple[Target, ...] = ()
+        self.update(app, dialer)
+
+    def update(self, app: AppConfig, dialer) -> None:
+        """
+        New settings (at start-up, or a reload): a new target is assumed to
+        be running, and stopped once idle for C{IdleAfter}; a target gone
+        is forgotten, and not stopped.
+        """
+        self.app = app.name
+        self.settings: ScaleToZeroConfig = app.scaleToZero
+        self.dialer = dialer
+        now = self.reactor.seconds()
+        old = set(self.targets)
+        self.targets = app.targets
+        for target in app.targets:
+            if target not in old:
+                self._lastEnded[target] = now
+            self._arm(target, self.settings.idleAfter)
+        kept = set(app.targets)
+        for target in old - kept:
+            timer = self._timers.pop(target, None)
+            if timer is not None and timer.active():
+                timer.cancel()
+            self._lastEnded.pop(target, None)
+
+    def shutdown(self) -> Deferred[None]:
+        """
+        Stop every timer and every wake-up (the app is gone, or no longer
+        scales to zero, or the proxy stops); the targets stopped are given
+        back to the health checks.
+
+        @return: a L{Deferred} that fires once the commands running now
+            have ended (each is killed after C{StartTimeout}).
+        """
+        for wake in list(self._waking.values()):
+            wake._finish("the app stopped scaling to zero")
+        for timer in self._timers.values():
+            if timer.active():
+                timer.cancel()
+        self._timers.clear()
+        for target in list(self.health.stopped):
+            self.health.setStopped(target, False)
+        return DeferredList(list(self.running)).addCallback(lambda _: None)
+
+    # Stopping.
+
+    def ended(self, target: Target) -> None:
+        """
+        A client's connection to C{target} ended (counted out of the load
+        already): the idle time starts now if it was the last.
+        """
+        if target.stop is None or self.load().active(target):
+            return
+        self._lastEnded[target] = self.reactor.seconds()
+        self._arm(target, self.settings.idleAfter)
+
+    def _arm(self, target: Target, delay: float) -> None:
+        if target.stop is None:
+            return
+        timer = self._timers.get(target)
+        if timer is not None and timer.active():
+            return  # it looks again when it fires
+        self._timers[target] = self.reactor.callLater(delay, self._idleCheck, target)
+
+    def _idleCheck(self, target: Target) -> None:
+        self._timers.pop(target, None)
+        health = self.health
+        if target not in health.states or target in health.stopped or target in self._waking:
+            return
+        if self.load().active(target):
+            return  # its last connection to end arms the timer again
+        now = self.reactor.seconds()
+        left = self._lastEnded.get(target, now) + self.settings.idleAfter - now
+        if left > 0:
+            self._arm(target, left)
+            return
+        running = sum(1 for t in self.targets if t not in health.stopped)
+        if running - 1 < self.settings.minRunning:
+            self._arm(target, self.settings.idleAfter)
+            return
+        self._stop(target)
+
+    def _stop(self, target: Target) -> None:
+        argv = commandFor(target.stop, target, self.app)
+        self.health.setStopped(target, True)
+        log.info(
+            "app {app}: target {target} is stopped: no connection for {idle:g}s: {command}",
+            app=self.app,
+            target=str(target),
+            idle=self.settings.idleAfter,
+            command=" ".join(argv),
+        )
+        label = f"app {self.app}: target {target}: Stop"
+
+        def done(result: tuple[int | None, int | None, str]) -> None:
+            status, signal, lastLine = result
+            if status == 0:
+                log.info("{label} done", label=label)
+            else:
+                log.warn("{label} failed: {why}", label=label, why=describeExit(status, signal, lastLine))
+
+        runCommand(self.reactor, argv, self.settings.startTimeout, label, self.running).addCallback(done)
+
+    # Waking.
+
+    def wakeable(self) -> bool:
+        """
+        Whether a stopped target could be woken for a client.
+        """
+        return any(target.start is not None for target in self.health.stopped)
+
+    def dialled(self, d: Deferred[Dialled], protocolFactory) -> Deferred[Dialled]:
+        """
+        C{d}, a client's dial through the running targets, failing over to
+        waking a stopped one when no running target took the client.
+        """
+        return d.addErrback(self._fallback, protocolFactory)
+
+    def _fallback(self, reason: Failure, protocolFactory):
+        reason.trap(NoTargetAvailable)
+        if not self.wakeable():
+            return reason
+        return self.wake(protocolFactory, reason.value.failures)
+
+    @inlineCallbacks
+    def wake(self, protocolFactory, failures: Sequence[tuple[Target, str]] = ()):
+        """
+        Wake stopped targets in the app's order, one after the other until
+        one starts, and dial it for a client.
+
+        @param failures: why the running targets did not take the client.
+        @return: a L{Deferred} as L{tcpproxy.dialer.IDialer.dial}'s.
+        """
+        failures = list(failures)
+        for target in self.targets:
+            if target.start is None or target not in self.health.stopped:
+                continue
+            wake = self._waking.get(target) or _Wake(self, target)
+            why = yield wake.wait()
+            if why is not None:
+                failures.append((target, why))
+                continue
+            load = self.load()
+            load.opened(target)
+            try:
+                dialled = yield self.dialer.dial(protocolFactory, [target])
+            except NoTargetAvailable as e:
+                load.closed(target)
+                failures.extend(e.failures)
+                continue
+            except BaseException:
+                load.closed(target)
+                raise
+            return dataclasses.replace(dialled, failures=(*failures, *dialled.failures))
+        raise NoTargetAvailable(failures)

@@ -1,0 +1,215 @@
+"""
+Scale to zero with real processes, on real loopback sockets, on both
+engines: the target's C{Start} launches a small echo server
+(L{tcpproxy.tests.echoservice}) and its C{Stop} kills it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+from twisted.internet import reactor
+from twisted.internet.defer import gatherResults, inlineCallbacks
+from twisted.logger import formatEvent
+from twisted.trial.unittest import TestCase
+
+from tcpproxy.app import buildApp
+from tcpproxy.config import IPV4, AppConfig, ScaleToZeroConfig, Target
+from tcpproxy.tests.loopback import (
+    captureEvents,
+    connectClient,
+    deadPort,
+    engineFor,
+    eventually,
+    listenProxy,
+)
+from tcpproxy.tls import loadAppTLS
+
+SERVICE = (sys.executable, "-m", "tcpproxy.tests.echoservice")
+
+
+def alive(pid: int) -> bool:
+    """
+    Whether process C{pid} exists and is not a zombie.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+class ScaleToZeroTests(TestCase):
+    """
+    On the fast engine; L{ScaleToZeroTwistedTests} runs them on Twisted's.
+    """
+
+    timeout = 60
+
+    def service(self, delay: float = 0.0, start: tuple[str, ...] | None = None) -> Target:
+        """
+        A target on a free port whose C{Start} launches an echo server
+        there (listening after C{delay} seconds) and whose C{Stop} kills
+        it; the server is killed when the test ends if it still runs.
+        """
+        port = deadPort()
+        pidfile = os.path.abspath(self.mktemp())
+        self.starts = pidfile + ".starts"
+
+        def cleanup() -> None:
+            if os.path.exists(pidfile):
+                subprocess.run([*SERVICE, "stop", pidfile], capture_output=True, check=False)
+
+        self.addCleanup(cleanup)
+        self.pidfile = pidfile
+        if start is None:
+            start = (*SERVICE, "start", "{port}", pidfile, str(delay))
+        return Target("127.0.0.1", port, IPV4, start=start, stop=(*SERVICE, "stop", pidfile))
+
+    def proxy(self, targets: tuple[Target, ...], idleAfter: float, startTimeout: float = 20.0) -> tuple:
+        app = AppConfig(
+            "web",
+            (1,),
+            targets,
+            5.0,
+            scaleToZero=ScaleToZeroConfig(idleAfter, startTimeout, 0),
+        )
+        factory = buildApp(app, loadAppTLS(app, "<config>"), engineFor(self), reactor)
+        self.addCleanup(lambda: factory.scaler.shutdown())
+        port = listenProxy(self, factory)
+        self.addCleanup(factory.whenIdle)
+        return factory, port
+
+    def logged(self, events: list[dict]) -> str:
+        return "\n".join(formatEvent(event) for event in events)
+
+    @inlineCallbacks
+    def echo(self, port: int, payload: bytes):
+        client = yield connectClient(port)
+        client.transport.write(payload)
+        client.transport.loseWriteConnection()
+        received = yield client.readDone
+        return received
+
+    def stopped(self, factory, target: Target):
+        def check() -> bool:
+            """the target is stopped"""
+            return factory.health.stateOf(target) == "stopped"
+
+        return eventually(check)
+
+    @inlineCallbacks
+    def test_stoppedWhenIdleThenWokenByteExact(self):
+        """
+        A target running at start-up with no connection for C{IdleAfter} is
+        stopped (its process is gone); the first client after that wakes
+        it, gets its echo byte-exact, and the wake time is logged.
+        """
+        events = captureEvents(self, "tcpproxy")
+        target = self.service()
+        subprocess.run([*SERVICE, "start", str(target.port), self.pidfile], check=True, capture_output=True)
+        with open(self.pidfile) as f:
+            pid = int(f.read())
+
+        def listening() -> bool:
+            """the echo server listens"""
+            with socket.socket() as probe:
+                return probe.connect_ex(("127.0.0.1", target.port)) == 0
+
+        yield eventually(listening)
+        factory, port = self.proxy((target,), idleAfter=0.3)
+        payload = os.urandom(300_000)
+        self.assertEqual((yield self.echo(port, payload)), payload)
+        self.assertEqual(factory.health.stateOf(target), "up")
+        yield self.stopped(factory, target)
+
+        def gone() -> bool:
+            """the echo server's process is gone"""
+            return not alive(pid)
+
+        yield eventually(gone)
+        self.assertIn(f"app web: target {target} is stopped: no connection for 0.3s", self.logged(events))
+
+        self.assertEqual((yield self.echo(port, payload)), payload)
+        text = self.logged(events)
+        self.assertRegex(text, rf"app web: target {target} is up: woken in \d+\.\d{{3}}s")
+        self.assertEqual(factory.health.stateOf(target), "up")
+
+    @inlineCallbacks
+    def test_manyClientsOneStart(self):
+        """
+        20 clients arriving together at a stopped target cause one C{Start},
+        and each gets its own bytes back.
+        """
+        events = captureEvents(self, "tcpproxy")
+        target = self.service(delay=0.5)
+        factory, port = self.proxy((target,), idleAfter=0.1)
+        yield self.stopped(factory, target)
+        payloads = [os.urandom(1000) + bytes([n]) for n in range(20)]
+        received = yield gatherResults([self.echo(port, payload) for payload in payloads])
+        self.assertEqual(received, payloads)
+        self.assertEqual(self.logged(events).count(f"target {target} is stopped: starting it"), 1)
+
+    @inlineCallbacks
+    def test_refusedAfterStartTimeout(self):
+        """
+        A C{Start} that hangs is killed after C{StartTimeout}, and the
+        client is refused, the log naming the target and why.
+        """
+        events = captureEvents(self, "tcpproxy")
+        target = self.service(start=("sleep", "30"))
+        factory, port = self.proxy((target,), idleAfter=0.1, startTimeout=0.5)
+        yield self.stopped(factory, target)
+        self.assertEqual((yield self.echo(port, b"hello")), b"")
+        text = self.logged(events)
+        self.assertIn(f"app web: target {target} did not start: no answer within 0.5s", text)
+
+        def killed() -> bool:
+            """the hung Start is killed"""
+            return f"app web: target {target}: Start: still running after 0.5s: killed" in self.logged(events)
+
+        yield eventually(killed)
+        self.assertEqual(factory.health.stateOf(target), "stopped")
+
+    @inlineCallbacks
+    def test_failingStartNextTried(self):
+        """
+        A C{Start} that fails is logged with its exit status and last line
+        of output; the next stopped target is woken for the client.
+        """
+        events = captureEvents(self, "tcpproxy")
+        broken = self.service(start=(*SERVICE, "fail"))
+        working = self.service()
+        factory, port = self.proxy((broken, working), idleAfter=0.1)
+        yield self.stopped(factory, broken)
+        yield self.stopped(factory, working)
+        self.assertEqual((yield self.echo(port, b"hello")), b"hello")
+        text = self.logged(events)
+        self.assertIn(
+            f"app web: target {broken} did not start: its Start failed: exit status 3"
+            " (last output: 'Job for app.service failed: unit not found')",
+            text,
+        )
+        self.assertEqual(factory.health.stateOf(working), "up")
+        self.assertEqual(factory.health.stateOf(broken), "stopped")
+
+    @inlineCallbacks
+    def test_failingStartRefused(self):
+        """
+        With no other target, a failing C{Start} refuses the client, and
+        the access log names the target and why.
+        """
+        events = captureEvents(self, "tcpproxy")
+        broken = self.service(start=(*SERVICE, "fail"))
+        factory, port = self.proxy((broken,), idleAfter=0.1)
+        yield self.stopped(factory, broken)
+        self.assertEqual((yield self.echo(port, b"hello")), b"")
+        access = self.logged([e for e in events if e["log_namespace"] == "tcpproxy.access"])
+        self.assertIn(f"{broken}: its Start failed: exit status 3", access)
+
+
+class ScaleToZeroTwistedTests(ScaleToZeroTests):
+    engine = "twisted"
