@@ -1291,7 +1291,9 @@ def _parseTLS(where: _Where, value: object) -> TLSConfig:
     if "MaxPendingHandshakes" in obj:
         maxPending = _count(within, "MaxPendingHandshakes", obj["MaxPendingHandshakes"])
     files = [path for pair in certificates for path in pair]
-    return TLSConfig(tuple(certificates), minVersion, handshakeTimeout, alpn, maxPending, filesDigest(files))
+    return TLSConfig(
+        tuple(certificates), minVersion, handshakeTimeout, alpn, maxPending, filesDigest(files)
+    )
 
 
 def _alpn(within: _Where, value: object) -> tuple[str, ...]:

@@ -380,7 +380,8 @@ class MakeServiceTests(ConfigFileMixin, TestCase):
             "known keys are Name, Ports, Targets, ConnectTimeout, AccessLog, AccessLogFormat, "
             "AccessLogInterval, IdleTimeout, HealthCheck, "
             "MaxConnections, MaxConnectionsPerClient, BandwidthLimit, Allow, Deny, TLS, TargetTLS, "
-            "AcceptProxy, SendProxy, Balance, QueueTimeout, SlowStart, Resolve, Refresh, Hold, Pool, ScaleToZero",
+            "AcceptProxy, SendProxy, Balance, QueueTimeout, SlowStart, Resolve, Refresh, Hold, Pool, "
+            "ScaleToZero",
         )
 
     def test_missingConfig(self) -> None:
