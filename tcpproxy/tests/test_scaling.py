@@ -1,0 +1,268 @@
+"""
+Scale to zero on fakes: the C{"ScaleToZero"} key and targets' C{Start}
+and C{Stop}; the idle clock (L{Clock}) and the commands a
+L{MemoryReactorClock} records as spawned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from twisted.internet.defer import succeed
+from twisted.internet.error import (
+    ConnectionRefusedError,
+    ProcessDone,
+    ProcessExitedAlready,
+    ProcessTerminated,
+)
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from tcpproxy.balancer import Load
+from tcpproxy.config import AppConfig, ConfigError, ScaleToZeroConfig, parseConfig, parseTarget
+from tcpproxy.dialer import Dialled, NoTargetAvailable
+from tcpproxy.health import STOPPED, UP, HealthTracker
+from tcpproxy.scaling import ScaleToZero, commandFor
+
+
+def document(app=None, **top):
+    base = {"Name": "web", "Ports": [5001], "Targets": ["127.0.0.1:6001"]}
+    return {**top, "Apps": [{**base, **(app or {})}]}
+
+
+class ScaleToZeroConfigTests(SynchronousTestCase):
+    """
+    The C{"ScaleToZero"} key and the targets' C{"Start"} and C{"Stop"}.
+    """
+
+    def refused(self, doc) -> str:
+        message = str(self.assertRaises(ConfigError, parseConfig, doc, "c.json"))
+        self.assertNotIn("\n", message)
+        return message
+
+    def test_accepted(self) -> None:
+        app = parseConfig(
+            document(
+                {
+                    "ScaleToZero": {"IdleAfter": 60, "StartTimeout": 10, "MinRunning": 1},
+                    "Targets": [
+                        {
+                            "Address": "127.0.0.1:7001",
+                            "Start": ["systemctl", "start", "app@{port}"],
+                            "Stop": ["systemctl", "stop", "app@{port}"],
+                        }
+                    ],
+                }
+            )
+        ).apps[0]
+        self.assertEqual(app.scaleToZero, ScaleToZeroConfig(60, 10, 1))
+        self.assertEqual(app.targets[0].start, ("systemctl", "start", "app@{port}"))
+        self.assertEqual(app.targets[0].stop, ("systemctl", "stop", "app@{port}"))
+        self.assertEqual(parseConfig(document({"ScaleToZero": {}})).apps[0].scaleToZero, ScaleToZeroConfig())
+        self.assertIsNone(parseConfig(document()).apps[0].scaleToZero)
+
+    def test_refusals(self) -> None:
+        target = {"Address": "127.0.0.1:7001"}
+        for app, expected in (
+            ({"ScaleToZero": 3}, 'c.json: app "web": key "ScaleToZero": 3 is not an object like'),
+            ({"ScaleToZero": {"IdleAfter": 0}}, 'key "ScaleToZero.IdleAfter": 0 must be greater than 0'),
+            ({"ScaleToZero": {"MinRunning": -1}}, 'key "ScaleToZero.MinRunning": -1 is not a whole number'),
+            ({"ScaleToZero": {"Idle": 3}}, 'key "ScaleToZero.Idle": unknown key'),
+            (
+                {"Targets": [{**target, "Start": "systemctl start app"}]},
+                'key "Targets[1].Start": "systemctl start app" is not a command as a list of words',
+            ),
+            ({"Targets": [{**target, "Stop": []}]}, 'key "Targets[1].Stop": [] is not a command'),
+            (
+                {"Targets": [{**target, "Stop": ["kill", "{pid}"]}]},
+                'key "Targets[1].Stop": "{pid}" has a {...} other than {address}, {host}, {port} or {app}',
+            ),
+        ):
+            self.assertIn(expected, self.refused(document(app)))
+
+    def test_commandFor(self) -> None:
+        """
+        C{{address}}, C{{host}}, C{{port}} and C{{app}} are substituted in
+        each word; no shell sees them.
+        """
+        target = parseTarget("[::1]:7001")
+        self.assertEqual(
+            commandFor(("docker", "start", "{app}-{port}", "{host} {address}; rm"), target, "web"),
+            ["docker", "start", "web-7001", "::1 [::1]:7001; rm"],
+        )
+
+
+class FakeProcess:
+    def __init__(self) -> None:
+        self.signals: list[str] = []
+        self.exited = False
+
+    def signalProcess(self, name: str) -> None:
+        if self.exited:
+            raise ProcessExitedAlready()
+        self.signals.append(name)
+
+    def closeStdin(self) -> None:
+        pass
+
+
+class ProcessReactor(MemoryReactorClock):
+    """
+    A L{MemoryReactorClock} that records the processes it is asked to spawn.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[tuple] = []
+
+    def spawnProcess(self, protocol, executable, args=(), env=None, *rest, **kw):
+        process = FakeProcess()
+        self.spawned.append((protocol, list(args), process))
+        protocol.makeConnection(process)
+        return process
+
+
+class RecordingDialer:
+    def __init__(self) -> None:
+        self.dials: list = []
+
+    def dial(self, protocolFactory, targets):
+        targets = list(targets)
+        self.dials.append(targets)
+        return succeed(Dialled(targets[0], Protocol()))
+
+
+def exit(protocol, code: int) -> None:
+    reason = ProcessDone(0) if code == 0 else ProcessTerminated(exitCode=code)
+    protocol.processExited(Failure(reason))
+    protocol.processEnded(Failure(reason))
+
+
+START = ("true", "start", "{address}")
+STOP = ("true", "stop", "{port}")
+
+
+class ScaleToZeroTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.reactor = ProcessReactor()
+        self.load = Load()
+        self.dialer = RecordingDialer()
+
+    def scaler(self, targets: list[str], idleAfter=10.0, startTimeout=5.0, minRunning=0) -> ScaleToZero:
+        self.targets = tuple(dataclasses.replace(parseTarget(t), start=START, stop=STOP) for t in targets)
+        self.app = AppConfig(
+            "web", (1,), self.targets, scaleToZero=ScaleToZeroConfig(idleAfter, startTimeout, minRunning)
+        )
+        self.health = HealthTracker("web", self.targets, self.reactor)
+        return ScaleToZero(self.app, self.dialer, self.reactor, self.reactor, self.health, lambda: self.load)
+
+    def test_stoppedAfterIdle(self) -> None:
+        """
+        At start-up a target is assumed running; after C{IdleAfter} with no
+        connection its C{Stop} runs, substituted, and it is C{stopped}.
+        """
+        self.scaler(["127.0.0.1:7001"])
+        target = self.targets[0]
+        self.reactor.advance(9.9)
+        self.assertEqual(self.reactor.spawned, [])
+        self.assertEqual(self.health.stateOf(target), UP)
+        self.reactor.advance(0.1)
+        self.assertEqual([args for _, args, _ in self.reactor.spawned], [["true", "stop", "7001"]])
+        self.assertEqual(self.health.stateOf(target), STOPPED)
+        self.assertEqual(self.health.usable(self.targets), [])
+
+    def test_neverWhileConnections(self) -> None:
+        """
+        C{Stop} never runs while the target has a connection; the idle
+        time counts from the end of the last one.
+        """
+        scaler = self.scaler(["127.0.0.1:7001"])
+        target = self.targets[0]
+        self.reactor.advance(5)
+        self.load.opened(target)
+        self.reactor.advance(100)
+        self.assertEqual(self.reactor.spawned, [])
+        self.load.closed(target)
+        scaler.ended(target)
+        self.reactor.advance(9)
+        self.assertEqual(self.reactor.spawned, [])
+        self.reactor.advance(1)
+        self.assertEqual(len(self.reactor.spawned), 1)
+
+    def test_minRunning(self) -> None:
+        """
+        A target is not stopped if fewer than C{MinRunning} would run.
+        """
+        self.scaler(["127.0.0.1:7001", "127.0.0.1:7002"], minRunning=1)
+        self.reactor.advance(100)
+        self.assertEqual(len(self.reactor.spawned), 1)
+        self.assertEqual(len(self.health.stopped), 1)
+
+    def test_reloadRemovingTargetDoesNotStopIt(self) -> None:
+        scaler = self.scaler(["127.0.0.1:7001", "127.0.0.1:7002"])
+        kept = AppConfig("web", (1,), self.targets[:1], scaleToZero=self.app.scaleToZero)
+        self.health.update("web", kept.targets, 2, 3)
+        scaler.update(kept, self.dialer)
+        self.reactor.advance(100)
+        self.assertEqual([args for _, args, _ in self.reactor.spawned], [["true", "stop", "7001"]])
+
+    def stoppedOne(self) -> ScaleToZero:
+        scaler = self.scaler(["127.0.0.1:7001"])
+        self.reactor.advance(10)
+        exit(self.reactor.spawned.pop()[0], 0)
+        return scaler
+
+    def test_oneStartManyClients(self) -> None:
+        """
+        Clients arriving while a target starts wait on one C{Start}; once a
+        connect to the target succeeds, each is dialled to it.
+        """
+        scaler = self.stoppedOne()
+        results = [[] for _ in range(20)]
+        for result in results:
+            scaler.wake(Factory.forProtocol(Protocol)).addBoth(result.append)
+        self.assertEqual([args for _, args, _ in self.reactor.spawned], [["true", "start", "127.0.0.1:7001"]])
+        self.assertEqual(results[0], [])
+        # The target refuses at first, then accepts.
+        connector = self.reactor.connectors.pop(0)
+        self.reactor.tcpClients[0][2].clientConnectionFailed(connector, Failure(ConnectionRefusedError()))
+        self.reactor.advance(0.05)
+        self.reactor.tcpClients[1][2].buildProtocol(None).makeConnection(StringTransport())
+        self.assertEqual(self.health.stateOf(self.targets[0]), UP)
+        self.assertEqual([len(r) for r in results], [1] * 20)
+        self.assertTrue(all(isinstance(r[0], Dialled) for r in results))
+        self.assertEqual(self.load.active(self.targets[0]), 20)
+        self.assertEqual(len(self.reactor.spawned), 1)
+
+    def test_startFails(self) -> None:
+        """
+        A C{Start} that exits non-zero refuses its clients with its exit
+        status and last line of output.
+        """
+        scaler = self.stoppedOne()
+        result = []
+        scaler.wake(Factory.forProtocol(Protocol)).addBoth(result.append)
+        protocol = self.reactor.spawned[0][0]
+        protocol.childDataReceived(2, b"starting\nunit app.service not found\n")
+        exit(protocol, 5)
+        self.assertIsInstance(result[0].value, NoTargetAvailable)
+        self.assertIn(
+            "its Start failed: exit status 5 (last output: 'unit app.service not found')",
+            str(result[0].value),
+        )
+        self.assertEqual(self.health.stateOf(self.targets[0]), STOPPED)
+        self.assertEqual(self.load.active(self.targets[0]), 0)
+
+    def test_startTimeout(self) -> None:
+        """
+        No answer within C{StartTimeout}: the clients are refused, and the
+        command, still running, is killed.
+        """
+        scaler = self.stoppedOne()
+        result = []
+        scaler.wake(Factory.forProtocol(Protocol)).addBoth(result.append)
+        self.reactor.advance(5)
+        self.assertIn("no answer within 5s (StartTimeout) after its Start", str(result[0].value))
+        self.assertEqual(self.reactor.spawned[0][2].signals, ["KILL"])
