@@ -14,6 +14,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionRefusedError
+from twisted.logger import formatEvent
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, readBody
 
@@ -727,3 +728,31 @@ class WarningTests(TestCase):
         warnings = [e for e in events if e["log_level"].name == "warn"]
         self.assertEqual([e["address"] for e in warnings], ["0.0.0.0:9901"])
         self.assertIn("with no Allow: only loopback clients are served", warnings[0]["log_format"])
+
+
+class ScaleToZeroStatusTests(AdminMixin, TestCase):
+    @inlineCallbacks
+    def test_stoppedShown(self):
+        """
+        A target stopped by scale to zero shows as C{stopped} in C{/status},
+        and as 1 in C{tcpproxy_target_stopped} and 0 in C{tcpproxy_target_up}.
+        """
+        target = f"127.0.0.1:{echoBackend(self)}"
+        self.serve(
+            self.document(
+                [{"Address": target, "Start": ["true"], "Stop": ["true", "{address}"]}],
+                ScaleToZero={"IdleAfter": 0.1},
+            )
+        )
+
+        def stopDone() -> bool:
+            """the target's Stop has run"""
+            return any(formatEvent(e) == f"app web: target {target}: Stop done" for e in self.events)
+
+        yield eventually(stopDone)
+        code, text, _ = yield request(self.url("/status"))
+        states = {t["target"]: t["state"] for t in json.loads(text)["apps"][0]["targets"]}
+        self.assertEqual(states, {target: "stopped"})
+        found = yield self.scrape()
+        self.assertEqual(found[("tcpproxy_target_stopped", (("app", "web"), ("target", target)))], 1)
+        self.assertEqual(found[("tcpproxy_target_up", (("app", "web"), ("target", target)))], 0)
