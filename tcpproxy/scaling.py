@@ -19,7 +19,8 @@ autostop/autostart, for any TCP service; an app's C{"ScaleToZero"} key).
   - A client that no running target took (none runs, every one failed, or
     every one is at its C{MaxConnections}) wakes the first stopped target
     with a C{Start}: its C{Start} runs once however many clients wait, and
-    the proxy connects to the target again and again (every
+    a C{Stop} of that target still running is waited for first, so the
+    two never race; the proxy connects to the target again and again (every
     L{PROBE_INTERVAL} seconds) until it accepts or C{StartTimeout} passes.
     The clients are held meanwhile as during any dial (their bytes kept,
     bounded, by the relay), then relayed; if the start failed (the command's
@@ -227,8 +228,23 @@ class _Wake:
         self._retry: IDelayedCall | None = None
         self._attempt: Deferred | None = None
         self._timer = reactor.callLater(settings.startTimeout, self._timedOut)
-        label = f"app {scaler.app}: target {target}: Start"
-        runCommand(reactor, argv, settings.startTimeout, label, scaler.running).addCallback(self._commandDone)
+        self._argv = argv
+        stopping = scaler._stopping.get(target)
+        if stopping is None:
+            self._launch()
+        else:
+            # Its Stop still runs: starting now would race it (a Stop that
+            # ends after the Start would stop what was just started).
+            stopping.append(self._launch)
+
+    def _launch(self) -> None:
+        if self.done:
+            return
+        scaler = self.scaler
+        label = f"app {scaler.app}: target {self.target}: Start"
+        runCommand(
+            scaler.reactor, self._argv, scaler.settings.startTimeout, label, scaler.running
+        ).addCallback(self._commandDone)
         if not self.done:
             self._probe()
 
@@ -344,6 +360,8 @@ class ScaleToZero:
         self._lastEnded: dict[Target, float] = {}
         self._waking: dict[Target, _Wake] = {}
         self.running: set[Deferred[None]] = set()
+        # The targets whose Stop runs now: what waits for it to end.
+        self._stopping: dict[Target, list[Callable[[], None]]] = {}
         self.targets: tuple[Target, ...] = ()
         self.update(app, dialer)
 
@@ -446,7 +464,18 @@ class ScaleToZero:
             else:
                 log.warn("{label} failed: {why}", label=label, why=describeExit(status, signal, lastLine))
 
-        runCommand(self.reactor, argv, self.settings.startTimeout, label, self.running).addCallback(done)
+        waiting: list[Callable[[], None]] = []
+        self._stopping[target] = waiting
+
+        def over(result: object) -> None:
+            if self._stopping.get(target) is waiting:
+                del self._stopping[target]
+            for call in waiting:
+                call()
+
+        finished = runCommand(self.reactor, argv, self.settings.startTimeout, label, self.running)
+        finished.addCallback(done)
+        finished.addBoth(over)
 
     # Waking.
 

@@ -266,3 +266,20 @@ class ScaleToZeroTests(SynchronousTestCase):
         self.reactor.advance(5)
         self.assertIn("no answer within 5s (StartTimeout) after its Start", str(result[0].value))
         self.assertEqual(self.reactor.spawned[0][2].signals, ["KILL"])
+
+    def test_startWaitsForStop(self) -> None:
+        """
+        A target woken while its C{Stop} still runs has its C{Start} run
+        once the C{Stop} has ended, not before (a slow C{Stop} ending after
+        the C{Start} would stop what was just started).
+        """
+        scaler = self.scaler(["127.0.0.1:7001"])
+        self.reactor.advance(10)
+        result = []
+        scaler.wake(Factory.forProtocol(Protocol)).addBoth(result.append)
+        self.assertEqual([args for _, args, _ in self.reactor.spawned], [["true", "stop", "7001"]])
+        exit(self.reactor.spawned[0][0], 0)
+        self.assertEqual(
+            [args for _, args, _ in self.reactor.spawned],
+            [["true", "stop", "7001"], ["true", "start", "127.0.0.1:7001"]],
+        )
