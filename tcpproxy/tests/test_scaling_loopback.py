@@ -17,11 +17,13 @@ from twisted.logger import formatEvent
 from twisted.trial.unittest import TestCase
 
 from tcpproxy.app import buildApp
-from tcpproxy.config import IPV4, AppConfig, ScaleToZeroConfig, Target
+from tcpproxy.config import IPV4, AppConfig, PoolConfig, ScaleToZeroConfig, Target
+from tcpproxy.pool import stopPool
 from tcpproxy.tests.loopback import (
     captureEvents,
     connectClient,
     deadPort,
+    echoBackend,
     engineFor,
     eventually,
     listenProxy,
@@ -209,6 +211,63 @@ class ScaleToZeroTests(TestCase):
         self.assertEqual((yield self.echo(port, b"hello")), b"")
         access = self.logged([e for e in events if e["log_namespace"] == "tcpproxy.access"])
         self.assertIn(f"{broken}: its Start failed: exit status 3", access)
+
+    @inlineCallbacks
+    def test_wokenWhenRunningTargetsAreFull(self):
+        """
+        A client that finds every running target at its C{MaxConnections}
+        wakes a stopped target, rather than being refused.
+        """
+        events = captureEvents(self, "tcpproxy")
+        running = Target("127.0.0.1", echoBackend(self), IPV4, maxConnections=1)
+        stopped = self.service()
+        factory, port = self.proxy((running, stopped), idleAfter=0.1)
+        yield self.stopped(factory, stopped)
+        held = yield connectClient(port)
+        held.transport.write(b"held")
+
+        def echoed() -> bool:
+            """the held client got its echo"""
+            return bytes(held.data) == b"held"
+
+        yield eventually(echoed)
+        self.assertEqual((yield self.echo(port, b"second")), b"second")
+        self.assertIn(f"app web: target {stopped} is up: woken in", self.logged(events))
+        held.transport.loseConnection()
+        yield held.lost
+
+    @inlineCallbacks
+    def test_poolKeepsNoTargetAwake(self):
+        """
+        A warm pool's idle connections do not keep a target awake: it is
+        stopped after C{IdleAfter} with its pool full, and woken for the
+        next client.
+        """
+        target = self.service()
+        subprocess.run([*SERVICE, "start", str(target.port), self.pidfile], check=True, capture_output=True)
+
+        def listening() -> bool:
+            """the echo server listens"""
+            with socket.socket() as probe:
+                return probe.connect_ex(("127.0.0.1", target.port)) == 0
+
+        yield eventually(listening)
+        app = AppConfig(
+            "web", (1,), (target,), 5.0, pool=PoolConfig(2, 30.0), scaleToZero=ScaleToZeroConfig(1.0, 20.0, 0)
+        )
+        factory = buildApp(app, loadAppTLS(app, "<config>"), engineFor(self), reactor)
+        self.addCleanup(lambda: factory.scaler.shutdown())
+        self.addCleanup(stopPool, factory.dialer)
+        port = listenProxy(self, factory)
+        self.addCleanup(factory.whenIdle)
+
+        def pooled() -> bool:
+            """the pool holds 2 idle connections"""
+            return factory.dialer.idleCount() == 2
+
+        yield eventually(pooled)
+        yield self.stopped(factory, target)
+        self.assertEqual((yield self.echo(port, b"awake")), b"awake")
 
 
 class ScaleToZeroTwistedTests(ScaleToZeroTests):
