@@ -134,6 +134,15 @@ def _buildProxy(options: Options, reactor, early: EarlySignal | None) -> IServic
     if options["watch"]:
         triggers.append(ReloadOnChange(path, reactor, seen=seen))
     workers = options.get("workers") or config.workers
+    scaled = [app.name for app in config.apps if app.scaleToZero is not None]
+    if workers > 1 and scaled:
+        # Each worker would count only its own clients' connections, and
+        # stop a target another worker is using (tcpproxy.scaling).
+        raise ConfigError(
+            f'{config.source}: app "{scaled[0]}": key "ScaleToZero": cannot be used with {workers} worker'
+            " processes: each would stop and start the targets on its own, blind to the other workers'"
+            " connections; run one process (no --workers)"
+        )
     if workers > 1:
         from tcpproxy.supervisor import WorkerPool
 

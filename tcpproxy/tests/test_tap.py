@@ -304,6 +304,22 @@ class BuildServiceTests(ConfigFileMixin, TestCase):
         error = self.assertRaises(ConfigError, buildService, parse("--config", path))
         self.assertTrue(str(error).startswith(f"{path}: cannot read the configuration file"))
 
+    def test_scaleToZeroRefusedWithWorkers(self) -> None:
+        """
+        C{ScaleToZero} with worker processes is refused in one line: each
+        worker would stop targets the others use.
+        """
+        path = self.writeConfig(
+            {"Apps": [{"Name": "web", "Ports": [1], "Targets": ["127.0.0.1:2"], "ScaleToZero": {}}]}
+        )
+        error = self.assertRaises(ConfigError, buildService, parse("--config", path, "--workers", "2"))
+        self.assertEqual(
+            str(error),
+            f'{path}: app "web": key "ScaleToZero": cannot be used with 2 worker processes: each would stop'
+            " and start the targets on its own, blind to the other workers' connections; run one process"
+            " (no --workers)",
+        )
+
     def test_portInUse(self) -> None:
         """
         A port that is taken raises L{ListenError} naming the app and the
