@@ -407,46 +407,6 @@ class MakeServiceTests(ConfigFileMixin, TestCase):
             line, f"tcpproxy: error: {path}: cannot read the configuration file: No such file or directory"
         )
 
-    def test_jsonLog(self) -> None:
-        """
-        With C{--json-log}, the proxy runs under a L{JSONLogService} that
-        writes to that file.
-        """
-        proxy, target = freePorts(2)
-        path = self.loopbackConfig([proxy], [target])
-        jsonPath = os.path.abspath(self.mktemp())
-        service = buildService(parse("--config", path, "--json-log", jsonPath))
-        self.serveUntilTestEnds(service)
-        self.assertIsInstance(service, JSONLogService)
-        self.assertEqual(service.path, jsonPath)
-        self.assertEqual([type(child) for child in IServiceCollection(service)], [ProxyService])
-        self.assertFalse(canBind(proxy))
-
-    def test_jsonLogUnwritable(self) -> None:
-        """
-        A C{--json-log} file that cannot be written is refused before any
-        port is bound.
-        """
-        proxy, target = freePorts(2)
-        path = self.loopbackConfig([proxy], [target])
-        options = parse("--config", path, "--json-log", "/nonexistent/events.json")
-        error = self.assertRaises(ConfigError, buildService, options)
-        self.assertEqual(
-            str(error), "--json-log /nonexistent/events.json: cannot be written: No such file or directory"
-        )
-        self.assertTrue(canBind(proxy))
-
-    def test_jsonLogClosedOnRefusal(self) -> None:
-        """
-        A refused configuration closes the C{--json-log} file opened first.
-        """
-        closed = []
-        self.patch(JSONLogService, "close", lambda service: closed.append(service.path))
-        jsonPath = os.path.abspath(self.mktemp())
-        options = parse("--config", self.writeConfig({"Apps": []}), "--json-log", jsonPath)
-        self.assertRaises(ConfigError, buildService, options)
-        self.assertEqual(closed, [jsonPath])
-
     def test_demoDownUnknownTarget(self) -> None:
         proxy, target = freePorts(2)
         path = self.loopbackConfig([proxy], [target])
