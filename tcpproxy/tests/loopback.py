@@ -5,14 +5,16 @@ on real 127.0.0.1 sockets, each with Deferreds to wait on instead of sleeps.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.defer import Deferred, DeferredQueue, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IHalfCloseableProtocol, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SkipTest
 from zope.interface import implementer
@@ -323,3 +325,33 @@ def openSockets() -> int:
         except OSError:
             pass  # the descriptor of the listing itself, already closed
     return count
+
+
+def collectCyclesOnly(testCase) -> None:
+    """
+    From now until the test ends, objects are freed by reference counting
+    alone: the cyclic garbage collector runs only when
+    L{leftForTheCollector} asks it to.
+    """
+    gc.collect()
+    gc.disable()
+    testCase.addCleanup(gc.enable)
+
+
+@inlineCallbacks
+def leftForTheCollector(*kinds: type):
+    """
+    Fires with the names of the instances of C{kinds} that only the cyclic
+    garbage collector could free (sorted): what a connection that ended
+    left in reference cycles.  After L{collectCyclesOnly}, and one reactor
+    turn for the closes under way.
+    """
+    yield deferLater(reactor, 0, lambda: None)
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        gc.collect()
+        left = sorted(type(o).__name__ for o in gc.garbage if isinstance(o, kinds))
+    finally:
+        gc.set_debug(0)
+        del gc.garbage[:]
+    return left

@@ -8,7 +8,6 @@ header, health checks send C{LOCAL}, and a reload applies to new clients.
 
 from __future__ import annotations
 
-import gc
 import socket
 import ssl
 
@@ -29,7 +28,15 @@ from tcpproxy.proxyproto import (
     parse,
 )
 from tcpproxy.tests.certs import ALPHA, pki
-from tcpproxy.tests.loopback import CollectorFactory, connectClient, deadPort, eventually, listen
+from tcpproxy.tests.loopback import (
+    CollectorFactory,
+    collectCyclesOnly,
+    connectClient,
+    deadPort,
+    eventually,
+    leftForTheCollector,
+    listen,
+)
 from tcpproxy.tests.test_tls import TLSServiceMixin
 
 HEADER_V1 = b"PROXY TCP4 203.0.113.9 10.0.0.1 51000 443\r\n"
@@ -382,17 +389,13 @@ class ProxyProtocolMixin(TLSServiceMixin):
         freed by reference counting once it has ended, as any other: the
         header stages leave no cycle for the cyclic garbage collector.
         """
-        from twisted.internet.task import deferLater
-
         from tcpproxy.proxyaccept import HeaderStage
         from tcpproxy.relay import ProxyClientProtocol, ProxyServerProtocol
 
         backends, backendPort = self.backend()
         app, port = self.app(backendPort, AcceptProxy={"From": ["127.0.0.1/32"]}, SendProxy="v2")
         self.serve([app])
-        gc.collect()
-        gc.disable()
-        self.addCleanup(gc.enable)
+        collectCyclesOnly(self)
         for _ in range(3):
             client = yield connectClient(port)
             client.transport.write(HEADER_V1 + b"x")
@@ -401,18 +404,10 @@ class ProxyProtocolMixin(TLSServiceMixin):
             target.transport.loseConnection()
             yield self.idle()
             del client, target
-        yield deferLater(reactor, 0, lambda: None)
-        gc.set_debug(gc.DEBUG_SAVEALL)
-        try:
-            gc.collect()
-            # Not HeaderSource: the dial's factory, held (as the app's own
-            # target-side factory is without SendProxy) by the cycle that
-            # Twisted's client endpoint leaves per connect.
-            ours = (ProxyServerProtocol, ProxyClientProtocol, HeaderStage)
-            left = sorted(type(o).__name__ for o in gc.garbage if isinstance(o, ours))
-        finally:
-            gc.set_debug(0)
-            del gc.garbage[:]
+        # Not HeaderSource: the dial's factory, held (as the app's own
+        # target-side factory is without SendProxy) by the cycle that
+        # Twisted's client endpoint leaves per connect.
+        left = yield leftForTheCollector(ProxyServerProtocol, ProxyClientProtocol, HeaderStage)
         self.assertEqual(left, [])
 
     @inlineCallbacks

@@ -5,7 +5,6 @@ The relay on real loopback sockets: what the test doubles cannot show
 
 from __future__ import annotations
 
-import gc
 import os
 import socket
 
@@ -13,7 +12,6 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import deferLater
 from twisted.names import hosts
 from twisted.trial.unittest import TestCase
 
@@ -26,11 +24,13 @@ from tcpproxy.tests.loopback import (
     CollectorFactory,
     bufferedBytes,
     captureEvents,
+    collectCyclesOnly,
     connectClient,
     deadPort,
     echoBackend,
     engineFor,
     eventually,
+    leftForTheCollector,
     listen,
     listenProxy,
     startProxy,
@@ -79,9 +79,7 @@ class ByteExactTests(TestCase):
         would otherwise run several times as often, for a few per cent of
         its CPU.
         """
-        gc.collect()
-        gc.disable()
-        self.addCleanup(gc.enable)
+        collectCyclesOnly(self)
         factory, port = startProxy(self, [f"127.0.0.1:{echoBackend(self)}"])
         for _ in range(3):
             client = yield connectClient(port)
@@ -89,15 +87,7 @@ class ByteExactTests(TestCase):
             client.transport.loseWriteConnection()
             yield client.lost
             yield factory.whenIdle()
-        yield deferLater(reactor, 0, lambda: None)
-        gc.set_debug(gc.DEBUG_SAVEALL)
-        try:
-            gc.collect()
-            ours = (ProxyServerProtocol, ProxyClientProtocol, tcp.SocketTransport)
-            left = [type(o).__name__ for o in gc.garbage if isinstance(o, ours)]
-        finally:
-            gc.set_debug(0)
-            del gc.garbage[:]
+        left = yield leftForTheCollector(ProxyServerProtocol, ProxyClientProtocol, tcp.SocketTransport)
         self.assertEqual(left, [])
 
     @inlineCallbacks

@@ -10,7 +10,6 @@ which Python's C{ssl} module runs in a thread with a bounded timeout.
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import socket
@@ -52,10 +51,12 @@ from tcpproxy.tests.loopback import (
     Collector,
     CollectorFactory,
     captureEvents,
+    collectCyclesOnly,
     connectClient,
     deadPort,
     engineFor,
     eventually,
+    leftForTheCollector,
     listen,
     unansweredPort,
 )
@@ -1426,8 +1427,6 @@ class CloseNotifyTests(TLSServiceMixin, TestCase):
         reference counting: no cycle through the TLS layers or their
         OpenSSL connections is left for the cyclic garbage collector.
         """
-        from twisted.internet.task import deferLater
-
         from tcpproxy.relay import ProxyClientProtocol, ProxyServerProtocol
         from tcpproxy.tlslayer import TLSLayer
 
@@ -1435,9 +1434,7 @@ class CloseNotifyTests(TLSServiceMixin, TestCase):
         app, port = self.terminating([listen(self, backend)])
         app["TargetTLS"] = {"Verify": False}
         self.serve([app])
-        gc.collect()
-        gc.disable()
-        self.addCleanup(gc.enable)
+        collectCyclesOnly(self)
         for _ in range(3):
             client = HandTLS(clientContext(), serverName=ALPHA)
             yield connectClient(port, client)
@@ -1446,15 +1443,7 @@ class CloseNotifyTests(TLSServiceMixin, TestCase):
             client.closeNotify()
             yield client.done
             yield self.idle()
-        yield deferLater(reactor, 0, lambda: None)
-        gc.set_debug(gc.DEBUG_SAVEALL)
-        try:
-            gc.collect()
-            ours = (ProxyServerProtocol, ProxyClientProtocol, TLSLayer)
-            left = sorted(type(o).__name__ for o in gc.garbage if isinstance(o, ours))
-        finally:
-            gc.set_debug(0)
-            del gc.garbage[:]
+        left = yield leftForTheCollector(ProxyServerProtocol, ProxyClientProtocol, TLSLayer)
         self.assertEqual(left, [])
 
     @inlineCallbacks
