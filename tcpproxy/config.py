@@ -1443,6 +1443,24 @@ def parseWorkers(value: object, where: _Where | None = None) -> int:
     return value
 
 
+def checkWorkers(config: ProxyConfig, workers: int) -> None:
+    """
+    Refuse what cannot run in C{workers} processes: C{ScaleToZero}, since
+    each worker would count only its own clients' connections and stop a
+    target another worker is using (L{tcpproxy.scaling}).  Checked at
+    start-up and by each reload of the main process of workers.
+
+    @raise ConfigError: naming the file, the first such app and the key.
+    """
+    scaled = [app.name for app in config.apps if app.scaleToZero is not None]
+    if workers > 1 and scaled:
+        raise ConfigError(
+            f'{config.source}: app "{scaled[0]}": key "ScaleToZero": cannot be used with {workers} worker'
+            " processes: each would stop and start the targets on its own, blind to the other workers'"
+            " connections; run one process (no --workers)"
+        )
+
+
 def _parseAdmin(where: _Where, value: object) -> AdminConfig:
     """
     The C{"Admin"} object: C{"Listen": "host:port"} (an IP literal, IPv6 in

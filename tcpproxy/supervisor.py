@@ -58,7 +58,14 @@ from twisted.web.server import NOT_DONE_YET
 import tcpproxy
 from tcpproxy.admin import AdminResource, AdminServer, statusDocument
 from tcpproxy.applying import NOT_APPLIED, REFUSED, owner
-from tcpproxy.config import ConfigError, ProxyConfig, parseConfigBytes, parseTarget, readConfigBytes
+from tcpproxy.config import (
+    ConfigError,
+    ProxyConfig,
+    checkWorkers,
+    parseConfigBytes,
+    parseTarget,
+    readConfigBytes,
+)
 from tcpproxy.control import (
     CHUNK,
     AdoptPort,
@@ -399,6 +406,8 @@ class WorkerPool(Service):
         try:
             raw = readConfigBytes(self.configPath)
             new = parseConfigBytes(raw, self.configPath)
+            # As at start-up: the workers that run are those to reckon with.
+            checkWorkers(new, self.count)
             # Checked here too, so a refused TLS file is said once.
             for app in new.apps:
                 loadAppTLS(app, new.source)

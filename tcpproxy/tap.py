@@ -16,7 +16,14 @@ import sys
 from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
-from tcpproxy.config import ConfigError, parseConfigBytes, parseTarget, parseWorkers, readConfigBytes
+from tcpproxy.config import (
+    ConfigError,
+    checkWorkers,
+    parseConfigBytes,
+    parseTarget,
+    parseWorkers,
+    readConfigBytes,
+)
 from tcpproxy.triggers import EarlySignal, ReloadOnChange, ReloadOnSignal, fileSignature
 
 # The relay, TLS and the demo backends (OpenSSL, cryptography: a tenth of a
@@ -134,15 +141,7 @@ def _buildProxy(options: Options, reactor, early: EarlySignal | None) -> IServic
     if options["watch"]:
         triggers.append(ReloadOnChange(path, reactor, seen=seen))
     workers = options.get("workers") or config.workers
-    scaled = [app.name for app in config.apps if app.scaleToZero is not None]
-    if workers > 1 and scaled:
-        # Each worker would count only its own clients' connections, and
-        # stop a target another worker is using (tcpproxy.scaling).
-        raise ConfigError(
-            f'{config.source}: app "{scaled[0]}": key "ScaleToZero": cannot be used with {workers} worker'
-            " processes: each would stop and start the targets on its own, blind to the other workers'"
-            " connections; run one process (no --workers)"
-        )
+    checkWorkers(config, workers)
     if workers > 1:
         from tcpproxy.supervisor import WorkerPool
 

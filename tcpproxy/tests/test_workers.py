@@ -457,6 +457,30 @@ class SupervisionTests(TestCase):
         self.reactor.advance(60)
         self.assertEqual(len(self.reactor.spawned), 2)
 
+    def test_reloadAddingScaleToZeroRefused(self) -> None:
+        """
+        A reload that adds C{ScaleToZero} while workers run is refused as
+        it is at start-up, in one line: the configuration stays, and no
+        worker hears of the file.
+        """
+        path = os.path.abspath(self.mktemp())
+        old = self.pool.config
+        app = {"Name": "web", "Ports": list(old.apps[0].ports), "Targets": ["127.0.0.1:9"], "ScaleToZero": {}}
+        with open(path, "w") as f:
+            json.dump(document(BindAddress="127.0.0.1", DrainTimeout=3, Apps=[app]), f)
+        self.pool.configPath = path
+        sent = [len(protocol.transport.written) for protocol, _, _ in self.reactor.spawned]
+        self.assertEqual(self.successResultOf(self.pool.reload()), "refused")
+        self.assertIs(self.pool.config, old)
+        self.assertEqual([len(protocol.transport.written) for protocol, _, _ in self.reactor.spawned], sent)
+        [line] = [formatEvent(e) for e in self.events if "reload" in formatEvent(e)]
+        self.assertEqual(
+            line,
+            f'reload refused, nothing changed: {path}: app "web": key "ScaleToZero": cannot be used with 2'
+            " worker processes: each would stop and start the targets on its own, blind to the other"
+            " workers' connections; run one process (no --workers)",
+        )
+
     def test_askTimeout(self) -> None:
         """
         A worker that does not answer the admin endpoint's question in
