@@ -12,7 +12,10 @@ autostop/autostart, for any TCP service; an app's C{"ScaleToZero"} key).
     stopped, unless fewer than C{MinRunning} targets would then run.  The
     connections counted are the clients' (the app's L{Load}): a warm pool's
     idle connections (L{tcpproxy.pool}) never keep a target awake.  At
-    start-up every target is assumed to be running.
+    start-up every target is assumed to be running.  A C{Stop} that fails
+    (a non-zero exit, or killed after C{StartTimeout}) leaves the target
+    running, logged with its exit status and last line of output, and it
+    is stopped again only after another C{IdleAfter} with no connection.
   - A stopped target is marked so in the app's health
     (L{tcpproxy.health.STOPPED}): no client is sent to it, it is not
     checked and not counted down; logs, C{/status} and metrics show it.
@@ -461,8 +464,23 @@ class ScaleToZero:
             status, signal, lastLine = result
             if status == 0:
                 log.info("{label} done", label=label)
-            else:
-                log.warn("{label} failed: {why}", label=label, why=describeExit(status, signal, lastLine))
+                return
+            # The service may well still run: count it as running (clients
+            # are sent to it, health checks resume), and stop it again only
+            # after another IdleAfter with no connection.
+            log.warn(
+                "{label} failed: {why}: the target stays running, stopped again after {idle:g}s"
+                " with no connection",
+                label=label,
+                why=describeExit(status, signal, lastLine),
+                idle=self.settings.idleAfter,
+            )
+            if target not in self.targets:
+                return  # a reload took it away meanwhile
+            if target in self.health.stopped and target not in self._waking:
+                self.health.setStopped(target, False)
+            self._lastEnded[target] = self.reactor.seconds()
+            self._arm(target, self.settings.idleAfter)
 
         waiting: list[Callable[[], None]] = []
         self._stopping[target] = waiting

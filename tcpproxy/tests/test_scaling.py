@@ -17,6 +17,7 @@ from twisted.internet.error import (
 )
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -25,6 +26,7 @@ from tcpproxy.config import AppConfig, ConfigError, ScaleToZeroConfig, parseConf
 from tcpproxy.dialer import Dialled, NoTargetAvailable
 from tcpproxy.health import STOPPED, UP, HealthTracker
 from tcpproxy.scaling import ScaleToZero, commandFor
+from tcpproxy.tests.loopback import captureEvents
 
 
 def document(app=None, **top):
@@ -190,6 +192,58 @@ class ScaleToZeroTests(SynchronousTestCase):
         self.assertEqual(self.reactor.spawned, [])
         self.reactor.advance(1)
         self.assertEqual(len(self.reactor.spawned), 1)
+
+    def test_failedStopStaysRunning(self) -> None:
+        """
+        A C{Stop} that fails leaves the target running (up, given clients),
+        logged with its exit status and last line of output; it is stopped
+        again only after another C{IdleAfter} with no connection.
+        """
+        events = captureEvents(self, "tcpproxy.scaling")
+        self.scaler(["127.0.0.1:7001"])
+        target = self.targets[0]
+        self.reactor.advance(10)
+        self.assertEqual(self.health.stateOf(target), STOPPED)
+        protocol = self.reactor.spawned[0][0]
+        protocol.childDataReceived(2, b"Failed to stop app@7001.service: Access denied\n")
+        exit(protocol, 4)
+        self.assertEqual(self.health.stateOf(target), UP)
+        self.assertEqual(self.health.usable(self.targets), [target])
+        self.assertIn(
+            "app web: target 127.0.0.1:7001: Stop failed: exit status 4 (last output: 'Failed to stop"
+            " app@7001.service: Access denied'): the target stays running, stopped again after 10s with no"
+            " connection",
+            [formatEvent(event) for event in events],
+        )
+        self.reactor.advance(9.9)
+        self.assertEqual(len(self.reactor.spawned), 1)
+        self.reactor.advance(0.1)
+        self.assertEqual([args for _, args, _ in self.reactor.spawned][1], ["true", "stop", "7001"])
+        self.assertEqual(self.health.stateOf(target), STOPPED)
+
+    def test_stopKilledStaysRunning(self) -> None:
+        """
+        A C{Stop} still running after C{StartTimeout} is killed, and the
+        target stays running, as for any failed C{Stop}.
+        """
+        events = captureEvents(self, "tcpproxy.scaling")
+        self.scaler(["127.0.0.1:7001"], startTimeout=5.0)
+        target = self.targets[0]
+        self.reactor.advance(10)
+        protocol, _, process = self.reactor.spawned[0]
+        self.reactor.advance(5)
+        self.assertEqual(process.signals, ["KILL"])
+        reason = Failure(ProcessTerminated(signal=9))
+        protocol.processExited(reason)
+        protocol.processEnded(reason)
+        self.assertEqual(self.health.stateOf(target), UP)
+        self.assertIn(
+            "app web: target 127.0.0.1:7001: Stop failed: killed by signal 9 (no output): the target stays"
+            " running, stopped again after 10s with no connection",
+            [formatEvent(event) for event in events],
+        )
+        self.reactor.advance(10)
+        self.assertEqual(len(self.reactor.spawned), 2)
 
     def test_minRunning(self) -> None:
         """
