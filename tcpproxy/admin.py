@@ -40,7 +40,7 @@ from twisted.web.server import Request, Site
 
 from tcpproxy.config import AdminConfig, Network, ProxyConfig, parseTarget
 from tcpproxy.listening import bindAll
-from tcpproxy.metrics import CONNECT_ERRORS, ProxyCollector, bytesTotals, openByTarget, refusals
+from tcpproxy.metrics import CONNECT_ERRORS, ProxyCollector, bytesTotals, idleByTarget, openByTarget, refusals
 from tcpproxy.statuspage import renderPage
 
 if TYPE_CHECKING:
@@ -86,8 +86,10 @@ def statusOf(service: ProxyService) -> dict:
     """
     What C{/status} answers: for every app of the running configuration,
     its ports, the limits in force, its connections and each target's
-    state (C{up}, C{down} or C{draining}), open connections, totals and
-    last error; the configuration file's path and load time.
+    state (C{up}, C{down}, C{draining} or C{stopped}), open connections,
+    totals and last error, and, for an app with a warm pool (its C{pool}
+    is not C{null}), the idle connections its pool holds to it
+    (C{pooled}); the configuration file's path and load time.
 
     Times are Unix times (seconds); counts are since the app was started.
     """
@@ -96,6 +98,7 @@ def statusOf(service: ProxyService) -> dict:
     for app in config.apps:
         factory = service.factories[app.name]
         open = openByTarget(factory)
+        idle = idleByTarget(factory)
         bytesIn, bytesOut = bytesTotals(factory)
         targets = []
         # The targets as they run: with those found in DNS.
@@ -110,6 +113,7 @@ def statusOf(service: ProxyService) -> dict:
                     "connections": stats.connections if stats is not None else 0,
                     "errors": {kind: stats.errors[kind] for kind in CONNECT_ERRORS} if stats else {},
                     "lastError": None if last is None else {"at": last[0], "reason": last[1]},
+                    "pooled": idle[target] if idle is not None else 0,
                 }
             )
         apps.append(
@@ -118,6 +122,7 @@ def statusOf(service: ProxyService) -> dict:
                 "ports": list(app.ports),
                 "tls": app.tls is not None,
                 "targetTLS": app.targetTLS is not None,
+                "pool": None if app.pool is None else {"size": app.pool.size, "maxIdle": app.pool.maxIdle},
                 "limits": {
                     "maxConnections": app.maxConnections,
                     "maxConnectionsPerClient": app.maxConnectionsPerClient,

@@ -241,7 +241,7 @@ def buildApp(
     factory = ProxyServerFactory(
         app,
         balancer,
-        _pooled(app, buildDialer(app, tls, engine, health, stats), clock, health, balancer),
+        _pooled(app, buildDialer(app, tls, engine, health, stats), clock, health, balancer, stats),
         clock,
         tls=tls,
         health=health,
@@ -313,13 +313,18 @@ def updateApp(factory: ProxyServerFactory, app: AppConfig, tls: AppTLS, engine: 
     else:
         if pool is not None:
             stopPool(pool)
-        dialer = _pooled(app, dialer, factory.clock, factory.health, balancer)
+        dialer = _pooled(app, dialer, factory.clock, factory.health, balancer, factory.stats)
     factory.reconfigure(app, balancer, dialer, tls)
     _scale(factory, app, engine)
 
 
 def _pooled(
-    app: AppConfig, dialer: IDialer, clock: IReactorTime, health: HealthTracker | None, balancer: IBalancer
+    app: AppConfig,
+    dialer: IDialer,
+    clock: IReactorTime,
+    health: HealthTracker | None,
+    balancer: IBalancer,
+    stats: AppStats | None,
 ) -> IDialer:
     """
     C{dialer}, behind a warm pool of connections (L{tcpproxy.pool}) if the
@@ -327,4 +332,4 @@ def _pooled(
     """
     if app.pool is None:
         return dialer
-    return WarmPool(dialer, app.pool, app.targets, clock, health, balancer.load)
+    return WarmPool(dialer, app.pool, app.targets, clock, health, balancer.load, stats)

@@ -34,6 +34,7 @@ from prometheus_client.registry import Collector
 from tcpproxy.access import END_NO_TARGET
 from tcpproxy.config import Target
 from tcpproxy.limits import REFUSED_APP_LIMIT, REFUSED_CLIENT_LIMIT, REFUSED_DENIED
+from tcpproxy.pool import WarmPool
 
 if TYPE_CHECKING:
     from tcpproxy.app import ProxyServerFactory
@@ -58,6 +59,16 @@ CONNECT_ERRORS = ("refused", "timeout", "unreachable", "dns", "tls", "reset")
 """
 The C{reason} label of C{tcpproxy_target_connect_errors_total}, as the
 dialer classifies a failed connect (L{tcpproxy.dialer.failureKind}).
+"""
+
+POOL_DROPPED = ("closed", "expired")
+"""
+The C{reason} label of C{tcpproxy_target_pool_dropped_total}: why the
+warm pool (L{tcpproxy.pool}) gave up an idle connection without handing
+it to a client.  C{closed}: the target closed or reset it, or it failed
+(seen as it happened, or when a client was about to take it): many of
+these mean the target drops idle connections sooner than the pool's
+C{MaxIdle}.  C{expired}: it waited C{MaxIdle} seconds for a client.
 """
 
 CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -116,15 +127,25 @@ class TargetStats:
     @ivar lastError: C{(when, reason text)} of the last failed connect, or C{None}.
     @ivar connectTime: L{Histogram} of the seconds successful connects took
         (TLS handshake included).
+    @ivar poolHits: clients given a connection of the app's warm pool.
+    @ivar poolMisses: clients for whom the target was dialled because its
+        pool had no idle connection (the first target of their order only:
+        the one the pool is asked for).  C{poolHits / (poolHits +
+        poolMisses)} is the pool's hit ratio.
+    @ivar poolDropped: idle pooled connections given up, by
+        L{POOL_DROPPED} reason.
     """
 
-    __slots__ = ("connections", "errors", "lastError", "connectTime")
+    __slots__ = ("connections", "errors", "lastError", "connectTime", "poolHits", "poolMisses", "poolDropped")
 
     def __init__(self) -> None:
         self.connections = 0
         self.errors: Counter[str] = Counter()
         self.lastError: tuple[float, str] | None = None
         self.connectTime = Histogram(CONNECT_BUCKETS)
+        self.poolHits = 0
+        self.poolMisses = 0
+        self.poolDropped: Counter[str] = Counter()
 
 
 class AppStats:
@@ -186,6 +207,27 @@ class AppStats:
             stats.errors[kind] += 1
             stats.lastError = (when, why)
 
+    def pooled(self, target: Target, hit: bool) -> None:
+        """
+        A client's first target was C{target}: it was given a pooled
+        connection (C{hit}), or C{target} was dialled for it.
+        """
+        stats = self.targets.get(target)
+        if stats is not None:
+            if hit:
+                stats.poolHits += 1
+            else:
+                stats.poolMisses += 1
+
+    def poolDropped(self, target: Target, reason: str) -> None:
+        """
+        An idle pooled connection to C{target} was given up, for
+        C{reason} (one of L{POOL_DROPPED}).
+        """
+        stats = self.targets.get(target)
+        if stats is not None:
+            stats.poolDropped[reason] += 1
+
 
 def refusals(factory: ProxyServerFactory) -> dict[str, int]:
     """
@@ -207,6 +249,17 @@ def openByTarget(factory: ProxyServerFactory) -> Counter[Target]:
     C{MaxConnections} read too.
     """
     return Counter(factory.balancer.load.counts)
+
+
+def idleByTarget(factory: ProxyServerFactory) -> Counter[Target] | None:
+    """
+    The idle connections the app's warm pool holds now, by target; C{None}
+    if the app has no pool.
+    """
+    dialer = factory.dialer
+    if not isinstance(dialer, WarmPool):
+        return None
+    return Counter({target: len(idle) for target, idle in dialer.idle.items()})
 
 
 def bytesTotals(factory: ProxyServerFactory) -> tuple[int, int]:
@@ -245,7 +298,7 @@ class ProxyCollector(Collector):
 
         accepted, active, refused, received, sent, queued = [], [], [], [], [], []
         tActive, tTotal, tErrors, tUp, tConnect, durations = [], [], [], [], [], []
-        tStopped = []
+        tStopped, pIdle, pHits, pMisses, pDropped = [], [], [], [], []
         for factory in factories:
             app = factory.app.name
             accepted.append(([app], factory.counter.opened))
@@ -268,6 +321,16 @@ class ProxyCollector(Collector):
                 tUp.append((labels, 1 if state == "up" else 0))
                 tStopped.append((labels, 1 if state == "stopped" else 0))
                 tConnect.append((labels, stats.connectTime))
+            idle = idleByTarget(factory)
+            if idle is None:
+                continue
+            for target, stats in factory.stats.targets.items():
+                labels = [app, str(target)]
+                pIdle.append((labels, idle[target]))
+                pHits.append((labels, stats.poolHits))
+                pMisses.append((labels, stats.poolMisses))
+                for reason in POOL_DROPPED:
+                    pDropped.append(([*labels, reason], stats.poolDropped[reason]))
 
         yield family(CounterMetricFamily, "tcpproxy_connections", "Clients accepted.", ["app"], accepted)
         yield family(GaugeMetricFamily, "tcpproxy_connections_active", "Clients open now.", ["app"], active)
@@ -317,6 +380,34 @@ class ProxyCollector(Collector):
             "1 if the target is stopped by scale to zero (not down: woken for the next client), else 0.",
             ["app", "target"],
             tStopped,
+        )
+        yield family(
+            GaugeMetricFamily,
+            "tcpproxy_target_pool_idle_connections",
+            "Idle connections the app's warm pool holds open to the target now (apps with a Pool).",
+            ["app", "target"],
+            pIdle,
+        )
+        yield family(
+            CounterMetricFamily,
+            "tcpproxy_target_pool_hits",
+            "Clients given a pooled connection to the target, with no dial.",
+            ["app", "target"],
+            pHits,
+        )
+        yield family(
+            CounterMetricFamily,
+            "tcpproxy_target_pool_misses",
+            "Clients for whom the target was dialled because its pool had no idle connection.",
+            ["app", "target"],
+            pMisses,
+        )
+        yield family(
+            CounterMetricFamily,
+            "tcpproxy_target_pool_dropped",
+            "Idle pooled connections given up: closed by the target (or failed), or expired after MaxIdle.",
+            ["app", "target", "reason"],
+            pDropped,
         )
         yield _histogram(
             "tcpproxy_target_connect_seconds",

@@ -171,13 +171,19 @@ class WarmPool:
         clock: IReactorTime,
         health=None,
         load=None,
+        stats=None,
     ) -> None:
         """
         @param health: the app's L{tcpproxy.health.HealthTracker}, or C{None}.
         @param load: the app's L{tcpproxy.balancer.Load}, or C{None}: the
             clients' connections per target, under C{MaxConnections}.
+        @param stats: the app's L{tcpproxy.metrics.AppStats}, or C{None}:
+            told of each client's hit or miss and of each idle connection
+            given up (the pool's metrics; they outlive a pool a reload
+            replaces).
         """
         self.dialer = dialer
+        self.stats = stats
         self.load = load
         self.config = config
         self.clock = clock
@@ -203,15 +209,17 @@ class WarmPool:
         it is counted in the app's load, a full one skipped), so the pool
         changes neither which target a client goes to nor the counts.
         """
-        if not self.idleTotal:
-            return self.dialer.dial(protocolFactory, targets)
         targets = iter(targets)
         target = next(targets, None)
         if target is None:
             return self.dialer.dial(protocolFactory, ())
-        protocol = self._take(target)
+        protocol = self._take(target) if self.idleTotal else None
         if protocol is None:
+            if self.stats is not None and target in self.idle and self.usable(target):
+                self.stats.pooled(target, False)
             return self.dialer.dial(protocolFactory, chain((target,), targets))
+        if self.stats is not None:
+            self.stats.pooled(target, True)
         early = b"".join(protocol.early)
         protocol.early = []
         if protocol.earlySize >= PREDIAL_BUFFER:
@@ -233,6 +241,7 @@ class WarmPool:
             self._fill(target)
             if protocol.alive():
                 return protocol
+            self._droppedFor(target, "closed")
             protocol.pool = None
             protocol.transport.abortConnection()
         return None
@@ -309,7 +318,8 @@ class WarmPool:
         open a fresh one in its place.
         """
         protocol.expiry = None
-        self._remove(protocol)
+        if self._remove(protocol):
+            self._droppedFor(protocol.target, "expired")
         protocol.pool = None
         protocol.transport.loseConnection()
         self._fill(protocol.target)
@@ -329,7 +339,12 @@ class WarmPool:
         """
         self._unwatch(protocol)
         if self._remove(protocol):
+            self._droppedFor(protocol.target, "closed")
             self._fill(protocol.target)
+
+    def _droppedFor(self, target: Target, reason: str) -> None:
+        if self.stats is not None:
+            self.stats.poolDropped(target, reason)
 
     # Stopping
 

@@ -96,10 +96,17 @@ def renderPage(status: dict, now: float) -> str:
             f" per client {_limit(limits['maxConnectionsPerClient'])},"
             f" ConnectTimeout {_limit(limits['connectTimeout'])}s</p>"
         )
+        pool = app.get("pool")
+        if pool is not None:
+            out.append(
+                f'<p class="app">warm pool: {pool["size"]} idle connection(s) per target,'
+                f" each kept up to {_limit(pool['maxIdle'])}s</p>"
+            )
         out.append(f'<table class="targets" data-app="{escape(app["name"])}">')
         out.append(
-            "<tr><th>target</th><th>state</th><th>open</th><th>connections</th>"
-            "<th>failed connects</th><th>last error</th></tr>"
+            "<tr><th>target</th><th>state</th><th>open</th>"
+            + ("<th>pooled (idle)</th>" if pool is not None else "")
+            + "<th>connections</th><th>failed connects</th><th>last error</th></tr>"
         )
         for target in app["targets"]:
             errors = sum(target["errors"].values())
@@ -108,7 +115,9 @@ def renderPage(status: dict, now: float) -> str:
             out.append(
                 f'<tr class="{target["state"]}"><td>{escape(target["target"])}</td>'
                 f'<td class="state">{target["state"]}</td>'
-                f'<td class="n">{target["active"]}</td><td class="n">{target["connections"]}</td>'
+                f'<td class="n">{target["active"]}</td>'
+                + (f'<td class="n pooled">{target["pooled"]}</td>' if pool is not None else "")
+                + f'<td class="n">{target["connections"]}</td>'
                 f'<td class="n">{errors}</td><td>{escape(lastText)}</td></tr>'
             )
         out.append("</table>")

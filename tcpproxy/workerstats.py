@@ -109,6 +109,7 @@ def mergeStatus(statuses: Sequence[dict]) -> list[dict]:
                 if into is None:
                     continue
                 into["active"] += target["active"]
+                into["pooled"] += target["pooled"]
                 into["connections"] += target["connections"]
                 for kind, count in target["errors"].items():
                     into["errors"][kind] = into["errors"].get(kind, 0) + count

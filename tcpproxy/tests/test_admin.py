@@ -29,6 +29,7 @@ from tcpproxy.tests.loopback import (
     echoBackend,
     engineFor,
     eventually,
+    listen,
 )
 from tcpproxy.tests.ports import freePorts
 
@@ -756,3 +757,86 @@ class ScaleToZeroStatusTests(AdminMixin, TestCase):
         found = yield self.scrape()
         self.assertEqual(found[("tcpproxy_target_stopped", (("app", "web"), ("target", target)))], 1)
         self.assertEqual(found[("tcpproxy_target_up", (("app", "web"), ("target", target)))], 0)
+
+
+class PoolStatusTests(AdminMixin, TestCase):
+    @inlineCallbacks
+    def test_poolShown(self):
+        """
+        An app with a warm pool shows, per target, its idle pooled
+        connections (C{/metrics}, C{/status} and the page), the clients it
+        served with no dial (hits) or not (misses), and the pooled
+        connections the target closed: names, types and labels as
+        Prometheus' own parser reads them.
+        """
+        from tcpproxy.tests.test_pool_loopback import GREETING, GreeterFactory
+
+        backend = GreeterFactory()
+        target = f"127.0.0.1:{listen(self, backend)}"
+        self.serve(self.document([target], Pool={"Size": 2}, HealthCheck=None))
+        pool = self.service.factories["web"].dialer
+
+        def full() -> bool:
+            """the pool holds two idle connections, each greeted"""
+            idle = pool.idle[pool.targets[0]]
+            return len(idle) == 2 and all(p.earlySize == len(GREETING) for p in idle)
+
+        yield eventually(full)
+        for protocol in list(backend.protocols):
+            protocol.transport.loseConnection()
+        yield eventually(lambda: len(backend.protocols) == 4)
+        yield eventually(full)
+        client = yield connectClient(self.appPort)
+        client.transport.write(b"hello")
+        yield eventually(lambda: bytes(client.data) == GREETING + b"hello")
+        client.transport.loseConnection()
+        yield client.lost
+        yield self.ended(1)
+        yield eventually(full)
+
+        code, text, _ = yield request(self.url("/metrics"))
+        types = {family.name: family.type for family in text_string_to_metric_families(text)}
+        self.assertEqual(
+            {name: kind for name, kind in types.items() if "_pool_" in name},
+            {
+                "tcpproxy_target_pool_idle_connections": "gauge",
+                "tcpproxy_target_pool_hits": "counter",
+                "tcpproxy_target_pool_misses": "counter",
+                "tcpproxy_target_pool_dropped": "counter",
+            },
+        )
+        found = samples(text)
+        labels = (("app", "web"), ("target", target))
+        self.assertEqual(found[("tcpproxy_target_pool_idle_connections", labels)], 2)
+        self.assertEqual(found[("tcpproxy_target_pool_hits_total", labels)], 1)
+        self.assertEqual(found[("tcpproxy_target_pool_misses_total", labels)], 0)
+        closed = (("app", "web"), ("reason", "closed"), ("target", target))
+        expired = (("app", "web"), ("reason", "expired"), ("target", target))
+        self.assertEqual(found[("tcpproxy_target_pool_dropped_total", closed)], 2)
+        self.assertEqual(found[("tcpproxy_target_pool_dropped_total", expired)], 0)
+        # The pooled connections are not the clients': not "active".
+        self.assertEqual(found[("tcpproxy_target_connections_active", labels)], 0)
+
+        code, text, _ = yield request(self.url("/status"))
+        [app] = json.loads(text)["apps"]
+        self.assertEqual(app["pool"], {"size": 2, "maxIdle": 30.0})
+        self.assertEqual([(t["target"], t["pooled"], t["active"]) for t in app["targets"]], [(target, 2, 0)])
+        code, page, _ = yield request(self.url("/"))
+        self.assertIn("<th>pooled (idle)</th>", page)
+        self.assertIn('<td class="n pooled">2</td>', page)
+
+    @inlineCallbacks
+    def test_noPoolNoSeries(self):
+        """
+        An app without a pool has no pool series, C{pool} is C{null} in
+        C{/status}, and the page has no pooled column.
+        """
+        target = f"127.0.0.1:{echoBackend(self)}"
+        self.serve(self.document([target]))
+        code, text, _ = yield request(self.url("/metrics"))
+        self.assertNotIn("_pool_", "".join(name for name, _ in samples(text)))
+        code, text, _ = yield request(self.url("/status"))
+        [app] = json.loads(text)["apps"]
+        self.assertEqual((app["pool"], app["targets"][0]["pooled"]), (None, 0))
+        code, page, _ = yield request(self.url("/"))
+        self.assertNotIn("pooled", page)

@@ -20,6 +20,7 @@ from tcpproxy.balancer import Load
 from tcpproxy.config import ConfigError, PoolConfig, parseConfig, parseTarget
 from tcpproxy.dialer import Dialled, IDialer
 from tcpproxy.health import DOWN, UP
+from tcpproxy.metrics import AppStats
 from tcpproxy.pool import REFILL_INTERVAL, PooledClientProtocol, WarmPool, stopPool
 from tcpproxy.relay import PREDIAL_BUFFER
 from tcpproxy.tls import loadAppTLS
@@ -55,6 +56,12 @@ class FakeDialer:
 
     def answerAll(self) -> list[PooledClientProtocol]:
         return [self.answer(dial) for dial in self.pending()]
+
+    def answerPool(self) -> list[PooledClientProtocol]:
+        """
+        Connect the pool's own dials (not the clients').
+        """
+        return [self.answer(dial) for dial in self.pending() if hasattr(dial[0], "pool")]
 
 
 class FakeHealth:
@@ -278,6 +285,72 @@ class WarmPoolTests(SynchronousTestCase):
         self.assertTrue(all(d.called for _, _, d in waiting))
         self.clock.advance(REFILL_INTERVAL * 5)
         self.assertEqual(self.dialer.pending(), [])
+
+
+class PoolStatsTests(SynchronousTestCase):
+    """
+    What the pool tells the app's L{AppStats} (its metrics): each client's
+    hit or miss on its first target, and each idle connection given up.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.dialer = FakeDialer()
+        self.stats = AppStats((A, B))
+        self.pool = WarmPool(self.dialer, PoolConfig(1, 30.0), (A, B), self.clock, stats=self.stats)
+        self.addCleanup(self.pool.stop)
+
+    def counts(self, target) -> tuple[int, int, dict]:
+        stats = self.stats.targets[target]
+        return stats.poolHits, stats.poolMisses, dict(stats.poolDropped)
+
+    def test_hitsAndMisses(self) -> None:
+        """
+        A client given a pooled connection is a hit for its first target;
+        one for whom that target is dialled, a miss (whatever the other
+        targets' pools hold); targets tried after the first are neither.
+        """
+        self.clock.advance(0)
+        self.assertNoResult(self.pool.dial(object(), [A, B]))  # Nothing idle yet.
+        self.dialer.answerPool()
+        self.successResultOf(self.pool.dial(object(), [A, B]))
+        self.successResultOf(self.pool.dial(object(), [B, A]))
+        self.assertNoResult(self.pool.dial(object(), [A, B]))  # A's refill not connected yet.
+        self.assertEqual(self.counts(A), (1, 2, {}))
+        self.assertEqual(self.counts(B), (1, 0, {}))
+
+    def test_unpooledTargetNoMiss(self) -> None:
+        """
+        A client whose first target the pool does not serve (down, here)
+        is no miss: the pool had nothing to offer it.
+        """
+        health = FakeHealth()
+        health.states[A] = DOWN
+        pool = WarmPool(self.dialer, PoolConfig(1, 30.0), (A,), self.clock, health, stats=self.stats)
+        self.addCleanup(pool.stop)
+        self.assertNoResult(pool.dial(object(), [A]))
+        self.assertEqual(self.counts(A), (0, 0, {}))
+
+    def test_dropped(self) -> None:
+        """
+        Idle connections the target closed, found dead when taken, or
+        expired after C{MaxIdle} are counted by reason; those closed by
+        the pool's own stop are not.
+        """
+        self.clock.advance(0)
+        first, _ = self.dialer.answerPool()
+        first.connectionLost(Failure(ConnectionDone()))
+        [refill] = self.dialer.answerPool()
+        refill.alive = lambda: False
+        self.assertNoResult(self.pool.dial(object(), [A]))
+        self.assertEqual(self.counts(A), (0, 1, {"closed": 2}))
+        self.dialer.answerPool()
+        self.clock.advance(30)
+        self.assertEqual(self.counts(A), (0, 1, {"closed": 2, "expired": 1}))
+        self.assertEqual(self.counts(B), (0, 0, {"expired": 1}))
+        self.dialer.answerPool()
+        self.pool.stop()
+        self.assertEqual(self.counts(A), (0, 1, {"closed": 2, "expired": 1}))
 
 
 def document(app=None, **top):

@@ -305,6 +305,7 @@ def status(active: int, state: str, lastError: dict | None) -> dict:
                         "connections": active * 10,
                         "errors": {"refused": 1},
                         "lastError": lastError,
+                        "pooled": active * 2,
                     }
                 ],
             }
@@ -325,7 +326,7 @@ class MergeStatusTests(TestCase):
         self.assertEqual((app["bytesReceived"], app["bytesSent"]), (200, 400))
         self.assertEqual(app["limits"]["maxConnections"], 10)
         [target] = app["targets"]
-        self.assertEqual((target["active"], target["connections"]), (3, 30))
+        self.assertEqual((target["active"], target["connections"], target["pooled"]), (3, 30, 6))
         self.assertEqual(target["errors"], {"refused": 2})
         self.assertEqual(target["state"], "down")
         self.assertEqual(target["lastError"], {"at": 7, "reason": "new"})
