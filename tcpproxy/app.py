@@ -241,7 +241,7 @@ def buildApp(
     factory = ProxyServerFactory(
         app,
         balancer,
-        _pooled(app, buildDialer(app, tls, engine, health, stats), clock, health, balancer, stats),
+        _pooled(app, buildDialer(app, tls, engine, health, stats), clock, health, balancer, stats, gate),
         clock,
         tls=tls,
         health=health,
@@ -313,7 +313,7 @@ def updateApp(factory: ProxyServerFactory, app: AppConfig, tls: AppTLS, engine: 
     else:
         if pool is not None:
             stopPool(pool)
-        dialer = _pooled(app, dialer, factory.clock, factory.health, balancer, factory.stats)
+        dialer = _pooled(app, dialer, factory.clock, factory.health, balancer, factory.stats, factory.gate)
     factory.reconfigure(app, balancer, dialer, tls)
     _scale(factory, app, engine)
 
@@ -325,11 +325,13 @@ def _pooled(
     health: HealthTracker | None,
     balancer: IBalancer,
     stats: AppStats | None,
+    gate: AcceptGate | None,
 ) -> IDialer:
     """
     C{dialer}, behind a warm pool of connections (L{tcpproxy.pool}) if the
-    app has a C{"Pool"}.
+    app has a C{"Pool"}: its connections counted in the app's C{stats} and
+    in the proxy's accept C{gate} (the descriptors they hold).
     """
     if app.pool is None:
         return dialer
-    return WarmPool(dialer, app.pool, app.targets, clock, health, balancer.load, stats)
+    return WarmPool(dialer, app.pool, app.targets, clock, health, balancer.load, stats, gate)

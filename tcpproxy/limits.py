@@ -112,12 +112,21 @@ class AcceptGate:
     while one left in the backlog is served once a connection ends (as
     HAProxy derives its C{maxconn} from the descriptor limit).
 
+    Descriptors held outside the clients' connections -- a warm pool's
+    idle connections and its dials under way (L{tcpproxy.pool}), one each
+    -- count against the descriptor budget too (L{holdDescriptor}), not
+    against C{MaxConnections}, which is about clients: with them, the
+    gate closes as soon as one more client (L{DESCRIPTORS_PER_CONNECTION}
+    descriptors) would not fit, and a holder asks L{roomToHold} first so
+    that it never takes the last client's place.
+
     A L{tcpproxy.listening.SocketPort} looks at its reading state before
     each accept, so the count does not pass C{maximum}.
 
     @ivar configured: the top-level C{MaxConnections}, or C{None}.
     @ivar budget: the connections the descriptor limit allows, or C{None}.
     @ivar maximum: the lower of the two, or C{None} for no limit.
+    @ivar heldDescriptors: descriptors held outside clients' connections.
     @ivar ports: returns the listening ports to stop and restart.
     """
 
@@ -144,6 +153,7 @@ class AcceptGate:
         self.maximum = maximum
         self.ports = ports
         self.count = 0
+        self.heldDescriptors = 0
         self.paused = False
         self.pauses = 0
 
@@ -154,6 +164,45 @@ class AcceptGate:
     def connectionClosed(self) -> None:
         self.count -= 1
         self._check()
+
+    def holdDescriptor(self) -> None:
+        """
+        One more descriptor is held outside clients' connections (a warm
+        pool's connection, from its dial on).
+        """
+        self.heldDescriptors += 1
+        self._check()
+
+    def releaseDescriptor(self) -> None:
+        """
+        A descriptor counted by L{holdDescriptor} is closed, or is now a
+        client's (a pooled connection handed to one, counted in its
+        connection's L{DESCRIPTORS_PER_CONNECTION}).
+        """
+        self.heldDescriptors -= 1
+        self._check()
+
+    def roomToHold(self) -> bool:
+        """
+        Whether one more descriptor may be held and still leave room, under
+        the descriptor budget, for one more client's connection.
+        """
+        if self.budget is None:
+            return True
+        used = DESCRIPTORS_PER_CONNECTION * (self.count + 1) + self.heldDescriptors + 1
+        return used <= DESCRIPTORS_PER_CONNECTION * self.budget
+
+    def _full(self) -> bool:
+        """
+        Whether no client may be accepted now: C{MaxConnections} clients are
+        open, or one more would pass the descriptor budget.
+        """
+        if self.configured is not None and self.count >= self.configured:
+            return True
+        if self.budget is None:
+            return False
+        used = DESCRIPTORS_PER_CONNECTION * (self.count + 1) + self.heldDescriptors
+        return used > DESCRIPTORS_PER_CONNECTION * self.budget
 
     def setMaximum(self, maximum: int | None) -> None:
         """
@@ -175,9 +224,15 @@ class AcceptGate:
         self._check()
 
     def _limitName(self) -> str:
-        if self.configured is not None and self.configured == self.maximum:
-            return f"MaxConnections {self.maximum}"
-        return f"the descriptor limit's {self.maximum} connections"
+        held = self.heldDescriptors
+        heldConnections = -(-held // DESCRIPTORS_PER_CONNECTION)
+        if self.configured is not None and (
+            self.budget is None or self.configured <= self.budget - heldConnections
+        ):
+            return f"MaxConnections {self.configured}"
+        return f"the descriptor limit's {self.budget} connections" + (
+            f" ({held} descriptor(s) held by warm pools)" if held else ""
+        )
 
     def portAdded(self, port) -> None:
         """
@@ -187,7 +242,7 @@ class AcceptGate:
             port.stopReading()
 
     def _check(self) -> None:
-        full = self.maximum is not None and self.count >= self.maximum
+        full = self._full()
         if full and not self.paused:
             self.paused = True
             self.pauses += 1

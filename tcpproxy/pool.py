@@ -20,6 +20,13 @@ the target closed, reset or that failed is dropped as soon as the reactor
 says so, and is looked at once more (a non-blocking peek at its socket)
 before it is handed out, so that a client is never given a dead one.
 
+The pool's connections, idle or being dialled, count with the clients'
+against a target's C{MaxConnections} (a client that needs a slot they
+hold gets it: L{WarmPool._makeRoom}), and against the proxy's descriptor
+budget (L{tcpproxy.limits.AcceptGate.holdDescriptor}), each holding a
+descriptor until it is closed or handed to a client.  Their hits, misses
+and drops are counted in the app's L{tcpproxy.metrics.AppStats}.
+
 Envoy's "preconnect" is the same idea for its upstream clusters; HAProxy,
 nginx stream and Traefik have none for TCP.
 """
@@ -28,7 +35,7 @@ from __future__ import annotations
 
 import socket
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import chain
 
 from twisted.internet.defer import Deferred, succeed
@@ -47,7 +54,9 @@ from zope.interface import implementer
 from tcpproxy.config import PoolConfig, Target
 from tcpproxy.dialer import Dialled, IDialer
 from tcpproxy.health import UP
+from tcpproxy.limits import AcceptGate
 from tcpproxy.relay import PREDIAL_BUFFER, ProxyClientProtocol
+from tcpproxy.tls import TLSCloser
 
 REFILL_INTERVAL = 1.0
 """
@@ -67,9 +76,11 @@ class PooledClientProtocol(ProxyClientProtocol):
     @ivar earlySize: their length.
     @ivar expiry: the call that closes it after C{MaxIdle}, while idle.
     @ivar target: the target it is connected to.
+    @ivar gate: the L{AcceptGate} that counts its descriptor as the pool's
+        (until it is closed, or handed to a client), or C{None}.
     """
 
-    __slots__ = ("pool", "early", "earlySize", "expiry", "target")
+    __slots__ = ("pool", "early", "earlySize", "expiry", "target", "gate")
 
     def __init__(self) -> None:
         ProxyClientProtocol.__init__(self)
@@ -78,6 +89,7 @@ class PooledClientProtocol(ProxyClientProtocol):
         self.earlySize = 0
         self.expiry: IDelayedCall | None = None
         self.target: Target | None = None
+        self.gate: AcceptGate | None = None
 
     def dataReceived(self, data: bytes) -> None:
         if self.peer is not None:
@@ -105,8 +117,20 @@ class PooledClientProtocol(ProxyClientProtocol):
             ProxyClientProtocol.connectionLost(self, reason)
             return
         self.closed = True
+        if self.closer is not None:
+            self.closer.cancel()
+        self.releaseDescriptor()
         if self.pool is not None:
             self.pool.dropped(self)
+
+    def releaseDescriptor(self) -> None:
+        """
+        Its descriptor is no longer the pool's to count: it is closed, or
+        a client's.
+        """
+        gate, self.gate = self.gate, None
+        if gate is not None:
+            gate.releaseDescriptor()
 
     def alive(self) -> bool:
         """
@@ -172,6 +196,7 @@ class WarmPool:
         health=None,
         load=None,
         stats=None,
+        gate: AcceptGate | None = None,
     ) -> None:
         """
         @param health: the app's L{tcpproxy.health.HealthTracker}, or C{None}.
@@ -181,7 +206,12 @@ class WarmPool:
             told of each client's hit or miss and of each idle connection
             given up (the pool's metrics; they outlive a pool a reload
             replaces).
+        @param gate: the proxy's L{AcceptGate}, or C{None}: each pooled
+            connection holds a descriptor, from its dial until it is closed
+            or handed to a client, counted there against the descriptor
+            budget; the pool dials only while the gate has room for it.
         """
+        self.gate = gate
         self.dialer = dialer
         self.stats = stats
         self.load = load
@@ -189,6 +219,7 @@ class WarmPool:
         self.clock = clock
         self.health = health
         self.targets = tuple(targets)
+        self._limited = any(t.maxConnections is not None for t in self.targets)
         self.idle: dict[Target, deque[PooledClientProtocol]] = {t: deque() for t in self.targets}
         self._dialling: dict[Target, set[Deferred]] = {t: set() for t in self.targets}
         self._factories = {t: _PoolFactory(self, t) for t in self.targets}
@@ -217,15 +248,58 @@ class WarmPool:
         if protocol is None:
             if self.stats is not None and target in self.idle and self.usable(target):
                 self.stats.pooled(target, False)
-            return self.dialer.dial(protocolFactory, chain((target,), targets))
+            order = chain((target,), targets)
+            return self.dialer.dial(protocolFactory, self._withRoom(order) if self._limited else order)
         if self.stats is not None:
             self.stats.pooled(target, True)
+        protocol.releaseDescriptor()
         early = b"".join(protocol.early)
         protocol.early = []
         if protocol.earlySize >= PREDIAL_BUFFER:
             protocol.transport.resumeProducing()
         self.handedOut += 1
         return succeed(Dialled(target, protocol, (), early))
+
+    def _withRoom(self, targets: Iterator[Target]) -> Iterator[Target]:
+        """
+        C{targets}, each given up to the real dialer only once the pool has
+        made room for the client's connection under the target's
+        C{MaxConnections} (L{_makeRoom}).
+        """
+        for target in targets:
+            self._makeRoom(target)
+            yield target
+
+    def _makeRoom(self, target: Target) -> None:
+        """
+        A client is about to dial C{target}, and is counted in the app's
+        load already: if the clients' connections and the pool's (idle,
+        and dials under way) now pass C{MaxConnections}, the pool gives up
+        one of its own -- a dial under way (cancelled: its socket is closed
+        before the client's is opened), else an idle connection -- so that
+        the target never has more connections than its limit from this
+        proxy.  (The dispatcher lets a client dial a target below its limit
+        by the clients' count alone: the pool's connections are the
+        clients' to take.)
+        """
+        limit = target.maxConnections
+        if limit is None or self.load is None:
+            return
+        idle = self.idle.get(target)
+        dialling = self._dialling.get(target)
+        if idle is None or dialling is None:
+            return
+        while self.load.active(target) + len(idle) + len(dialling) > limit:
+            if dialling:
+                d = dialling.pop()
+                d.cancel()
+            elif idle:
+                protocol = idle.pop()
+                self.idleTotal -= 1
+                self._unwatch(protocol)
+                self._close(protocol)
+            else:
+                return
 
     def _take(self, target: Target) -> PooledClientProtocol | None:
         """
@@ -262,7 +336,8 @@ class WarmPool:
         """
         How many more connections the pool may open to C{target}: up to
         C{Size} idle ones, and no more than its C{MaxConnections} leaves
-        beside the clients' connections (counted in the app's load).
+        beside the clients' connections (counted in the app's load) and
+        the pool's own, idle or being dialled.
         """
         dialling = len(self._dialling[target])
         room = self.config.size - len(self.idle[target]) - dialling
@@ -284,7 +359,14 @@ class WarmPool:
         if self._stopped or not self.usable(target):
             return
         dialling = self._dialling[target]
+        gate = self.gate
         for _ in range(self._room(target)):
+            if gate is not None:
+                if not gate.roomToHold():
+                    # No descriptor to spare beside the clients': the next
+                    # look tries again.
+                    return
+                gate.holdDescriptor()
             d = self.dialer.dial(self._factories[target], [target])
             dialling.add(d)
             d.addCallbacks(self._connected, self._failed, callbackArgs=(d, target), errbackArgs=(d, target))
@@ -292,10 +374,15 @@ class WarmPool:
     def _connected(self, dialled: Dialled, d: Deferred, target: Target) -> None:
         self._dialling[target].discard(d)
         protocol = dialled.protocol
+        if not protocol.closed:
+            # Its descriptor, held since the dial, is counted until it closes.
+            protocol.gate = self.gate
+        elif self.gate is not None:
+            self.gate.releaseDescriptor()
         if self._stopped or protocol.closed or protocol.readDone:
             protocol.pool = None
             if not protocol.closed:
-                protocol.transport.loseConnection()
+                self._close(protocol)
             return
         protocol.expiry = self.clock.callLater(self.config.maxIdle, self._expire, protocol)
         self.idle[target].append(protocol)
@@ -304,7 +391,10 @@ class WarmPool:
     def _failed(self, reason: Failure, d: Deferred, target: Target) -> None:
         # Told to the target's health and metrics by the dialer already;
         # the next look (REFILL_INTERVAL) tries again if it is still up.
+        # (Cancelled, by stop or to make room for a client, as well.)
         self._dialling[target].discard(d)
+        if self.gate is not None:
+            self.gate.releaseDescriptor()
 
     def _unwatch(self, protocol: PooledClientProtocol) -> None:
         expiry = protocol.expiry
@@ -320,9 +410,23 @@ class WarmPool:
         protocol.expiry = None
         if self._remove(protocol):
             self._droppedFor(protocol.target, "expired")
-        protocol.pool = None
-        protocol.transport.loseConnection()
+        self._close(protocol)
         self._fill(protocol.target)
+
+    def _close(self, protocol: PooledClientProtocol) -> None:
+        """
+        Close an idle C{protocol} the pool gives up (expired, stopped, or
+        to make room for a client).  Over TLS, C{close_notify} is sent and
+        the connection aborted if the target does not answer it in time
+        (L{TLSCloser}): a TLS close otherwise waits for the peer's, and the
+        descriptor would be held for ever.
+        """
+        protocol.pool = None
+        transport = protocol.transport
+        if ISSLTransport.providedBy(transport):
+            protocol.closer = TLSCloser(transport, self.clock)
+        else:
+            transport.loseConnection()
 
     def _remove(self, protocol: PooledClientProtocol) -> bool:
         idle = self.idle.get(protocol.target)
@@ -362,8 +466,7 @@ class WarmPool:
             while idle:
                 protocol = idle.popleft()
                 self._unwatch(protocol)
-                protocol.pool = None
-                protocol.transport.loseConnection()
+                self._close(protocol)
         for dialling in self._dialling.values():
             for d in list(dialling):
                 d.cancel()

@@ -180,6 +180,49 @@ class AcceptGateTests(SynchronousTestCase):
         self.assertIsNone(gate.maximum)
         self.assertTrue(ports[0].reading)
 
+    def test_heldDescriptorsCounted(self):
+        """
+        Descriptors held outside clients' connections (a warm pool's, one
+        each) count against the descriptor budget: the gate closes once one
+        more client's two descriptors would not fit, and says why; a holder
+        is told there is no room when taking one more would leave none for
+        a client.  They do not count against C{MaxConnections}, which is
+        about clients.
+        """
+        events = captureEvents(self, "tcpproxy.limits")
+        ports = [FakePort()]
+        gate = AcceptGate(None, lambda: ports, Clock())
+        gate.setBudget(3)  # 6 descriptors
+        gate.connectionOpened()  # 2 used
+        for _ in range(2):
+            self.assertTrue(gate.roomToHold())
+            gate.holdDescriptor()  # 3, then 4 used: room for one client
+        self.assertFalse(gate.roomToHold())
+        self.assertTrue(ports[0].reading)
+        gate.holdDescriptor()  # 5 used: no client fits
+        self.assertFalse(ports[0].reading)
+        self.assertEqual(
+            text(events[0]),
+            "the descriptor limit's 3 connections (3 descriptor(s) held by warm pools) reached:"
+            " not accepting new clients until a connection ends",
+        )
+        gate.releaseDescriptor()
+        self.assertTrue(ports[0].reading)
+        gate.connectionOpened()  # 2 clients, 2 held: 6 used
+        self.assertFalse(ports[0].reading)
+        gate.releaseDescriptor()
+        gate.releaseDescriptor()
+        self.assertTrue(ports[0].reading)  # 2 clients, 4 used
+        self.assertFalse(gate.roomToHold())  # 5 would leave no room for a third client
+
+        clients = AcceptGate(1, lambda: ports, Clock())
+        for _ in range(10):
+            self.assertTrue(clients.roomToHold())
+            clients.holdDescriptor()
+        self.assertTrue(ports[0].reading)
+        clients.connectionOpened()
+        self.assertFalse(ports[0].reading)
+
 
 class TokenBucketTests(SynchronousTestCase):
     def test_arithmetic(self):

@@ -8,6 +8,7 @@ import dataclasses
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
@@ -20,6 +21,7 @@ from tcpproxy.balancer import Load
 from tcpproxy.config import ConfigError, PoolConfig, parseConfig, parseTarget
 from tcpproxy.dialer import Dialled, IDialer
 from tcpproxy.health import DOWN, UP
+from tcpproxy.limits import AcceptGate
 from tcpproxy.metrics import AppStats
 from tcpproxy.pool import REFILL_INTERVAL, PooledClientProtocol, WarmPool, stopPool
 from tcpproxy.relay import PREDIAL_BUFFER
@@ -353,6 +355,164 @@ class PoolStatsTests(SynchronousTestCase):
         self.assertEqual(self.counts(A), (0, 1, {"closed": 2, "expired": 1}))
 
 
+class PoolDescriptorTests(SynchronousTestCase):
+    """
+    Each pooled connection holds a descriptor, from its dial until it is
+    closed or handed to a client: the proxy's L{AcceptGate} counts it
+    against the descriptor budget, and the pool dials only while the gate
+    has room to spare beside the clients'.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.dialer = FakeDialer()
+        self.gate = AcceptGate(None, lambda: [], self.clock)
+
+    def pool(self, size: int = 2) -> WarmPool:
+        pool = WarmPool(self.dialer, PoolConfig(size, 30.0), (A, B), self.clock, gate=self.gate)
+        self.addCleanup(pool.stop)
+        return pool
+
+    def test_heldUntilClosedOrHandedOut(self) -> None:
+        """
+        Dials under way and idle connections hold a descriptor each; a
+        failed dial, a connection handed to a client (the client's
+        connection counts it from then on) or closed gives it back.
+        """
+        pool = self.pool()
+        self.clock.advance(0)
+        self.assertEqual(self.gate.heldDescriptors, 4)
+        self.dialer.pending(A)[0][2].errback(ConnectionRefusedError())
+        self.assertEqual(self.gate.heldDescriptors, 3)
+        a1, b1, b2 = self.dialer.answerPool()
+        self.assertEqual(self.gate.heldDescriptors, 3)
+        self.assertIs(self.successResultOf(pool.dial(object(), [B])).protocol, b1)
+        self.assertEqual(self.gate.heldDescriptors, 3)  # b1 is the client's; B's refill is dialled
+        a1.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.gate.heldDescriptors, 4)  # a1 closed; two dials to refill A
+        pool.stop()
+        self.assertEqual(self.gate.heldDescriptors, 1)  # b2, closing
+        self.assertTrue(b2.transport.disconnecting)
+        b2.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.gate.heldDescriptors, 0)
+        # The client's connection is the client's to count.
+        b1.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.gate.heldDescriptors, 0)
+
+    def test_neverTakesTheLastClientsPlace(self) -> None:
+        """
+        Under a descriptor budget, the pool opens no more than leaves room
+        for one more client; it fills the rest once clients leave.
+        """
+        self.gate.setBudget(3)  # 6 descriptors
+        self.gate.connectionOpened()  # a client: 2
+        pool = self.pool()
+        self.clock.advance(0)
+        self.assertEqual(len(self.dialer.pending()), 2)  # 4 used: a client still fits, not 2
+        self.dialer.answerPool()
+        self.assertEqual(pool.idleCount(), 2)
+        self.clock.advance(REFILL_INTERVAL)
+        self.assertEqual(self.dialer.pending(), [])
+        self.assertFalse(self.gate.paused)
+        self.gate.connectionClosed()
+        self.clock.advance(REFILL_INTERVAL)
+        self.assertEqual(len(self.dialer.pending(B)), 2)  # 4 held: room for a client still
+        self.assertEqual(self.gate.heldDescriptors, 4)
+        self.assertFalse(self.gate.paused)
+
+
+def walk(load: Load, targets):
+    """
+    A client's walk along C{targets}, as the dispatcher's: each target
+    given is counted in C{load} first (and out when the next is asked for).
+    """
+    held = None
+    for target in targets:
+        if held is not None:
+            load.closed(held)
+        load.opened(target)
+        held = target
+        yield target
+
+
+class PoolLimitTests(SynchronousTestCase):
+    """
+    A target's C{MaxConnections} counts the clients' connections, the
+    pool's idle ones and the pool's dials under way together: a client
+    that comes while the pool dials never takes the target past it.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.dialer = FakeDialer()
+        self.load = Load()
+        self.limited = dataclasses.replace(C, maxConnections=2)
+        self.pool = WarmPool(self.dialer, PoolConfig(2, 30.0), (self.limited, A), self.clock, None, self.load)
+        self.addCleanup(self.pool.stop)
+
+    def total(self, target) -> int:
+        """
+        The target's connections from the proxy: clients', idle, dialled.
+        """
+        poolDials = [dial for dial in self.dialer.pending(target) if hasattr(dial[0], "pool")]
+        return self.load.active(target) + len(self.pool.idle[target]) + len(poolDials)
+
+    def test_clientDuringPoolDials(self) -> None:
+        """
+        The pool dials its two connections; a client comes before they are
+        connected: one of the pool's dials is cancelled before the client's
+        is made, so that the target never has three.
+        """
+        limited = self.limited
+        self.clock.advance(0)
+        self.assertEqual(self.total(limited), 2)
+        poolDials = self.dialer.pending(limited)
+        factory = Factory.forProtocol(Protocol)
+        d = self.pool.dial(factory, walk(self.load, [limited]))
+        self.assertNoResult(d)
+        # The client's dial is the real dialer's, which takes the target:
+        clientDial = self.dialer.dials[-1]
+        self.assertIs(clientDial[0], factory)
+        self.assertEqual(clientDial[1], [limited])
+        self.assertEqual([dial[2].called for dial in poolDials].count(True), 1)
+        self.assertEqual(self.total(limited), 2)
+        # The pool's other dial connects, the client's too: two in all, and
+        # no refill while the target is at its limit.
+        self.dialer.answerPool()
+        self.dialer.answer(clientDial)
+        self.assertEqual((self.load.active(limited), self.pool.idleCount()), (1, 3))
+        self.clock.advance(REFILL_INTERVAL)
+        self.assertEqual(self.dialer.pending(limited), [])
+
+    def test_secondClientTakesTheIdleOne(self) -> None:
+        """
+        At the limit, a client takes the pool's idle connection (the count
+        stays the same): the pool's connections are the clients' to take.
+        """
+        limited = self.limited
+        self.clock.advance(0)
+        self.dialer.answerPool()
+        for _ in range(2):
+            self.successResultOf(self.pool.dial(object(), walk(self.load, [limited])))
+            self.assertEqual(self.total(limited), 2)
+        self.assertEqual(self.pool.handedOut, 2)
+
+    def test_failoverTargetClosesAnIdleOne(self) -> None:
+        """
+        A client whose first target failed goes on to a limited target
+        whose pool is full: an idle connection of its pool is closed
+        first, so that the client's dial keeps the target within its limit.
+        """
+        limited = self.limited
+        self.clock.advance(0)
+        self.dialer.answerPool()
+        self.load.opened(limited)
+        self.load.opened(limited)  # two clients of another balancer's count, say
+        self.pool._makeRoom(limited)
+        self.assertEqual(self.pool.idleCount(), 2)  # A's two; the limited target's closed
+        self.assertEqual(self.total(limited), 2)
+
+
 def document(app=None, **top):
     base = {"Name": "web", "Ports": [5001], "Targets": ["127.0.0.1:6001"]}
     return {**top, "Apps": [{**base, **(app or {})}]}
@@ -426,8 +586,8 @@ class PoolAppTests(SynchronousTestCase):
         doc = document({"Pool": {"Size": 1}, **overrides})
         return parseConfig(doc).apps[0]
 
-    def build(self, app):
-        factory = buildApp(app, loadAppTLS(app, "<config>"), self.engine, self.clock)
+    def build(self, app, gate=None):
+        factory = buildApp(app, loadAppTLS(app, "<config>"), self.engine, self.clock, gate)
         self.addCleanup(stopPool, factory.dialer)
         return factory
 
@@ -445,6 +605,28 @@ class PoolAppTests(SynchronousTestCase):
         self.clock.advance(0)
         self.assertEqual([(host, port) for host, port, *_ in self.clock.tcpClients], [("127.0.0.1", 6001)])
         self.assertNotIsInstance(self.build(self.app(Pool=None)).dialer, WarmPool)
+
+    def test_clientDuringPoolDials(self) -> None:
+        """
+        The app's own dispatcher, dialer and pool, on a reactor that
+        connects nothing: a client that comes while the pool's two dials to
+        a target of C{MaxConnections} 2 are under way is dialled once one
+        of the pool's is stopped, so that no more than two are ever open or
+        under way; the proxy's accept gate counts the pool's descriptors.
+        """
+        gate = AcceptGate(None, lambda: [], self.clock)
+        factory = self.build(
+            self.app(Pool={"Size": 2}, Targets=[{"Address": "127.0.0.1:6001", "MaxConnections": 2}]), gate
+        )
+        self.clock.advance(0)
+        self.assertEqual(len(self.clock.connectors), 2)
+        self.assertEqual(gate.heldDescriptors, 2)
+        d = factory.dispatcher.dispatch(factory.clientFactory, "127.0.0.1")
+        self.assertEqual(len(self.clock.connectors), 3)
+        self.assertEqual(len([c for c in self.clock.connectors if not c.stoppedConnecting]), 2)
+        self.assertEqual(gate.heldDescriptors, 1)
+        d.cancel()
+        self.failureResultOf(d)
 
     def test_reloadKeeps(self) -> None:
         """
