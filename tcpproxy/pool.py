@@ -17,8 +17,9 @@ protocol: SSH, SMTP, MySQL) is held, bounded as a client's bytes are during
 a dial (L{tcpproxy.relay.PREDIAL_BUFFER}), and handed over with it
 (L{Dialled.early}): the client gets it first, exactly.  A pooled connection
 the target closed, reset or that failed is dropped as soon as the reactor
-says so, and is looked at once more (a non-blocking peek at its socket)
-before it is handed out, so that a client is never given a dead one.
+says so, and is looked at once more (a non-blocking peek at its socket,
+under the TLS layer with C{TargetTLS}) before it is handed out, so that a
+client is never given a dead one (L{PooledClientProtocol.alive}).
 
 The pool's connections, idle or being dialled, count with the clients'
 against a target's C{MaxConnections} (a client that needs a slot they
@@ -121,7 +122,7 @@ class PooledClientProtocol(ProxyClientProtocol):
             self.closer.cancel()
         self.releaseDescriptor()
         if self.pool is not None:
-            self.pool.dropped(self)
+            self.pool.lost(self)
 
     def releaseDescriptor(self) -> None:
         """
@@ -132,24 +133,41 @@ class PooledClientProtocol(ProxyClientProtocol):
         if gate is not None:
             gate.releaseDescriptor()
 
-    def alive(self) -> bool:
+    def alive(self) -> bool | None:
         """
-        Whether this idle connection may be given to a client: not ended
-        as far as the reactor knows, and no end or reset waiting unread
-        in its socket (a peek that takes nothing, C{MSG_PEEK}).
+        Whether this idle connection may be given to a client, as far as
+        the reactor knows and as its socket says (a peek that takes
+        nothing, C{MSG_PEEK}): C{False} if it ended, or if an end (EOF) or
+        a reset waits unread in the socket; C{True} if nothing waits there,
+        or data does.
+
+        Over TLS the socket is the one under the TLS layer (its
+        C{transport}), and bytes waiting there may be the target's
+        C{close_notify} as well as data: only the TLS layer can tell, once
+        the reactor has had it read them.  The answer is then C{None}, not
+        known yet: the connection is not handed out, and is left in the
+        pool for the TLS layer to read what came (and drop it, if that was
+        the target's close).  Unless it is paused with a full greeting held
+        (L{PREDIAL_BUFFER}): more of the greeting is what waits.
         """
         if self.closed or self.readDone:
             return False
         transport = self.transport
-        if ISSLTransport.providedBy(transport) or not ISystemHandle.providedBy(transport):
+        tls = ISSLTransport.providedBy(transport)
+        under = getattr(transport, "transport", None) if tls else transport
+        if under is None or not ISystemHandle.providedBy(under):
             return True
         try:
-            peeked = transport.getHandle().recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            peeked = under.getHandle().recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except BlockingIOError:
             return True
         except OSError:
             return False
-        return peeked != b""
+        if not peeked:
+            return False
+        if tls and self.earlySize < PREDIAL_BUFFER:
+            return None
+        return True
 
 
 class _PoolFactory(Factory):
@@ -225,6 +243,8 @@ class WarmPool:
         self._factories = {t: _PoolFactory(self, t) for t in self.targets}
         self.handedOut = 0
         self.idleTotal = 0
+        self._closing: set[PooledClientProtocol] = set()
+        self._closedWaiters: list[Deferred[None]] = []
         self._stopped = False
         self._tick: IDelayedCall | None = clock.callLater(0, self._look)
 
@@ -253,6 +273,7 @@ class WarmPool:
         if self.stats is not None:
             self.stats.pooled(target, True)
         protocol.releaseDescriptor()
+        protocol.pool = None
         early = b"".join(protocol.early)
         protocol.early = []
         if protocol.earlySize >= PREDIAL_BUFFER:
@@ -305,20 +326,34 @@ class WarmPool:
         """
         The oldest live idle connection to C{target}, taken out of the
         pool (and replaced), or C{None}; dead ones found on the way are
-        aborted.
+        aborted (and replaced), and those not known to be alive yet (see
+        L{PooledClientProtocol.alive}) left where they are.
         """
         idle = self.idle.get(target)
-        while idle:
+        if not idle:
+            return None
+        unknown = []
+        taken = None
+        out = 0
+        while idle and taken is None:
             protocol = idle.popleft()
+            alive = protocol.alive()
+            if alive is None:
+                unknown.append(protocol)
+                continue
+            out += 1
             self.idleTotal -= 1
             self._unwatch(protocol)
+            if alive:
+                taken = protocol
+            else:
+                self._droppedFor(target, "closed")
+                self._closing.add(protocol)
+                protocol.transport.abortConnection()
+        idle.extendleft(reversed(unknown))
+        if out:
             self._fill(target)
-            if protocol.alive():
-                return protocol
-            self._droppedFor(target, "closed")
-            protocol.pool = None
-            protocol.transport.abortConnection()
-        return None
+        return taken
 
     # Filling
 
@@ -380,7 +415,6 @@ class WarmPool:
         elif self.gate is not None:
             self.gate.releaseDescriptor()
         if self._stopped or protocol.closed or protocol.readDone:
-            protocol.pool = None
             if not protocol.closed:
                 self._close(protocol)
             return
@@ -421,7 +455,7 @@ class WarmPool:
         (L{TLSCloser}): a TLS close otherwise waits for the peer's, and the
         descriptor would be held for ever.
         """
-        protocol.pool = None
+        self._closing.add(protocol)
         transport = protocol.transport
         if ISSLTransport.providedBy(transport):
             protocol.closer = TLSCloser(transport, self.clock)
@@ -446,16 +480,34 @@ class WarmPool:
             self._droppedFor(protocol.target, "closed")
             self._fill(protocol.target)
 
+    def lost(self, protocol: PooledClientProtocol) -> None:
+        """
+        C{protocol}'s connection is over (idle, or being closed by the
+        pool): no longer offered, replaced if it was idle; once the pool is
+        stopped and the last such connection is over, L{stop}'s result fires.
+        """
+        self.dropped(protocol)
+        closing = self._closing
+        closing.discard(protocol)
+        if not closing and self._closedWaiters:
+            waiters, self._closedWaiters = self._closedWaiters, []
+            for d in waiters:
+                d.callback(None)
+
     def _droppedFor(self, target: Target, reason: str) -> None:
         if self.stats is not None:
             self.stats.poolDropped(target, reason)
 
     # Stopping
 
-    def stop(self) -> None:
+    def stop(self) -> Deferred[None]:
         """
         Open no more connections and close the idle ones (shutdown, or
         the pool replaced by a reload).
+
+        @return: fires once every connection the pool closed has ended
+            (over TLS, the target answers C{close_notify}, or the
+            connection is aborted after L{tcpproxy.tls.CLOSE_TIMEOUT}).
         """
         self._stopped = True
         if self._tick is not None and self._tick.active():
@@ -470,6 +522,11 @@ class WarmPool:
         for dialling in self._dialling.values():
             for d in list(dialling):
                 d.cancel()
+        if not self._closing:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._closedWaiters.append(d)
+        return d
 
     def idleCount(self) -> int:
         """
@@ -478,10 +535,14 @@ class WarmPool:
         return self.idleTotal
 
 
-def stopPool(dialer: IDialer) -> None:
+def stopPool(dialer: IDialer) -> Deferred[None]:
     """
     Stop C{dialer} if it is a L{WarmPool} (an app's dialer at shutdown or
     when a reload replaces it).
+
+    @return: fires once the pool's connections have ended (L{WarmPool.stop});
+        at once if C{dialer} is no pool.
     """
     if isinstance(dialer, WarmPool):
-        dialer.stop()
+        return dialer.stop()
+    return succeed(None)

@@ -333,9 +333,11 @@ class ProxyService(Service):
         Service.stopService(self)
         self.gate.stop()
         self.discovery.stop()
+        pools = []
         for factory in self._allFactories():
-            # Idle pooled connections are no client's: closed at once.
-            stopPool(factory.dialer)
+            # Idle pooled connections are no client's: closed at once (and
+            # waited for with the drain: a TLS close takes a round trip).
+            pools.append(stopPool(factory.dialer))
             if factory.scaler is not None:
                 factory.scaler.shutdown()
         for name in list(self._checkers):
@@ -345,6 +347,7 @@ class ProxyService(Service):
         self.portFactories.clear()
         stopped = gatherResults([maybeDeferred(port.stopListening) for port in ports])
         stopped.addCallback(lambda _: self._drain())
+        stopped.addCallback(lambda _: gatherResults(pools).addCallback(lambda _: None))
         stopped.addBoth(self._stopped)
         return stopped
 

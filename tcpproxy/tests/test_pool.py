@@ -181,6 +181,38 @@ class WarmPoolTests(SynchronousTestCase):
         self.assertIs(dialled.protocol, second)
         self.assertTrue(first.transport.disconnecting)
 
+    def test_notKnownYetLeftInPlace(self) -> None:
+        """
+        An idle connection whose state is not known yet (over TLS, bytes
+        wait unread under the TLS layer: the target's close, or data) is
+        not handed out, nor closed or replaced: it stays first in line,
+        for the TLS layer to read what came.
+        """
+        first, second, *_ = self.filled()
+        first.alive = lambda: None
+        dialled = self.successResultOf(self.pool.dial(object(), [A]))
+        self.assertIs(dialled.protocol, second)
+        self.assertFalse(first.transport.disconnecting)
+        self.assertEqual(list(self.pool.idle[A]), [first])
+        self.assertEqual(len(self.dialer.pending(A)), 1)  # second's replacement only
+        # Only it left: the client dials.
+        self.assertNoResult(self.pool.dial(object(), [A]))
+        self.assertEqual(list(self.pool.idle[A]), [first])
+
+    def test_stopFiresOnceClosed(self) -> None:
+        """
+        L{WarmPool.stop}'s result fires once every connection it closed
+        has ended (over TLS that takes the target's answer).
+        """
+        first, *others = self.filled()
+        stopped = self.pool.stop()
+        self.assertNoResult(stopped)
+        first.connectionLost(Failure(ConnectionDone()))
+        self.assertNoResult(stopped)
+        for protocol in others:
+            protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertIsNone(self.successResultOf(stopped))
+
     def test_maxIdleReplaces(self) -> None:
         """
         An idle connection older than C{MaxIdle} is closed, and another is

@@ -7,6 +7,7 @@ the time to first byte it saves with a target 5 ms away.
 
 from __future__ import annotations
 
+import socket
 import statistics
 
 from twisted.internet import reactor
@@ -27,6 +28,7 @@ from tcpproxy.tests.loopback import (
     listenProxy,
     proxyFactory,
 )
+from tcpproxy.tests.test_tls import TLSServiceMixin, tlsBackend
 
 GREETING = b"220 smtp.example ESMTP ready\r\n"
 
@@ -187,5 +189,90 @@ class WarmPoolLoopbackTests(TestCase):
         )
 
 
+def unreadUnder(protocol) -> bytes | None:
+    """
+    What waits unread in the socket under a pooled connection's TLS layer
+    (a peek: nothing is taken): some bytes, C{b""} at EOF, C{None} if
+    nothing.
+    """
+    try:
+        return protocol.transport.transport.getHandle().recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return None
+
+
+class PooledTLSTests(TLSServiceMixin, TestCase):
+    """
+    A warm pool of TLS connections (C{"TargetTLS"}): one the target has
+    closed is never handed to a client, whether the proxy has read the
+    close yet or not.
+    """
+
+    @inlineCallbacks
+    def test_closedByTargetNotHandedOut(self):
+        """
+        The target closes both pooled TLS connections -- one with
+        C{close_notify}, one with a bare TCP FIN -- while the proxy has
+        not read either yet (their reading is paused here to hold that
+        moment, which is otherwise a race with the reactor): a client that
+        comes then is not given either, but a new connection, and its
+        bytes come back exactly; once read, both closes drop them.
+        """
+        backend = GreeterFactory()
+        app, port = self.originating([tlsBackend(self, factory=backend)])
+        app["Pool"] = {"Size": 2}
+        self.serve([app])
+        factory = self.service.factories["origin"]
+        pool = factory.dialer
+        [target] = factory.app.targets
+
+        def full():
+            """the pool holds two TLS connections, each greeted"""
+            idle = pool.idle[target]
+            return len(idle) == 2 and all(p.earlySize == len(GREETING) for p in idle)
+
+        yield eventually(full)
+        pooled = list(pool.idle[target])
+        for protocol in pooled:
+            protocol.transport.pauseProducing()
+        notified, bare = backend.protocols
+        notified.transport.loseConnection()  # close_notify
+        bare.transport.transport.loseConnection()  # FIN, under the TLS layer
+
+        def arrived():
+            """both closes wait unread under the pooled connections' TLS layers"""
+            return all(unreadUnder(p) is not None for p in pooled)
+
+        yield eventually(arrived)
+        self.assertEqual(sorted(unreadUnder(p) != b"" for p in pooled), [False, True])
+        client = yield connectClient(port)
+        client.transport.write(b"hello")
+
+        def echoed():
+            """the client got a live connection: the greeting, then its bytes echoed"""
+            return bytes(client.data) == GREETING + b"hello"
+
+        yield eventually(echoed)
+        self.assertEqual(pool.handedOut, 0)
+        # The client's own connection, and the one dialled in place of the
+        # connection found closed (EOF) as the client came.
+        self.assertEqual(len(backend.protocols), 4)
+        self.assertEqual(sorted(p.received for p in backend.protocols), [b"", b"", b"", b"hello"])
+        self.assertEqual([p.received for p in backend.protocols[:2]], [b"", b""])
+        stats = factory.stats.targets[target]
+        self.assertEqual((stats.poolHits, stats.poolMisses, stats.poolDropped["closed"]), (0, 1, 1))
+        for protocol in pooled:
+            protocol.transport.resumeProducing()
+        yield eventually(lambda: stats.poolDropped["closed"] == 2)
+        self.assertTrue(all(p.closed or p.readDone for p in pooled))
+        client.transport.loseConnection()
+        yield client.lost
+        yield self.idle()
+
+
 class WarmPoolLoopbackTwistedTests(WarmPoolLoopbackTests):
+    engine = "twisted"
+
+
+class PooledTLSTwistedTests(PooledTLSTests):
     engine = "twisted"
