@@ -264,7 +264,13 @@ def _scale(factory: ProxyServerFactory, app: AppConfig, engine: IEngine) -> None
             factory.scaler = None
     elif scaler is None:
         factory.scaler = ScaleToZero(
-            app, factory.dialer, factory.clock, engine.reactor, factory.health, lambda: factory.balancer.load
+            app,
+            factory.dialer,
+            factory.clock,
+            engine.reactor,
+            factory.health,
+            lambda: factory.balancer.load,
+            factory.dispatcher.changed,
         )
     else:
         scaler.update(app, factory.dialer)

@@ -18,12 +18,24 @@ clients that find every target full.
   - A client turned away (at once, or after its wait) ends as one no
     target could take (L{NoTargetAvailable}), each target's reason being
     that it is full: the access log says so.
+  - With scale to zero (L{tcpproxy.scaling}), a client that no running
+    target takes (every one full, or failed) wakes a stopped target
+    instead, and is given to it if it has room.  A client the woken
+    targets could not take either because they are full in turn waits in
+    the queue as above (once: a client served from the queue is not
+    queued again).  Clients that wait in the queue wake a stopped target
+    too: whenever the targets change (one stopped or woken, a reload)
+    and some still wait, the first stopped target is woken for them
+    (L{tcpproxy.scaling.ScaleToZero.wakeOne}), and they are served from
+    the queue once it is up.
 
 The queue's length is logged when a client joins it, and is a metric
 (C{tcpproxy_queue_length}).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IProtocolFactory
@@ -88,7 +100,11 @@ class _Walk:
             self.held = None
 
 
-def _hasRoom(load, order: list[Target]) -> bool:
+def hasRoom(load, order: Sequence[Target]) -> bool:
+    """
+    Whether a target of C{order} is below its C{MaxConnections} in C{load}
+    (a L{tcpproxy.balancer.Load}).
+    """
     counts = load.counts
     for target in order:
         limit = target.maxConnections
@@ -104,12 +120,22 @@ class _Queued:
     @ivar result: what its relay holds as its dial: fires with a
         L{Dialled}, or fails with L{NoTargetAvailable} when its wait is
         over, or with L{CancelledError} if the client leaves.
+    @ivar earlier: why targets did not take it before it was queued (a
+        stopped target woken for it that failed to start, say), for the
+        log if its wait is in vain.
     """
 
-    def __init__(self, dispatcher: Dispatcher, protocolFactory: IProtocolFactory, source: str) -> None:
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        protocolFactory: IProtocolFactory,
+        source: str,
+        earlier: Sequence[tuple[Target, str]] = (),
+    ) -> None:
         self.dispatcher = dispatcher
         self.protocolFactory = protocolFactory
         self.source = source
+        self.earlier = earlier
         self.dialling: Deferred[Dialled] | None = None
         self.timer: IDelayedCall | None = None
         self.result: Deferred[Dialled] = Deferred(self._cancel)
@@ -125,7 +151,9 @@ class _Queued:
         self.dispatcher._leave(self)
         order = self.dispatcher.factory.balancer.order(self.source)
         why = f"for the {waited:g}s the client waited in the queue"
-        self.result.errback(NoTargetAvailable([(target, f"{fullReason(target)} {why}") for target in order]))
+        failures = [(target, f"{fullReason(target)} {why}") for target in order]
+        failures += [(target, reason) for target, reason in self.earlier if target not in order]
+        self.result.errback(NoTargetAvailable(failures))
 
 
 class Dispatcher:
@@ -159,19 +187,26 @@ class Dispatcher:
         balancer = factory.balancer
         if balancer.limited or self.queue:
             order = balancer.order(source)
-            if self.queue or not _hasRoom(balancer.load, order):
+            if self.queue or not hasRoom(balancer.load, order):
                 return self._full(protocolFactory, source, order)
-            return self._dial(protocolFactory, order)
-        return self._dial(protocolFactory, balancer.order(source))
+            return self._dial(protocolFactory, order, source)
+        return self._dial(protocolFactory, balancer.order(source), source)
 
-    def _dial(self, protocolFactory: IProtocolFactory, order: list[Target]) -> Deferred[Dialled]:
+    def _dial(
+        self, protocolFactory: IProtocolFactory, order: list[Target], source: str | None
+    ) -> Deferred[Dialled]:
+        """
+        Dial the first target of C{order} that has room and answers; with
+        scale to zero, wake a stopped one if none does.
+
+        @param source: the client's IP address, or C{None} for a client
+            served from the queue (it is not queued again).
+        """
         balancer = self.factory.balancer
         walk = _Walk(balancer.load, order)
         d = self.factory.dialer.dial(protocolFactory, walk)
-        scaler = self.factory.scaler
-        if scaler is not None:
-            # No running target took the client: wake a stopped one.
-            d = scaler.dialled(d, protocolFactory)
+        if self.factory.scaler is not None:
+            d.addErrback(self._noneRunning, protocolFactory, source, order)
         if balancer.limited or self.queue:
             # A target that failed on the way freed a slot too.
             d.addBoth(self._settled, walk)
@@ -194,17 +229,65 @@ class Dispatcher:
     def _full(self, protocolFactory: IProtocolFactory, source: str, order: list[Target]) -> Deferred[Dialled]:
         """
         Every target of C{order} is at its limit (or others wait already):
-        queue the client, or refuse it if the app has no C{QueueTimeout}.
+        wake a stopped target (scale to zero), else queue the client, or
+        refuse it if the app has no C{QueueTimeout}.
         """
-        app = self.factory.app
+        failures = [(target, fullReason(target)) for target in order]
         scaler = self.factory.scaler
         if scaler is not None and scaler.wakeable():
-            # A stopped target takes it rather than the queue (scale to zero).
-            return scaler.wake(protocolFactory, [(target, fullReason(target)) for target in order])
-        if not app.queueTimeout:
-            failures = [(target, fullReason(target)) for target in order]
+            # A stopped target takes it rather than the queue.
+            return self._woken(scaler.wake(protocolFactory, failures), protocolFactory, source, order)
+        if not self.factory.app.queueTimeout:
             return _failed(NoTargetAvailable(failures))
-        queued = _Queued(self, protocolFactory, source)
+        return self._enqueue(protocolFactory, source)
+
+    def _noneRunning(self, reason: Failure, protocolFactory: IProtocolFactory, source: str | None, order):
+        """
+        No running target took the client (C{reason}): wake a stopped one,
+        if any (scale to zero).
+        """
+        reason.trap(NoTargetAvailable)
+        scaler = self.factory.scaler
+        if scaler is None or not scaler.wakeable():
+            return reason
+        woken = scaler.wake(protocolFactory, reason.value.failures)
+        return self._woken(woken, protocolFactory, source, order)
+
+    def _woken(
+        self, d: Deferred[Dialled], protocolFactory: IProtocolFactory, source: str | None, order: list[Target]
+    ) -> Deferred[Dialled]:
+        """
+        C{d}, a client's wake-up of stopped targets
+        (L{tcpproxy.scaling.ScaleToZero.wake}); if none could take it and
+        a target it could have is at its limit, the client waits in the
+        queue for a slot, as one finding every running target full does
+        (unless it was served from the queue already: C{source} is C{None}).
+        """
+        if source is not None:
+            d.addErrback(self._unplaced, protocolFactory, source, order)
+        return d
+
+    def _unplaced(self, reason: Failure, protocolFactory: IProtocolFactory, source: str, order: list[Target]):
+        reason.trap(NoTargetAvailable)
+        if not self.factory.app.queueTimeout:
+            return reason
+        load = self.factory.balancer.load
+        failures = reason.value.failures
+        if all(hasRoom(load, (target,)) for target in (*order, *(target for target, _ in failures))):
+            return reason  # nothing it waits for would free a slot: every target failed
+        return self._enqueue(protocolFactory, source, failures)
+
+    def _enqueue(
+        self, protocolFactory: IProtocolFactory, source: str, earlier: Sequence[tuple[Target, str]] = ()
+    ) -> Deferred[Dialled]:
+        """
+        Queue a client for up to the app's C{QueueTimeout} seconds.
+
+        @param earlier: why targets did not take it before (for the log,
+            should its wait be in vain).
+        """
+        app = self.factory.app
+        queued = _Queued(self, protocolFactory, source, earlier)
         self.queue[queued] = None
         queued.timer = self.factory.clock.callLater(app.queueTimeout, queued.timedOut, app.queueTimeout)
         self.log.info(
@@ -212,9 +295,10 @@ class Dispatcher:
             app=app.name,
             length=len(self.queue),
         )
-        if len(self.queue) == 1 and _hasRoom(self.factory.balancer.load, order):
-            # Only the queue held it back, and the queue was itself
-            # waiting for a wake-up: serve it now.
+        if len(self.queue) == 1:
+            # A slot that freed while no one waited served no one: if the
+            # queue (or a wake-up) was all that held this client back,
+            # serve it now.
             self._wake()
         return queued.result
 
@@ -234,10 +318,10 @@ class Dispatcher:
         while queue:
             queued = next(iter(queue))
             order = balancer.order(queued.source)
-            if not _hasRoom(balancer.load, order):
+            if not hasRoom(balancer.load, order):
                 return
             self._leave(queued)
-            d = queued.dialling = self._dial(queued.protocolFactory, order)
+            d = queued.dialling = self._dial(queued.protocolFactory, order, None)
             d.addBoth(self._served, queued)
 
     @staticmethod
@@ -266,11 +350,17 @@ class Dispatcher:
 
     def changed(self) -> None:
         """
-        The app's settings changed (a reload): a raised limit, or a new
-        target, may serve those who wait.
+        The app's targets changed (a reload, or, with scale to zero, a
+        target stopped or woken): a raised limit, or a new target, may
+        serve those who wait; if some still wait, a stopped target is
+        woken for them.
         """
-        if self.queue:
-            self._wake()
+        if not self.queue:
+            return
+        self._wake()
+        scaler = self.factory.scaler
+        if self.queue and scaler is not None:
+            scaler.wakeOne()
 
 
 def _failed(exception: Exception) -> Deferred[Dialled]:

@@ -26,10 +26,14 @@ autostop/autostart, for any TCP service; an app's C{"ScaleToZero"} key).
     two never race; the proxy connects to the target again and again (every
     L{PROBE_INTERVAL} seconds) until it accepts or C{StartTimeout} passes.
     The clients are held meanwhile as during any dial (their bytes kept,
-    bounded, by the relay), then relayed; if the start failed (the command's
-    exit status and last line of output), or no answer came in time, the
-    next stopped target is woken, and with none left the client is refused:
-    the access log names each target and why.
+    bounded, by the relay), then relayed, as many as the target's
+    C{MaxConnections} allows; if the start failed (the command's exit
+    status and last line of output), or no answer came in time, or the
+    target is full, the next stopped target is woken, and with none left
+    the client waits in the app's queue if a target it could have is full
+    and the app has a C{QueueTimeout}, or is refused: the access log names
+    each target and why (L{tcpproxy.dispatch}).  Clients waiting in that
+    queue wake a stopped target too (L{ScaleToZero.wakeOne}).
   - A reload that removes a target forgets it and does not stop it.
 """
 
@@ -48,7 +52,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from tcpproxy.config import AppConfig, ScaleToZeroConfig, Target
-from tcpproxy.dialer import Dialled, NoTargetAvailable, endpointForTarget
+from tcpproxy.dialer import NoTargetAvailable, endpointForTarget
+from tcpproxy.dispatch import fullReason, hasRoom
 from tcpproxy.health import HealthTracker
 
 PROBE_INTERVAL = 0.05
@@ -328,6 +333,9 @@ class _Wake:
         waiters, self.waiters = self.waiters, []
         for d in waiters:
             d.callback(why)
+        if why is None:
+            # Its clients have their slots: the queue may have the rest.
+            scaler.changed()
 
 
 class ScaleToZero:
@@ -342,6 +350,9 @@ class ScaleToZero:
     @ivar health: the app's L{HealthTracker}, where C{stopped} is kept.
     @ivar load: gives the app's L{tcpproxy.balancer.Load} now (the
         clients' connections per target, dials included).
+    @ivar changed: called when a target was stopped or is running again
+        (woken, or its C{Stop} failed): the app's
+        L{tcpproxy.dispatch.Dispatcher.changed}, which serves its queue.
     """
 
     def __init__(
@@ -352,8 +363,10 @@ class ScaleToZero:
         connector,
         health: HealthTracker,
         load: Callable[[], object],
+        changed: Callable[[], None] = lambda: None,
     ) -> None:
         self.reactor = reactor
+        self.changed = changed
         self.connector = connector
         self.health = health
         self.load = load
@@ -481,6 +494,7 @@ class ScaleToZero:
                 self.health.setStopped(target, False)
             self._lastEnded[target] = self.reactor.seconds()
             self._arm(target, self.settings.idleAfter)
+            self.changed()
 
         waiting: list[Callable[[], None]] = []
         self._stopping[target] = waiting
@@ -494,6 +508,8 @@ class ScaleToZero:
         finished = runCommand(self.reactor, argv, self.settings.startTimeout, label, self.running)
         finished.addCallback(done)
         finished.addBoth(over)
+        # Clients waiting in the queue wake it again.
+        self.changed()
 
     # Waking.
 
@@ -503,24 +519,29 @@ class ScaleToZero:
         """
         return any(target.start is not None for target in self.health.stopped)
 
-    def dialled(self, d: Deferred[Dialled], protocolFactory) -> Deferred[Dialled]:
+    def wakeOne(self) -> None:
         """
-        C{d}, a client's dial through the running targets, failing over to
-        waking a stopped one when no running target took the client.
+        Wake the first stopped target that has a C{Start}, for the clients
+        that wait in the app's queue (L{tcpproxy.dispatch}), unless a
+        target is being woken already: it is their turn then.  Once it is
+        up, L{changed} serves them.
         """
-        return d.addErrback(self._fallback, protocolFactory)
-
-    def _fallback(self, reason: Failure, protocolFactory):
-        reason.trap(NoTargetAvailable)
-        if not self.wakeable():
-            return reason
-        return self.wake(protocolFactory, reason.value.failures)
+        if self._waking:
+            return
+        for target in self.targets:
+            if target.start is not None and target in self.health.stopped:
+                _Wake(self, target)
+                return
 
     @inlineCallbacks
     def wake(self, protocolFactory, failures: Sequence[tuple[Target, str]] = ()):
         """
         Wake stopped targets in the app's order, one after the other until
-        one starts, and dial it for a client.
+        one starts with room for the client, and dial it for the client.
+
+        A target woken for more clients than its C{MaxConnections} takes
+        the first ones; each of the others goes on to the next stopped
+        target, as a client finding every running target full does.
 
         @param failures: why the running targets did not take the client.
         @return: a L{Deferred} as L{tcpproxy.dialer.IDialer.dial}'s.
@@ -535,6 +556,9 @@ class ScaleToZero:
                 failures.append((target, why))
                 continue
             load = self.load()
+            if not hasRoom(load, (target,)):
+                failures.append((target, fullReason(target)))
+                continue
             load.opened(target)
             try:
                 dialled = yield self.dialer.dial(protocolFactory, [target])

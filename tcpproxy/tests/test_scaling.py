@@ -24,9 +24,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from tcpproxy.balancer import Load
 from tcpproxy.config import AppConfig, ConfigError, ScaleToZeroConfig, parseConfig, parseTarget
 from tcpproxy.dialer import Dialled, NoTargetAvailable
+from tcpproxy.dispatch import Dispatcher
 from tcpproxy.health import STOPPED, UP, HealthTracker
 from tcpproxy.scaling import ScaleToZero, commandFor
 from tcpproxy.tests.loopback import captureEvents
+from tcpproxy.tests.test_dispatch import FakeFactory
+from tcpproxy.tests.test_health import accept, refuse
 
 
 def document(app=None, **top):
@@ -336,4 +339,198 @@ class ScaleToZeroTests(SynchronousTestCase):
         self.assertEqual(
             [args for _, args, _ in self.reactor.spawned],
             [["true", "stop", "7001"], ["true", "start", "127.0.0.1:7001"]],
+        )
+
+
+class ScaleToZeroDispatchTests(SynchronousTestCase):
+    """
+    Waking through the app's L{Dispatcher}: the woken targets'
+    C{MaxConnections} and the C{QueueTimeout} queue, on the real
+    L{FailoverDialer} over a memory reactor (its C{tcpClients}: the
+    probes of a wake-up and the clients' dials, in order).
+    """
+
+    def setUp(self) -> None:
+        self.reactor = ProcessReactor()
+        self.protocols = Factory.forProtocol(Protocol)
+
+    def start(self, targets: list[dict], **settings) -> None:
+        document = {
+            "Apps": [
+                {
+                    "Name": "web",
+                    "Ports": [1],
+                    "Targets": targets,
+                    "ScaleToZero": {"IdleAfter": 10, "StartTimeout": 5},
+                    **settings,
+                }
+            ]
+        }
+        app = parseConfig(document).apps[0]
+        self.targets = app.targets
+        self.health = HealthTracker("web", app.targets, self.reactor)
+        self.factory = FakeFactory(app, self.reactor, self.health)
+        self.dispatcher = Dispatcher(self.factory)
+        self.factory.scaler = ScaleToZero(
+            app,
+            self.factory.dialer,
+            self.reactor,
+            self.reactor,
+            self.health,
+            lambda: self.factory.balancer.load,
+            self.dispatcher.changed,
+        )
+
+    def commands(self) -> list[list[str]]:
+        return [args for _, args, _ in self.reactor.spawned]
+
+    def stopAll(self) -> None:
+        """
+        Let every target with a C{Stop} idle out, its C{Stop} succeeding.
+        """
+        self.reactor.advance(10)
+        for protocol, _, _ in self.reactor.spawned:
+            exit(protocol, 0)
+
+    def client(self, source: str = "10.0.0.1") -> list:
+        results: list = []
+        self.dispatcher.dispatch(self.protocols, source).addBoth(results.append)
+        return results
+
+    def dialled(self) -> list[int]:
+        return [port for _, port, _, _, _ in self.reactor.tcpClients]
+
+    def counts(self) -> dict[int, int]:
+        return {t.port: n for t, n in self.factory.balancer.load.counts.items() if n}
+
+    def test_wokenTargetsLimitQueues(self) -> None:
+        """
+        Of four clients held for one wake-up, the woken target's
+        C{MaxConnections} (2) take it; the other two wait in the queue,
+        and one is served when a connection ends.
+        """
+        self.start(
+            [{"Address": "127.0.0.1:7001", "MaxConnections": 2, "Start": list(START), "Stop": list(STOP)}],
+            QueueTimeout=30,
+        )
+        self.stopAll()
+        results = [self.client(f"10.0.0.{n}") for n in range(4)]
+        self.assertEqual(self.commands()[1:], [["true", "start", "127.0.0.1:7001"]])
+        accept(self.reactor, 0)  # the wake-up's probe
+        self.assertEqual(self.dialled(), [7001, 7001, 7001])
+        self.assertEqual(self.counts(), {7001: 2})
+        self.assertEqual(len(self.dispatcher.queue), 2)
+        accept(self.reactor, 1)
+        accept(self.reactor, 2)
+        self.assertEqual([len(r) for r in results], [1, 1, 0, 0])
+        self.dispatcher.ended(results[0][0].target)
+        self.assertEqual(self.dialled(), [7001] * 4)
+        accept(self.reactor, 3)
+        self.assertEqual([len(r) for r in results], [1, 1, 1, 0])
+        self.assertEqual(self.counts(), {7001: 2})
+
+    def test_wokenTargetsLimitRefusesWithoutQueue(self) -> None:
+        """
+        Without C{QueueTimeout}, the clients beyond the woken target's
+        limit are refused, saying it is full.
+        """
+        self.start(
+            [{"Address": "127.0.0.1:7001", "MaxConnections": 1, "Start": list(START), "Stop": list(STOP)}]
+        )
+        self.stopAll()
+        results = [self.client() for _ in range(2)]
+        accept(self.reactor, 0)
+        self.assertEqual(self.counts(), {7001: 1})
+        failure = results[1][0]
+        failure.trap(NoTargetAvailable)
+        self.assertEqual(
+            str(failure.value), "all 1 targets failed: 127.0.0.1:7001: at its MaxConnections (1)"
+        )
+
+    def test_beyondTheLimitWakesTheNext(self) -> None:
+        """
+        The clients beyond the first woken target's limit wake the next
+        stopped target, and are given to it.
+        """
+        self.start(
+            [
+                {"Address": "127.0.0.1:7001", "MaxConnections": 1, "Start": list(START), "Stop": list(STOP)},
+                {"Address": "127.0.0.1:7002", "MaxConnections": 2, "Start": list(START), "Stop": list(STOP)},
+            ]
+        )
+        self.stopAll()
+        results = [self.client() for _ in range(3)]
+        accept(self.reactor, 0)  # 7001's probe
+        self.assertEqual(
+            self.commands()[2:], [["true", "start", "127.0.0.1:7001"], ["true", "start", "127.0.0.1:7002"]]
+        )
+        accept(self.reactor, 2)  # 7002's probe, after 7001's client's dial
+        self.assertEqual(self.counts(), {7001: 1, 7002: 2})
+        self.assertEqual(self.dialled(), [7001, 7001, 7002, 7002, 7002])
+        for index in (1, 3, 4):
+            accept(self.reactor, index)
+        self.assertEqual(sorted(r[0].target.port for r in results), [7001, 7002, 7002])
+
+    def test_queuedClientsWakeAStoppedTarget(self) -> None:
+        """
+        Clients waiting in the queue (every running target full) wake a
+        target stopped meanwhile, and are served by it once it is up.
+        """
+        self.start(
+            [
+                {"Address": "127.0.0.1:7001", "MaxConnections": 1},
+                {"Address": "127.0.0.1:7002", "Start": list(START), "Stop": list(STOP)},
+            ],
+            QueueTimeout=30,
+        )
+        first = self.client()
+        accept(self.reactor, 0)
+        # 7002's service has died: a client's connect is refused, and it is down.
+        second = self.client()
+        refuse(self.reactor, 1)
+        self.assertIsInstance(second[0].value, NoTargetAvailable)
+        queued = self.client()
+        self.assertEqual((len(self.dispatcher.queue), queued), (1, []))
+        self.assertEqual(self.dialled(), [7001, 7002])
+        self.reactor.advance(10)  # 7002 idle: stopped
+        self.assertEqual(self.commands(), [["true", "stop", "7002"]])
+        exit(self.reactor.spawned[0][0], 0)
+        self.assertEqual(self.commands(), [["true", "stop", "7002"], ["true", "start", "127.0.0.1:7002"]])
+        accept(self.reactor, 2)  # the wake-up's probe
+        self.assertEqual(self.health.stateOf(self.targets[1]), UP)
+        self.assertEqual(self.dialled(), [7001, 7002, 7002, 7002])
+        accept(self.reactor, 3)
+        self.assertEqual(queued[0].target.port, 7002)
+        self.assertEqual(self.dispatcher.queue, {})
+        self.assertEqual(first[0].target.port, 7001)
+
+    def test_failedWakeThenQueue(self) -> None:
+        """
+        A client finding every running target full whose wake-up fails
+        waits in the queue for a slot; if none frees in time, it is refused
+        with both reasons: the full target, and the failed C{Start}.
+        """
+        self.start(
+            [
+                {"Address": "127.0.0.1:7001", "MaxConnections": 1},
+                {"Address": "127.0.0.1:7002", "Start": list(START), "Stop": list(STOP)},
+            ],
+            QueueTimeout=5,
+        )
+        self.stopAll()
+        self.client()
+        accept(self.reactor, 0)
+        results = self.client()
+        protocol = self.reactor.spawned[1][0]
+        protocol.childDataReceived(1, b"Job for app@7002.service failed\n")
+        exit(protocol, 1)
+        self.assertEqual((results, len(self.dispatcher.queue)), ([], 1))
+        self.reactor.advance(5)
+        failure = results[0]
+        failure.trap(NoTargetAvailable)
+        self.assertEqual(
+            str(failure.value),
+            "all 2 targets failed: 127.0.0.1:7001: at its MaxConnections (1) for the 5s the client waited in"
+            " the queue; 127.0.0.1:7002: its Start failed: exit status 1 (last output: 'Job for"
+            " app@7002.service failed')",
         )

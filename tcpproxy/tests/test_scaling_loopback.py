@@ -6,6 +6,7 @@ engines: the target's C{Start} launches a small echo server
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import subprocess
@@ -71,13 +72,20 @@ class ScaleToZeroTests(TestCase):
             start = (*SERVICE, "start", "{port}", pidfile, str(delay))
         return Target("127.0.0.1", port, IPV4, start=start, stop=(*SERVICE, "stop", pidfile))
 
-    def proxy(self, targets: tuple[Target, ...], idleAfter: float, startTimeout: float = 20.0) -> tuple:
+    def proxy(
+        self,
+        targets: tuple[Target, ...],
+        idleAfter: float,
+        startTimeout: float = 20.0,
+        queueTimeout: float = 0.0,
+    ) -> tuple:
         app = AppConfig(
             "web",
             (1,),
             targets,
             5.0,
             scaleToZero=ScaleToZeroConfig(idleAfter, startTimeout, 0),
+            queueTimeout=queueTimeout,
         )
         factory = buildApp(app, loadAppTLS(app, "<config>"), engineFor(self), reactor)
         self.addCleanup(lambda: factory.scaler.shutdown())
@@ -235,6 +243,68 @@ class ScaleToZeroTests(TestCase):
         self.assertIn(f"app web: target {stopped} is up: woken in", self.logged(events))
         held.transport.loseConnection()
         yield held.lost
+
+    @inlineCallbacks
+    def test_wokenTargetKeepsItsMaxConnections(self):
+        """
+        Of two clients held for one wake-up, only one goes to the woken
+        target, whose C{MaxConnections} is 1; the other waits in the
+        queue, and gets its echo once the first has left.
+        """
+        target = dataclasses.replace(self.service(delay=0.2), maxConnections=1)
+        factory, port = self.proxy((target,), idleAfter=0.1, queueTimeout=20.0)
+        yield self.stopped(factory, target)
+        first, second = yield gatherResults([connectClient(port), connectClient(port)])
+        first.transport.write(b"first")
+        second.transport.write(b"second")
+
+        def firstEchoedSecondQueued() -> bool:
+            """the first client got its echo, and the second waits in the queue"""
+            return bytes(first.data) == b"first" and len(factory.dispatcher.queue) == 1
+
+        yield eventually(firstEchoedSecondQueued)
+        self.assertEqual(bytes(second.data), b"")
+        self.assertEqual(factory.balancer.load.active(target), 1)
+        first.transport.loseConnection()
+        yield first.lost
+
+        def secondEchoed() -> bool:
+            """the second client got its echo"""
+            return bytes(second.data) == b"second"
+
+        yield eventually(secondEchoed)
+        second.transport.loseConnection()
+        yield second.lost
+
+    @inlineCallbacks
+    def test_beyondTheLimitWakesTheNext(self):
+        """
+        Two clients arriving together at two stopped targets whose
+        C{MaxConnections} is 1 wake both, one client each.
+        """
+        events = captureEvents(self, "tcpproxy")
+        one = dataclasses.replace(self.service(delay=0.2), maxConnections=1)
+        two = dataclasses.replace(self.service(delay=0.2), maxConnections=1)
+        factory, port = self.proxy((one, two), idleAfter=0.1)
+        yield self.stopped(factory, one)
+        yield self.stopped(factory, two)
+        clients = yield gatherResults([connectClient(port), connectClient(port)])
+        for n, client in enumerate(clients):
+            client.transport.write(b"client %d" % n)
+
+        def echoed() -> bool:
+            """both clients got their echo"""
+            return [bytes(c.data) for c in clients] == [b"client 0", b"client 1"]
+
+        yield eventually(echoed)
+        load = factory.balancer.load
+        self.assertEqual((load.active(one), load.active(two)), (1, 1))
+        for client in clients:
+            client.transport.loseConnection()
+            yield client.lost
+        text = self.logged(events)
+        self.assertIn(f"app web: target {one} is up: woken in", text)
+        self.assertIn(f"app web: target {two} is up: woken in", text)
 
     @inlineCallbacks
     def test_poolKeepsNoTargetAwake(self):
