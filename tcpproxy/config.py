@@ -207,7 +207,7 @@ class Target:
     C{host}, C{port} and C{kind} are, whatever their weight, limit or
     backup flag, so that a reload that changes those keeps the target's
     health, counts and figures (they are keyed by it).  What else changed
-    is seen in L{AppConfig.targetSettings}.
+    is seen in L{AppConfig.targetSettings} and L{AppConfig.targetCommands}.
 
     An SRV record's weight is the weight of the targets it gives
     (L{tcpproxy.discovery}).
@@ -413,6 +413,10 @@ class AppConfig:
     @ivar targetSettings: C{(weight, maxConnections, backup)} of each of
         L{targets}, in order (made from them): what a reload compares,
         since targets are equal by address alone (L{Target}).
+    @ivar targetCommands: C{(start, stop)} of each of L{targets}, in
+        order (made from them), for the same reason: a reload that changes
+        only a command changes the app (L{tcpproxy.scaling} runs the new
+        one).
     @ivar discover: the targets looked up in DNS (L{DNSSource}); they are
         not in L{targets}, which holds the targets written as addresses
         (and hostnames resolved per connect).  At run time the app's
@@ -460,10 +464,14 @@ class AppConfig:
     queueTimeout: float = 0.0
     slowStart: float = 0.0
     targetSettings: tuple[tuple[int, int | None, bool], ...] = dataclasses.field(init=False, repr=False)
+    targetCommands: tuple[tuple[tuple[str, ...] | None, tuple[str, ...] | None], ...] = dataclasses.field(
+        init=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         settings = tuple((t.weight, t.maxConnections, t.backup) for t in self.targets)
         object.__setattr__(self, "targetSettings", settings)
+        object.__setattr__(self, "targetCommands", tuple((t.start, t.stop) for t in self.targets))
 
 
 LOOPBACK: tuple[Network, ...] = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))

@@ -25,6 +25,7 @@ _KEYS = {
     "ports": "Ports",
     "targets": "Targets",
     "targetSettings": "Targets",
+    "targetCommands": "Targets",
     "connectTimeout": "ConnectTimeout",
     "tls": "TLS",
     "targetTLS": "TargetTLS",

@@ -393,6 +393,9 @@ class ScaleToZero:
         now = self.reactor.seconds()
         old = set(self.targets)
         self.targets = app.targets
+        # Targets are equal by address: this gives the one of this
+        # configuration, with its commands (a reload may change them).
+        self._current = {target: target for target in app.targets}
         for target in app.targets:
             if target not in old:
                 self._lastEnded[target] = now
@@ -430,7 +433,8 @@ class ScaleToZero:
         A client's connection to C{target} ended (counted out of the load
         already): the idle time starts now if it was the last.
         """
-        if target.stop is None or self.load().active(target):
+        target = self._current.get(target)
+        if target is None or target.stop is None or self.load().active(target):
             return
         self._lastEnded[target] = self.reactor.seconds()
         self._arm(target, self.settings.idleAfter)
@@ -445,6 +449,9 @@ class ScaleToZero:
 
     def _idleCheck(self, target: Target) -> None:
         self._timers.pop(target, None)
+        target = self._current.get(target)
+        if target is None or target.stop is None:
+            return  # a reload took it, or its Stop, away
         health = self.health
         if target not in health.states or target in health.stopped or target in self._waking:
             return

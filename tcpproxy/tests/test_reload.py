@@ -100,6 +100,23 @@ class PlanTests(SynchronousTestCase):
         self.assertTrue(change.servesDifferently)
         self.assertEqual(plan.describe(), ['apps changed: "web" (Targets, ConnectTimeout)'])
 
+    def test_targetCommands(self):
+        """
+        A target's C{Start} or C{Stop} changed is a change of C{Targets},
+        though the target is the same address.
+        """
+        target = {
+            "Address": "127.0.0.1:9",
+            "Start": ["systemctl", "start", "a"],
+            "Stop": ["systemctl", "stop", "a"],
+        }
+        old = config(app("web", [1], [target], ScaleToZero={}))
+        plan = planReload(
+            old, config(app("web", [1], [{**target, "Stop": ["docker", "stop", "a"]}], ScaleToZero={}))
+        )
+        self.assertEqual(plan.describe(), ['apps changed: "web" (Targets)'])
+        self.assertFalse(planReload(old, config(app("web", [1], [target], ScaleToZero={}))))
+
     def test_topLevel(self):
         plan = planReload(config(app("web", [1])), config(app("web", [1]), BindAddress="::1", DrainTimeout=3))
         self.assertEqual(plan.bindAddress, ("127.0.0.1", "::1"))

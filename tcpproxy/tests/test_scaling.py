@@ -265,6 +265,21 @@ class ScaleToZeroTests(SynchronousTestCase):
         self.reactor.advance(100)
         self.assertEqual([args for _, args, _ in self.reactor.spawned], [["true", "stop", "7001"]])
 
+    def test_reloadChangingStop(self) -> None:
+        """
+        A reload that changes a target's C{Stop} has the new one run; one
+        that takes its C{Stop} away leaves it running.
+        """
+        scaler = self.scaler(["127.0.0.1:7001", "127.0.0.1:7002"])
+        changed = (
+            dataclasses.replace(self.targets[0], stop=("docker", "stop", "web-{port}")),
+            dataclasses.replace(self.targets[1], stop=None),
+        )
+        self.health.update("web", changed, 2, 3)
+        scaler.update(AppConfig("web", (1,), changed, scaleToZero=self.app.scaleToZero), self.dialer)
+        self.reactor.advance(100)
+        self.assertEqual([args for _, args, _ in self.reactor.spawned], [["docker", "stop", "web-7001"]])
+
     def stoppedOne(self) -> ScaleToZero:
         scaler = self.scaler(["127.0.0.1:7001"])
         self.reactor.advance(10)
