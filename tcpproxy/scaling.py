@@ -21,7 +21,8 @@ autostop/autostart, for any TCP service; an app's C{"ScaleToZero"} key).
     checked and not counted down; logs, C{/status} and metrics show it.
   - A client that no running target took (none runs, every one failed, or
     every one is at its C{MaxConnections}) wakes the first stopped target
-    with a C{Start}: its C{Start} runs once however many clients wait, and
+    with a C{Start} (not drained, nor of weight 0: it would get no
+    client): its C{Start} runs once however many clients wait, and
     a C{Stop} of that target still running is waited for first, so the
     two never race; the proxy connects to the target again and again (every
     L{PROBE_INTERVAL} seconds) until it accepts or C{StartTimeout} passes.
@@ -520,11 +521,22 @@ class ScaleToZero:
 
     # Waking.
 
+    def _mayWake(self, target: Target) -> bool:
+        """
+        Whether C{target} is stopped and may be woken for clients: it has a
+        C{Start}, and would be given clients once up (not drained by an
+        operator, nor of weight 0).
+        """
+        if target.start is None or target.weight == 0 or target not in self.health.stopped:
+            return False
+        state = self.health.states.get(target)
+        return state is not None and not state.drained
+
     def wakeable(self) -> bool:
         """
         Whether a stopped target could be woken for a client.
         """
-        return any(target.start is not None for target in self.health.stopped)
+        return any(self._mayWake(target) for target in self.targets)
 
     def wakeOne(self) -> None:
         """
@@ -536,7 +548,7 @@ class ScaleToZero:
         if self._waking:
             return
         for target in self.targets:
-            if target.start is not None and target in self.health.stopped:
+            if self._mayWake(target):
                 _Wake(self, target)
                 return
 
@@ -555,7 +567,7 @@ class ScaleToZero:
         """
         failures = list(failures)
         for target in self.targets:
-            if target.start is None or target not in self.health.stopped:
+            if not self._mayWake(target):
                 continue
             wake = self._waking.get(target) or _Wake(self, target)
             why = yield wake.wait()

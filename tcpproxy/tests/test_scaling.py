@@ -308,6 +308,21 @@ class ScaleToZeroTests(SynchronousTestCase):
         self.assertEqual(self.load.active(self.targets[0]), 20)
         self.assertEqual(len(self.reactor.spawned), 1)
 
+    def test_drainedNotWoken(self) -> None:
+        """
+        A stopped target an operator drained is not woken (it would be
+        given no client once up): the next stopped one is.
+        """
+        scaler = self.scaler(["127.0.0.1:7001", "127.0.0.1:7002"])
+        self.reactor.advance(10)
+        for protocol, _, _ in self.reactor.spawned:
+            exit(protocol, 0)
+        self.health.drain(self.targets[0], "by an operator")
+        scaler.wake(Factory.forProtocol(Protocol))
+        self.assertEqual(self.reactor.spawned[2][1], ["true", "start", "127.0.0.1:7002"])
+        self.health.drain(self.targets[1], "by an operator")
+        self.assertFalse(scaler.wakeable())
+
     def test_startFails(self) -> None:
         """
         A C{Start} that exits non-zero refuses its clients with its exit
