@@ -107,6 +107,10 @@ class ProxyServerFactory(Factory):
         if type(addr) is ProxiedAddress:
             # The client as the PROXY header stage read it.
             protocol.proxied = addr
+            addr = addr.address
+        # Only the client's IP is kept (limits, access lists, source hash):
+        # the address object, for the log, is asked of the transport again.
+        protocol.clientHost = getattr(addr, "host", "")
         return protocol
 
     def admit(self, host: str) -> str | None:

@@ -62,6 +62,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tcpproxy.access import IConnectionRecord
 from tcpproxy.config import AppConfig, ConfigError, Target, TargetTLSConfig, TLSConfig, normalName
 from tcpproxy.connid import newConnectionId
 from tcpproxy.describe import describeAddress
@@ -362,9 +363,12 @@ class _HandshakeGate(Protocol):
         if protocol is None:
             transport.loseConnection()
             return
-        protocol.tlsFields = sessionFields(transport)
-        if self.connectionId is not None:
-            protocol.connectionId = self.connectionId
+        if IConnectionRecord.providedBy(protocol):
+            # A client's relay: its record gets the session's fields and
+            # the id its log lines had.  (Towards a target there is none.)
+            protocol.tlsFields = sessionFields(transport)
+            if self.connectionId is not None:
+                protocol.connectionId = self.connectionId
         self.passedOn = True
         transport.wrappedProtocol = protocol
         protocol.makeConnection(transport)

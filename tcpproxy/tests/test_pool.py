@@ -32,6 +32,20 @@ B = parseTarget("127.0.0.1:7002")
 C = parseTarget("127.0.0.1:7003")
 
 
+def peeksAs(case, protocol: PooledClientProtocol, answer: bool | None) -> None:
+    """
+    Make C{protocol}'s liveness check (L{PooledClientProtocol.alive}) give
+    C{answer}, for the rest of the test C{case}: the class is patched, for
+    that one instance (a relay side has no instance dictionary).
+    """
+    original = PooledClientProtocol.alive
+
+    def alive(self: PooledClientProtocol) -> bool | None:
+        return answer if self is protocol else original(self)
+
+    case.patch(PooledClientProtocol, "alive", alive)
+
+
 @implementer(IDialer)
 class FakeDialer:
     """
@@ -176,7 +190,7 @@ class WarmPoolTests(SynchronousTestCase):
         next one is given.
         """
         first, second, *_ = self.filled()
-        first.alive = lambda: False
+        peeksAs(self, first, False)
         dialled = self.successResultOf(self.pool.dial(object(), [A]))
         self.assertIs(dialled.protocol, second)
         self.assertTrue(first.transport.disconnecting)
@@ -189,7 +203,7 @@ class WarmPoolTests(SynchronousTestCase):
         for the TLS layer to read what came.
         """
         first, second, *_ = self.filled()
-        first.alive = lambda: None
+        peeksAs(self, first, None)
         dialled = self.successResultOf(self.pool.dial(object(), [A]))
         self.assertIs(dialled.protocol, second)
         self.assertFalse(first.transport.disconnecting)
@@ -375,7 +389,7 @@ class PoolStatsTests(SynchronousTestCase):
         first, _ = self.dialer.answerPool()
         first.connectionLost(Failure(ConnectionDone()))
         [refill] = self.dialer.answerPool()
-        refill.alive = lambda: False
+        peeksAs(self, refill, False)
         self.assertNoResult(self.pool.dial(object(), [A]))
         self.assertEqual(self.counts(A), (0, 1, {"closed": 2}))
         self.dialer.answerPool()

@@ -107,7 +107,7 @@ class InterfaceTests(SynchronousTestCase):
         self.addCleanup(b.close)
         poller = Poller(self.reactor)
         self.addCleanup(poller.close)
-        transport = SocketTransport(poller, a, Protocol(), IPv4Address("TCP", "127.0.0.1", 1))
+        transport = SocketTransport(poller, a, Protocol(), ("127.0.0.1", 1))
         for interface in (ITCPTransport, IPushProducer, IConsumer, ISystemHandle, ISplicing, IWriteBuffer):
             self.assertTrue(verifyObject(interface, transport), interface)
 
@@ -734,7 +734,7 @@ class SpliceTests(_TransportTestMixin, TestCase):
         a, b = socket.socketpair()
         self.addCleanup(a.close)
         self.addCleanup(b.close)
-        transport = SocketTransport(self.engine.poller, a, Protocol(), IPv4Address("TCP", "127.0.0.1", 1))
+        transport = SocketTransport(self.engine.poller, a, Protocol(), ("127.0.0.1", 1))
         self.assertFalse(transport.spliceTo(object(), _SpliceCounter()))
 
 

@@ -41,7 +41,7 @@ from tcpproxy.deadlines import Deadlines
 from tcpproxy.describe import hostPort
 from tcpproxy.resolve import NameResolver
 from tcpproxy.transport.poller import AVAILABLE, GONE, WRITE, Poller
-from tcpproxy.transport.tcp import IClosedListener, SocketTransport
+from tcpproxy.transport.tcp import IClosedListener, SocketTransport, peerAddress
 
 
 class IEngine(Interface):
@@ -77,15 +77,6 @@ class IEngine(Interface):
         """
 
 
-def peerAddress(family: int, address: tuple) -> IPv4Address | IPv6Address:
-    """
-    A socket address as Twisted writes it.
-    """
-    if family == socket.AF_INET6:
-        return IPv6Address("TCP", address[0], address[1])
-    return IPv4Address("TCP", address[0], address[1])
-
-
 @implementer(IReactorTCP, IReactorTime, IReactorPluggableNameResolver)
 class _EngineReactor:
     """
@@ -95,13 +86,13 @@ class _EngineReactor:
     def __init__(self, reactor, nameResolver=None) -> None:
         self._reactor = reactor
         self.nameResolver = nameResolver if nameResolver is not None else NameResolver(reactor=reactor)
+        # The reactor's own clock, not a method that calls it: asked a few
+        # times per connection (dial times, deadlines).
+        self.seconds = reactor.seconds
 
     def installNameResolver(self, resolver):
         previous, self.nameResolver = self.nameResolver, resolver
         return previous
-
-    def seconds(self) -> float:
-        return self._reactor.seconds()
 
     def callLater(self, delay, callable, *args, **kw):
         return self._reactor.callLater(delay, callable, *args, **kw)
@@ -188,13 +179,12 @@ class FastEngine(_EngineReactor):
     def adopt(self, sock: socket.socket, address: tuple, factory: IProtocolFactory, host=None) -> None:
         # accept gives IPv6 addresses as 4-tuples: no enum conversion of
         # sock.family per client.
-        peer = peerAddress(socket.AF_INET6 if len(address) == 4 else socket.AF_INET, address)
-        protocol = factory.buildProtocol(peer)
+        protocol = factory.buildProtocol(peerAddress(address))
         if protocol is None:
             sock.close()
             return
         # TCP_NODELAY is the listening socket's, inherited (see bindTCP).
-        SocketTransport(self.poller, sock, protocol, peer, host, noDelay=True).startReading()
+        SocketTransport(self.poller, sock, protocol, address, host, noDelay=True).startReading()
 
     def connectTCP(self, host, port, factory, timeout=30, bindAddress=None) -> IConnector:
         """
@@ -226,6 +216,25 @@ def _family(host: str) -> int | None:
             _families.clear()
         _families[host] = family
     return family
+
+
+_destinations: dict[tuple[str, int], IPv4Address | IPv6Address] = {}
+
+
+def _destination(host: str, port: int) -> IPv4Address | IPv6Address:
+    """
+    The address of a target, as Twisted writes it, made once: addresses are
+    immutable values, and the same few targets are dialled again and again
+    (one address object less to make for every connection).
+    """
+    address = _destinations.get((host, port))
+    if address is None:
+        kind = IPv6Address if _family(host) == socket.AF_INET6 else IPv4Address
+        address = kind("TCP", host, port)
+        if len(_destinations) > 4096:
+            _destinations.clear()
+        _destinations[(host, port)] = address
+    return address
 
 
 @implementer(IConnector, IClosedListener)
@@ -260,8 +269,7 @@ class Connector:
         self.transport: SocketTransport | None = None
 
     def getDestination(self) -> IPv4Address | IPv6Address:
-        kind = IPv6Address if _family(self.host) == socket.AF_INET6 else IPv4Address
-        return kind("TCP", self.host, self.port)
+        return _destination(self.host, self.port)
 
     def connect(self) -> None:
         self.state = "connecting"

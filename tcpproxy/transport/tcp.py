@@ -133,6 +133,16 @@ microseconds to make, twice per relayed connection.
 """
 
 
+def peerAddress(address: tuple) -> IPv4Address | IPv6Address:
+    """
+    A socket address as C{accept} gives it (an IPv6 one is a 4-tuple), as
+    Twisted writes it.
+    """
+    if len(address) == 4:
+        return IPv6Address("TCP", address[0], address[1])
+    return IPv4Address("TCP", address[0], address[1])
+
+
 def _lostReason(error: OSError | None) -> Failure:
     if error is None:
         return _DONE
@@ -161,7 +171,6 @@ class SocketTransport:
         "_buffer",
         "_buffered",
         "_producer",
-        "_streaming",
         "_producerPaused",
         "_paused",
         "_readDone",
@@ -183,17 +192,18 @@ class SocketTransport:
         poller: Poller,
         sock: socket.socket,
         protocol: IProtocol,
-        peer: IPv4Address | IPv6Address | None,
+        peer: tuple | None,
         host: IPv4Address | IPv6Address | None = None,
         connector: IClosedListener | None = None,
         watched: int = 0,
         noDelay: bool | None = None,
     ) -> None:
         """
-        @param peer: the remote address; C{None} for a dialled socket, whose
-            C{connector} (an L{IConnector}) gives it when asked: an address
-            object kept for the life of the connection is 150 bytes more
-            per idle one, and it is rarely asked for.
+        @param peer: the remote address as C{accept} gave it (a tuple);
+            C{None} for a dialled socket, whose C{connector} (an
+            L{IConnector}) gives it when asked.  Not an address object: kept
+            for the life of the connection, that is 150 bytes more per idle
+            one, and it is rarely asked for.
         @param connector: told with the reason after the protocol's
             C{connectionLost} (a client connector tells its factory).
         @param watched: the interest C{sock} is registered with in C{poller}
@@ -213,7 +223,6 @@ class SocketTransport:
         self._buffer: list | None = None  # made when something waits (memory per idle connection)
         self._buffered = 0
         self._producer: IPushProducer | None = None
-        self._streaming = False
         self._producerPaused = False
         self._paused = False
         self._readDone = False
@@ -501,7 +510,7 @@ class SocketTransport:
     def getPeer(self) -> IPv4Address | IPv6Address:
         if self._peer is None:
             return self._connector.getDestination()
-        return self._peer
+        return peerAddress(self._peer)
 
     def getHost(self) -> IPv4Address | IPv6Address:
         if self._host is not None:
@@ -559,7 +568,6 @@ class SocketTransport:
             producer.stopProducing()
             return
         self._producer = producer
-        self._streaming = streaming
         self._producerPaused = bool(self._buffer)
         if self._producerPaused:
             producer.pauseProducing()
