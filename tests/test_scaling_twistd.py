@@ -111,6 +111,9 @@ class ScaleToZeroTwistdTests(TestCase):
         seconds = float(re.search(r"woken in (\d+\.\d{3})s", woken).group(1))
         self.assertGreaterEqual(seconds, 0.2)
         self.assertLess(seconds, 10)
-        self.assertTrue(linesWith(log, f"{client} -> web:{self.port} -> {target}: done after"), log)
+        # The access-log line is written once the proxy has seen the client
+        # close, which may come after the client has its echo.
+        done = f"{client} -> web:{self.port} -> {target}: done after"
+        waitUntil(lambda: linesWith(self.log(), done), f"the access-log line {done!r}")
         self.assertNotEqual(self.servicePid(), firstPid)
         self.assertFalse(processGone(self.servicePid()))
