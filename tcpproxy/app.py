@@ -266,6 +266,9 @@ def _scale(factory: ProxyServerFactory, app: AppConfig, engine: IEngine) -> None
         if scaler is not None:
             scaler.shutdown()
             factory.scaler = None
+            # Its stopped targets count as running again: they may serve
+            # clients waiting in the queue.
+            factory.dispatcher.changed()
     elif scaler is None:
         factory.scaler = ScaleToZero(
             app,

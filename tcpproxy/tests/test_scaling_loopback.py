@@ -17,7 +17,7 @@ from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.logger import formatEvent
 from twisted.trial.unittest import TestCase
 
-from tcpproxy.app import buildApp
+from tcpproxy.app import buildApp, updateApp
 from tcpproxy.config import IPV4, AppConfig, PoolConfig, ScaleToZeroConfig, Target
 from tcpproxy.pool import stopPool
 from tcpproxy.tests.loopback import (
@@ -88,7 +88,7 @@ class ScaleToZeroTests(TestCase):
             queueTimeout=queueTimeout,
         )
         factory = buildApp(app, loadAppTLS(app, "<config>"), engineFor(self), reactor)
-        self.addCleanup(lambda: factory.scaler.shutdown())
+        self.addCleanup(lambda: factory.scaler and factory.scaler.shutdown())
         port = listenProxy(self, factory)
         self.addCleanup(factory.whenIdle)
         return factory, port
@@ -305,6 +305,55 @@ class ScaleToZeroTests(TestCase):
         text = self.logged(events)
         self.assertIn(f"app web: target {one} is up: woken in", text)
         self.assertIn(f"app web: target {two} is up: woken in", text)
+
+    @inlineCallbacks
+    def test_reloadDroppingScaleToZeroServesTheQueue(self):
+        """
+        A reload that takes C{ScaleToZero} away counts the stopped targets
+        as running again, at once for the clients waiting in the queue.
+        """
+        busy = Target("127.0.0.1", echoBackend(self), IPV4, maxConnections=1)
+        other = self.service(start=(*SERVICE, "fail"))
+        factory, port = self.proxy((busy, other), idleAfter=0.1, queueTimeout=20.0)
+        yield self.stopped(factory, other)
+        held = yield connectClient(port)
+        held.transport.write(b"held")
+
+        def heldEchoed() -> bool:
+            """the held client got its echo"""
+            return bytes(held.data) == b"held"
+
+        yield eventually(heldEchoed)
+        waiting = yield connectClient(port)
+        waiting.transport.write(b"waiting")
+
+        def queued() -> bool:
+            """a client waits in the queue, the wake-up having failed"""
+            return len(factory.dispatcher.queue) == 1
+
+        yield eventually(queued)
+        # Its service is started by hand, and the proxy told to scale no more.
+        subprocess.run([*SERVICE, "start", str(other.port), self.pidfile], check=True, capture_output=True)
+
+        def listening() -> bool:
+            """the echo server listens"""
+            with socket.socket() as probe:
+                return probe.connect_ex(("127.0.0.1", other.port)) == 0
+
+        yield eventually(listening)
+        self.assertEqual(bytes(waiting.data), b"")
+        app = dataclasses.replace(factory.app, scaleToZero=None)
+        updateApp(factory, app, loadAppTLS(app, "<config>"), engineFor(self))
+        self.assertIsNone(factory.scaler)
+
+        def served() -> bool:
+            """the waiting client got its echo, the first one still held"""
+            return bytes(waiting.data) == b"waiting"
+
+        yield eventually(served)
+        for client in (held, waiting):
+            client.transport.loseConnection()
+            yield client.lost
 
     @inlineCallbacks
     def test_poolKeepsNoTargetAwake(self):
