@@ -212,6 +212,28 @@ class WorkersTests(WorkersMixin, TestCase):
             )
         self.assertEqual(echoThrough(self.newPort, b"new port")[0], b"new port")
 
+    def test_sighupAddingScaleToZeroRefused(self) -> None:
+        """
+        C{SIGHUP} with a file that adds C{ScaleToZero}: refused in one line
+        as at start-up (each worker would stop targets the others use); no
+        worker hears of it, and the port serves as before.
+        """
+        pid, _ = self.startWorkers()
+        document = self.document()
+        document["Apps"][0]["ScaleToZero"] = {"IdleAfter": 1}
+        self.twistd.writeConfig(document)
+        os.kill(pid, signal.SIGHUP)
+        waitUntil(lambda: linesWith(self.log(), "reload refused, nothing changed:"), "the refusal")
+        [refusal] = linesWith(self.log(), "reload refused")
+        self.assertIn(
+            'app "echo": key "ScaleToZero": cannot be used with 2 worker processes: each would stop and'
+            " start the targets on its own, blind to the other workers' connections; run one process"
+            " (no --workers)",
+            refusal,
+        )
+        self.assertEqual(linesWith(self.log(), "[worker", "reload"), [])
+        self.assertEqual(echoThrough(self.port, b"still")[0], b"still")
+
     def test_sigtermDrainsBothWorkers(self) -> None:
         """
         C{SIGTERM} to the main process while both workers hold
