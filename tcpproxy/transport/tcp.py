@@ -257,15 +257,18 @@ class SocketTransport:
         bound method of it (64 bytes less for every idle connection).
         """
         mask = self._mask
-        acted = False
+        wrote = False
         if events & WRITE and mask & WRITE:
-            acted = True
+            wrote = True
             self._doWrite()
         if self.connected and events & ~WRITE and mask & READ and self._mask & READ:
             # Readable, or in error or hung up: the read says which.
-            acted = True
-            self._doRead()
-        if not acted and events & GONE and self.connected:
+            if self._doRead() and not wrote:
+                # Data, delivered: whatever it changed (a pause, a close,
+                # bytes left to send) asked for its own interest.  The
+                # common case, without a look at the interest.
+                return
+        elif not wrote and events & GONE and self.connected:
             # Error or hang-up on a socket that is neither read nor written now.
             error = self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             self._lost(OSError(error, os.strerror(error)) if error else None)
@@ -296,23 +299,32 @@ class SocketTransport:
         else:
             self._poller.modify(self._fd, mask)
 
-    def _doRead(self) -> None:
+    def _doRead(self) -> bool:
+        """
+        Read what the socket has, and deliver it.
+
+        @return: whether data was delivered, and nothing else happened here
+            (no EOF, no error, no splice): the interest is then as it was,
+            or as the calls made since asked for.
+        """
         if self._spliceOut is not None:
             self._spliceOut.pull()
-            return
+            return False
         try:
             data = self.socket.recv(CHUNK)
         except _WOULD_BLOCK:
-            return
+            return True
         except OSError as e:
             self._lost(e)
-            return
+            return False
         if not data:
             self._readEOF()
-            return
+            return False
         self.protocol.dataReceived(data)
         if len(data) == CHUNK and self._spliceConsumer is not None and self.connected:
             self._startSplice()
+            return False
+        return True
 
     def _readEOF(self) -> None:
         """
