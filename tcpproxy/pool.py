@@ -79,9 +79,10 @@ class PooledClientProtocol(ProxyClientProtocol):
     @ivar target: the target it is connected to.
     @ivar gate: the L{AcceptGate} that counts its descriptor as the pool's
         (until it is closed, or handed to a client), or C{None}.
+    @ivar pooledAt: when it joined the pool (the clock's seconds).
     """
 
-    __slots__ = ("pool", "early", "earlySize", "expiry", "target", "gate")
+    __slots__ = ("pool", "early", "earlySize", "expiry", "target", "gate", "pooledAt")
 
     def __init__(self) -> None:
         ProxyClientProtocol.__init__(self)
@@ -91,6 +92,7 @@ class PooledClientProtocol(ProxyClientProtocol):
         self.expiry: IDelayedCall | None = None
         self.target: Target | None = None
         self.gate: AcceptGate | None = None
+        self.pooledAt = 0.0
 
     def dataReceived(self, data: bytes) -> None:
         if self.peer is not None:
@@ -418,6 +420,7 @@ class WarmPool:
             if not protocol.closed:
                 self._close(protocol)
             return
+        protocol.pooledAt = self.clock.seconds()
         protocol.expiry = self.clock.callLater(self.config.maxIdle, self._expire, protocol)
         self.idle[target].append(protocol)
         self.idleTotal += 1
@@ -473,12 +476,17 @@ class WarmPool:
     def dropped(self, protocol: PooledClientProtocol) -> None:
         """
         An idle C{protocol}'s connection ended (the target closed or reset
-        it): it is no longer offered, and another is opened.
+        it): it is no longer offered, and another is opened -- at once if
+        it had been idle a while (the target's own idle timeout, say), else
+        at the next look (L{REFILL_INTERVAL}), as after a failed dial: a
+        target that closes every connection as soon as it is opened would
+        otherwise be redialled in a loop, as fast as the CPU goes.
         """
         self._unwatch(protocol)
         if self._remove(protocol):
             self._droppedFor(protocol.target, "closed")
-            self._fill(protocol.target)
+            if self.clock.seconds() - protocol.pooledAt >= REFILL_INTERVAL:
+                self._fill(protocol.target)
 
     def lost(self, protocol: PooledClientProtocol) -> None:
         """

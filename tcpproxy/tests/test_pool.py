@@ -173,6 +173,9 @@ class WarmPoolTests(SynchronousTestCase):
         pool and replaced; a client gets a live one.
         """
         first, second, *_ = self.filled()
+        # Closed after a while idle (a target's own idle timeout): replaced
+        # at once (see test_closedAtOnceReplacedAtNextLook for the other case).
+        self.clock.advance(REFILL_INTERVAL)
         first.readConnectionLost()
         self.assertTrue(first.transport.disconnecting)
         first.connectionLost(Failure(ConnectionDone()))
@@ -183,6 +186,25 @@ class WarmPoolTests(SynchronousTestCase):
         factory = object()
         self.assertNoResult(self.pool.dial(factory, [A, B]))
         self.assertEqual(self.dialer.dials[-1][:2], (factory, [A, B]))
+
+    def test_closedAtOnceReplacedAtNextLook(self) -> None:
+        """
+        A target that closes (or resets) each pooled connection as soon as
+        it is opened does not make the pool redial it in a loop: one closed
+        less than L{REFILL_INTERVAL} after it was pooled is replaced at the
+        next look, as a failed dial is.
+        """
+        self.clock.advance(0)
+        for _round in range(3):
+            for protocol in self.dialer.answerAll():
+                if protocol.target == A:
+                    protocol.readConnectionLost()
+                    protocol.connectionLost(Failure(ConnectionDone()))
+            self.assertEqual(self.dialer.pending(A), [])
+            self.assertEqual(len(self.pool.idle[A]), 0)
+            self.clock.advance(REFILL_INTERVAL)
+            self.assertEqual(len(self.dialer.pending(A)), 2)
+        self.assertEqual(len([dial for dial in self.dialer.dials if dial[1] == [A]]), 2 * 4)
 
     def test_deadOnPeekNeverHandedOut(self) -> None:
         """
@@ -387,6 +409,7 @@ class PoolStatsTests(SynchronousTestCase):
         """
         self.clock.advance(0)
         first, _ = self.dialer.answerPool()
+        self.clock.advance(REFILL_INTERVAL)  # idle a while: replaced at once
         first.connectionLost(Failure(ConnectionDone()))
         [refill] = self.dialer.answerPool()
         peeksAs(self, refill, False)
@@ -434,6 +457,7 @@ class PoolDescriptorTests(SynchronousTestCase):
         self.assertEqual(self.gate.heldDescriptors, 3)
         self.assertIs(self.successResultOf(pool.dial(object(), [B])).protocol, b1)
         self.assertEqual(self.gate.heldDescriptors, 3)  # b1 is the client's; B's refill is dialled
+        self.clock.advance(REFILL_INTERVAL)  # A's next look dials one (its failed dial)
         a1.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(self.gate.heldDescriptors, 4)  # a1 closed; two dials to refill A
         pool.stop()
