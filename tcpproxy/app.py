@@ -264,7 +264,8 @@ def _scale(factory: ProxyServerFactory, app: AppConfig, engine: IEngine) -> None
     scaler = factory.scaler
     if app.scaleToZero is None:
         if scaler is not None:
-            scaler.shutdown()
+            # A wake-up under way still serves the clients it holds.
+            scaler.retire()
             factory.scaler = None
             # Its stopped targets count as running again: they may serve
             # clients waiting in the queue.

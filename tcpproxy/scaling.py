@@ -35,7 +35,11 @@ autostop/autostart, for any TCP service; an app's C{"ScaleToZero"} key).
     and the app has a C{QueueTimeout}, or is refused: the access log names
     each target and why (L{tcpproxy.dispatch}).  Clients waiting in that
     queue wake a stopped target too (L{ScaleToZero.wakeOne}).
-  - A reload that removes a target forgets it and does not stop it.
+  - A reload that removes a target forgets it and does not stop it.  One
+    that takes C{ScaleToZero} away (L{ScaleToZero.retire}) stops no more
+    targets and wakes no more, but lets a wake-up under way run to its
+    end: its C{Start} has run, and the clients it holds are relayed to
+    the target once it is up (they were refused).
 """
 
 from __future__ import annotations
@@ -380,6 +384,7 @@ class ScaleToZero:
         # The targets whose Stop runs now: what waits for it to end.
         self._stopping: dict[Target, list[Callable[[], None]]] = {}
         self.targets: tuple[Target, ...] = ()
+        self._retired = False
         self.update(app, dialer)
 
     def update(self, app: AppConfig, dialer) -> None:
@@ -408,21 +413,36 @@ class ScaleToZero:
                 timer.cancel()
             self._lastEnded.pop(target, None)
 
+    def retire(self) -> None:
+        """
+        The app no longer scales to zero (a reload took C{ScaleToZero}
+        away): no target is stopped any more, and the targets stopped are
+        given back to the health checks, counted as running.  A wake-up
+        under way runs to its end, for the clients it holds: its C{Start}
+        has run, and the target is most likely coming up (refusing them
+        would turn a reload into lost clients).
+        """
+        self._retired = True
+        for timer in self._timers.values():
+            if timer.active():
+                timer.cancel()
+        self._timers.clear()
+        for target in list(self.health.stopped):
+            if target not in self._waking:
+                self.health.setStopped(target, False)
+
     def shutdown(self) -> Deferred[None]:
         """
-        Stop every timer and every wake-up (the app is gone, or no longer
-        scales to zero, or the proxy stops); the targets stopped are given
-        back to the health checks.
+        Stop every timer and every wake-up, its clients refused (the app
+        is gone, or the proxy stops); the targets stopped are given back
+        to the health checks.
 
         @return: a L{Deferred} that fires once the commands running now
             have ended (each is killed after C{StartTimeout}).
         """
         for wake in list(self._waking.values()):
             wake._finish("the app stopped scaling to zero")
-        for timer in self._timers.values():
-            if timer.active():
-                timer.cancel()
-        self._timers.clear()
+        self.retire()
         for target in list(self.health.stopped):
             self.health.setStopped(target, False)
         return DeferredList(list(self.running)).addCallback(lambda _: None)
@@ -441,7 +461,7 @@ class ScaleToZero:
         self._arm(target, self.settings.idleAfter)
 
     def _arm(self, target: Target, delay: float) -> None:
-        if target.stop is None:
+        if target.stop is None or self._retired:
             return
         timer = self._timers.get(target)
         if timer is not None and timer.active():

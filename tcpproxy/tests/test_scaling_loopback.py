@@ -356,6 +356,39 @@ class ScaleToZeroTests(TestCase):
             yield client.lost
 
     @inlineCallbacks
+    def test_reloadDroppingScaleToZeroDuringAWake(self):
+        """
+        A reload that takes C{ScaleToZero} away while a client is held for
+        a target being woken does not refuse that client: the wake-up runs
+        to its end (the C{Start} has run), and the client is relayed to the
+        target once it is up.
+        """
+        events = captureEvents(self, "tcpproxy")
+        target = self.service(delay=2.0)
+        factory, port = self.proxy((target,), idleAfter=0.1)
+        yield self.stopped(factory, target)
+        scaler = factory.scaler
+        self.addCleanup(scaler.shutdown)
+        held = yield connectClient(port)
+        held.transport.write(b"held through a reload")
+        held.transport.loseWriteConnection()
+
+        def waking() -> bool:
+            """the target is being woken for the client"""
+            return target in scaler._waking
+
+        yield eventually(waking)
+        app = dataclasses.replace(factory.app, scaleToZero=None)
+        updateApp(factory, app, loadAppTLS(app, "<config>"), engineFor(self))
+        self.assertIsNone(factory.scaler)
+        self.assertEqual((yield held.readDone), b"held through a reload")
+        text = self.logged(events)
+        self.assertNotIn("did not start", text)
+        self.assertRegex(text, rf"app web: target {target} is up: woken in \d+\.\d{{3}}s")
+        # No longer scaling to zero: the woken target is not stopped again.
+        self.assertEqual(scaler._timers, {})
+
+    @inlineCallbacks
     def test_poolKeepsNoTargetAwake(self):
         """
         A warm pool's idle connections do not keep a target awake: it is
