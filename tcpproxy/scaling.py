@@ -79,6 +79,15 @@ Seconds the output of a command that failed is awaited after it exited
 (its last line says why), should a child of its hold its pipes open.
 """
 
+MAX_LINE = 4096
+"""
+Bytes of a line of a command's output that are logged, and kept while
+the line has not ended: the rest of a longer line is dropped, the line
+logged with C{[cut]}.  A command may write megabytes with no newline (a
+progress bar redrawn with carriage returns): neither the log nor the
+proxy's memory take them whole.
+"""
+
 log = Logger()
 
 
@@ -104,6 +113,9 @@ class _CommandProtocol(ProcessProtocol):
         self.ended: Deferred[None] = Deferred()
         self.lastLine = ""
         self._partial = {1: b"", 2: b""}
+        # The output streams whose current line was logged cut already:
+        # what comes until its end is dropped.
+        self._cut: set[int] = set()
         self._exit: tuple[int | None, int | None] | None = None
         self._grace: IDelayedCall | None = None
         self.clock = None
@@ -112,13 +124,26 @@ class _CommandProtocol(ProcessProtocol):
         self.transport.closeStdin()
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD in self._cut:
+            end = data.find(b"\n")
+            if end < 0:
+                return
+            self._cut.discard(childFD)
+            data = data[end + 1 :]
         lines = (self._partial.get(childFD, b"") + data).split(b"\n")
-        self._partial[childFD] = lines.pop()
+        rest = lines.pop()
         for line in lines:
             self._line(line)
+        if len(rest) > MAX_LINE:
+            self._line(rest)
+            self._cut.add(childFD)
+            rest = b""
+        self._partial[childFD] = rest
 
     def _line(self, raw: bytes) -> None:
-        line = raw.decode("utf-8", "replace").rstrip()
+        line = raw[:MAX_LINE].decode("utf-8", "replace").rstrip()
+        if len(raw) > MAX_LINE:
+            line += " [cut]"
         if line:
             self.lastLine = line
             log.info("{label}: {line}", label=self.label, line=line)

@@ -26,7 +26,7 @@ from tcpproxy.config import AppConfig, ConfigError, ScaleToZeroConfig, parseConf
 from tcpproxy.dialer import Dialled, NoTargetAvailable
 from tcpproxy.dispatch import Dispatcher
 from tcpproxy.health import STOPPED, UP, HealthTracker
-from tcpproxy.scaling import ScaleToZero, commandFor
+from tcpproxy.scaling import MAX_LINE, ScaleToZero, commandFor
 from tcpproxy.tests.loopback import captureEvents
 from tcpproxy.tests.test_dispatch import FakeFactory
 from tcpproxy.tests.test_health import accept, refuse
@@ -341,6 +341,40 @@ class ScaleToZeroTests(SynchronousTestCase):
         )
         self.assertEqual(self.health.stateOf(self.targets[0]), STOPPED)
         self.assertEqual(self.load.active(self.targets[0]), 0)
+
+    def test_longOutputLinesCut(self) -> None:
+        """
+        A command that writes a very long line, or output with no newline
+        at all (a progress bar redrawn with carriage returns, say), has each
+        line logged cut at L{MAX_LINE} characters: the log is not flooded
+        with megabytes in one line, and what is kept of a line that has not
+        ended stays bounded (it grew without limit, and was copied whole for
+        every chunk read: 30 MB without a newline took longer than a
+        C{StartTimeout} of 10 s to read).
+        """
+        events = captureEvents(self, "tcpproxy.scaling")
+        scaler = self.stoppedOne()
+        result = []
+        scaler.wake(Factory.forProtocol(Protocol)).addBoth(result.append)
+        protocol = self.reactor.spawned[0][0]
+        protocol.childDataReceived(1, b"short\n")
+        for _ in range(200):
+            protocol.childDataReceived(1, b"\r" + b"x" * 65535)
+            self.assertLessEqual(sum(len(rest) for rest in protocol._partial.values()), MAX_LINE)
+        protocol.childDataReceived(1, b"x\nfailed to start, " + b"y" * 3 * MAX_LINE + b"\nend")
+        exit(protocol, 1)
+        logged = [formatEvent(event) for event in events if "Start:" in formatEvent(event)]
+        label = "app web: target 127.0.0.1:7001: Start: "
+        self.assertEqual(
+            logged,
+            [
+                label + "short",
+                label + ("\rx" + "x" * (MAX_LINE - 2))[: MAX_LINE].rstrip() + " [cut]",
+                label + ("failed to start, " + "y" * MAX_LINE)[:MAX_LINE] + " [cut]",
+                label + "end",
+            ],
+        )
+        self.assertIn("exit status 1 (last output: 'end')", str(result[0].value))
 
     def test_startTimeout(self) -> None:
         """
