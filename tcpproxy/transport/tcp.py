@@ -257,6 +257,8 @@ class SocketTransport:
         bound method of it (64 bytes less for every idle connection).
         """
         mask = self._mask
+        if self.disconnecting and not mask & WRITE:
+            return  # closing, with nothing left to send (see _update)
         wrote = False
         if events & WRITE and mask & WRITE:
             wrote = True
@@ -289,6 +291,14 @@ class SocketTransport:
             mask |= WRITE
         old = self._mask
         if mask == old:
+            return
+        if not mask and self.disconnecting:
+            # Nothing left to send: the close is on its way (asked for by
+            # L{loseConnection} or L{abortConnection}, once the events being
+            # handled are), and closing takes the socket out of the epoll
+            # set.  No system call to take it out first (one per
+            # connection); until the close, its events are ignored
+            # (L{__call__}).
             return
         self._mask = mask
         if not mask:
