@@ -208,7 +208,7 @@ class Reloader:
             factory = service.factories.pop(app.name)
             stopPool(factory.dialer)
             if factory.scaler is not None:
-                factory.scaler.shutdown()
+                factory.scaler.shutdown("a reload removed the app")
             self._retire(factory)
         service.gate.setMaximum(new.maxConnections)
 

@@ -456,17 +456,18 @@ class ScaleToZero:
             if target not in self._waking:
                 self.health.setStopped(target, False)
 
-    def shutdown(self) -> Deferred[None]:
+    def shutdown(self, why: str = "the proxy is stopping") -> Deferred[None]:
         """
         Stop every timer and every wake-up, its clients refused (the app
         is gone, or the proxy stops); the targets stopped are given back
         to the health checks.
 
+        @param why: why the clients held are refused, for the log.
         @return: a L{Deferred} that fires once the commands running now
             have ended (each is killed after C{StartTimeout}).
         """
         for wake in list(self._waking.values()):
-            wake._finish("the app stopped scaling to zero")
+            wake._finish(why)
         self.retire()
         for target in list(self.health.stopped):
             self.health.setStopped(target, False)

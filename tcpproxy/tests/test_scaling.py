@@ -376,6 +376,22 @@ class ScaleToZeroTests(SynchronousTestCase):
         )
         self.assertIn("exit status 1 (last output: 'end')", str(result[0].value))
 
+    def test_shutdownSaysWhy(self) -> None:
+        """
+        Clients held for a wake-up when the proxy stops, or when a reload
+        removes their app, are refused saying so, not that the app
+        stopped scaling to zero (it did not: it is going away).
+        """
+        removed = "a reload removed the app"
+        for args, why in (((), "the proxy is stopping"), ((removed,), removed)):
+            self.reactor.spawned.clear()
+            scaler = self.stoppedOne()
+            result = []
+            scaler.wake(Factory.forProtocol(Protocol)).addBoth(result.append)
+            scaler.shutdown(*args)
+            self.assertIsInstance(result[0].value, NoTargetAvailable)
+            self.assertEqual(str(result[0].value), f"all 1 targets failed: 127.0.0.1:7001: {why}")
+
     def test_startTimeout(self) -> None:
         """
         No answer within C{StartTimeout}: the clients are refused, and the
