@@ -188,12 +188,16 @@ def runCommand(
         a L{Deferred}) is kept while it runs.
     @return: a L{Deferred} firing with C{(exit status or None, signal or
         None, last line of output)}; a command not found exits with 127,
-        as in a shell.
+        and a file named by its path that is not executable with 126, as
+        in a shell.
     """
     executable = shutil.which(argv[0])
     if executable is None:
         done: Deferred = Deferred()
-        done.callback((127, None, f"{argv[0]}: command not found"))
+        if os.sep in argv[0] and os.path.isfile(argv[0]):
+            done.callback((126, None, f"{argv[0]}: permission denied (not executable)"))
+        else:
+            done.callback((127, None, f"{argv[0]}: command not found"))
         return done
     protocol = _CommandProtocol(label)
     protocol.clock = reactor

@@ -7,6 +7,7 @@ L{MemoryReactorClock} records as spawned.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from twisted.internet.defer import succeed
 from twisted.internet.error import (
@@ -26,7 +27,7 @@ from tcpproxy.config import AppConfig, ConfigError, ScaleToZeroConfig, parseConf
 from tcpproxy.dialer import Dialled, NoTargetAvailable
 from tcpproxy.dispatch import Dispatcher
 from tcpproxy.health import STOPPED, UP, HealthTracker
-from tcpproxy.scaling import MAX_LINE, ScaleToZero, commandFor
+from tcpproxy.scaling import MAX_LINE, ScaleToZero, commandFor, runCommand
 from tcpproxy.tests.loopback import captureEvents
 from tcpproxy.tests.test_dispatch import FakeFactory
 from tcpproxy.tests.test_health import accept, refuse
@@ -97,6 +98,37 @@ class ScaleToZeroConfigTests(SynchronousTestCase):
             commandFor(("docker", "start", "{app}-{port}", "{host} {address}; rm"), target, "web"),
             ["docker", "start", "web-7001", "::1 [::1]:7001; rm"],
         )
+
+
+class RunCommandTests(SynchronousTestCase):
+    """
+    L{runCommand}'s answers for commands that cannot run at all, as a
+    shell gives them: the log must say why.
+    """
+
+    def outcome(self, argv: list[str]) -> tuple:
+        reactor = ProcessReactor()
+        result: list = []
+        runCommand(reactor, argv, 5.0, "Start").addCallback(result.append)
+        self.assertEqual(reactor.spawned, [])
+        return result[0]
+
+    def test_notFound(self) -> None:
+        self.assertEqual(
+            self.outcome(["no-such-command-here", "start"]),
+            (127, None, "no-such-command-here: command not found"),
+        )
+
+    def test_notExecutable(self) -> None:
+        """
+        A script that exists but is not executable is not "not found": the
+        log says what to fix (exit status 126, as a shell gives).
+        """
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write("#!/bin/sh\n")
+        os.chmod(path, 0o644)
+        self.assertEqual(self.outcome([path]), (126, None, f"{path}: permission denied (not executable)"))
 
 
 class FakeProcess:
@@ -369,7 +401,7 @@ class ScaleToZeroTests(SynchronousTestCase):
             logged,
             [
                 label + "short",
-                label + ("\rx" + "x" * (MAX_LINE - 2))[: MAX_LINE].rstrip() + " [cut]",
+                label + ("\rx" + "x" * (MAX_LINE - 2))[:MAX_LINE].rstrip() + " [cut]",
                 label + ("failed to start, " + "y" * MAX_LINE)[:MAX_LINE] + " [cut]",
                 label + "end",
             ],
