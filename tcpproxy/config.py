@@ -1388,6 +1388,7 @@ def parseConfig(document: object, source: str = "<config>") -> ProxyConfig:
             owner[port] = app.name
         names.add(app.name)
         apps.append(app)
+    _checkStoppedTargetsUnshared(where, apps)
 
     bindAddress = document.get("BindAddress", DEFAULT_BIND_ADDRESS)
     if not isinstance(bindAddress, str) or not (
@@ -1417,6 +1418,33 @@ def parseConfig(document: object, source: str = "<config>") -> ProxyConfig:
         workers,
         resolvers,
     )
+
+
+def _checkStoppedTargetsUnshared(where: _Where, apps: list[AppConfig]) -> None:
+    """
+    Refuse a target that an app scaling to zero may stop (it has a
+    C{Stop}) if another app lists it too: an app counts only its own
+    clients (L{tcpproxy.scaling}), and would run the C{Stop} while the
+    other app's clients use the target.
+
+    @raise ConfigError: naming the app, the target and the other app.
+    """
+    users: dict[Target, list[str]] = {}
+    for app in apps:
+        for target in app.targets:
+            users.setdefault(target, []).append(app.name)
+    for app in apps:
+        if app.scaleToZero is None:
+            continue
+        for target in app.targets:
+            others = [name for name in users[target] if name != app.name]
+            if target.stop is not None and others:
+                raise where.forApp(app.name).error(
+                    "Targets",
+                    f"{target} is a target of app {json.dumps(others[0])} too: this app scales to zero"
+                    " and would run its Stop while that app's clients use it (each app counts only its"
+                    " own); list it in one app only, or give it no Stop",
+                )
 
 
 MAX_WORKERS = 256

@@ -88,6 +88,28 @@ class ScaleToZeroConfigTests(SynchronousTestCase):
         ):
             self.assertIn(expected, self.refused(document(app)))
 
+    def test_stoppableTargetOfOneAppOnly(self) -> None:
+        """
+        A target that an app scaling to zero may stop cannot be another
+        app's target too: the app counts only its own clients, and would
+        stop the target under the other app's (seen: an idle app's C{Stop}
+        reset a long connection of another app to the same service).
+        """
+        target = {"Address": "127.0.0.1:7001", "Start": ["true"], "Stop": ["true"]}
+        other = {"Name": "alt", "Ports": [5002], "Targets": ["127.0.0.1:6001", "127.0.0.1:7001"]}
+        doc = document({"ScaleToZero": {}, "Targets": ["127.0.0.1:6002", target]})
+        for apps in ([*doc["Apps"], other], [other, *doc["Apps"]]):
+            self.assertEqual(
+                self.refused({"Apps": apps}),
+                'c.json: app "web": key "Targets": 127.0.0.1:7001 is a target of app "alt" too: this app'
+                " scales to zero and would run its Stop while that app's clients use it (each app counts"
+                " only its own); list it in one app only, or give it no Stop",
+            )
+        # Without a Stop, or in an app that does not scale to zero, sharing is fine.
+        for shared in ({"Address": "127.0.0.1:7001", "Start": ["true"]}, "127.0.0.1:7001"):
+            parseConfig({"Apps": [document({"ScaleToZero": {}, "Targets": [shared]})["Apps"][0], other]})
+        parseConfig({"Apps": [document({"Targets": [target]})["Apps"][0], other]})
+
     def test_commandFor(self) -> None:
         """
         C{{address}}, C{{host}}, C{{port}} and C{{app}} are substituted in
