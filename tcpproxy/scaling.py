@@ -420,7 +420,8 @@ class ScaleToZero:
         """
         New settings (at start-up, or a reload): a new target is assumed to
         be running, and stopped once idle for C{IdleAfter}; a target gone
-        is forgotten, and not stopped.
+        is forgotten, and not stopped; a changed C{IdleAfter} applies at
+        once to the time each target has been idle already.
         """
         self.app = app.name
         self.settings: ScaleToZeroConfig = app.scaleToZero
@@ -434,7 +435,13 @@ class ScaleToZero:
         for target in app.targets:
             if target not in old:
                 self._lastEnded[target] = now
-            self._arm(target, self.settings.idleAfter)
+            # IdleAfter (maybe new) counts from the target's last connection's
+            # end: a timer armed with the old one would stop it too late.
+            timer = self._timers.pop(target, None)
+            if timer is not None and timer.active():
+                timer.cancel()
+            left = self._lastEnded.get(target, now) + self.settings.idleAfter - now
+            self._arm(target, max(0.0, left))
         kept = set(app.targets)
         for target in old - kept:
             timer = self._timers.pop(target, None)

@@ -334,6 +334,31 @@ class ScaleToZeroTests(SynchronousTestCase):
         self.reactor.advance(100)
         self.assertEqual([args for _, args, _ in self.reactor.spawned], [["docker", "stop", "web-7001"]])
 
+    def test_reloadChangingIdleAfter(self) -> None:
+        """
+        A reload that changes C{IdleAfter} applies at once to the time a
+        target has been idle: lowered from 60 s to 10 s, a target idle for
+        5 s is stopped 5 s later (it was stopped only when the 60 s armed
+        before the reload were over); raised, a target is not stopped
+        before its new time.
+        """
+        scaler = self.scaler(["127.0.0.1:7001"], idleAfter=60.0)
+        self.reactor.advance(5)
+        scaler.update(dataclasses.replace(self.app, scaleToZero=ScaleToZeroConfig(10.0, 5.0, 0)), self.dialer)
+        self.reactor.advance(4.9)
+        self.assertEqual(self.reactor.spawned, [])
+        self.reactor.advance(0.1)
+        self.assertEqual([args for _, args, _ in self.reactor.spawned], [["true", "stop", "7001"]])
+
+        self.reactor.spawned.clear()
+        scaler = self.scaler(["127.0.0.1:7002"], idleAfter=10.0)
+        self.reactor.advance(5)
+        scaler.update(dataclasses.replace(self.app, scaleToZero=ScaleToZeroConfig(60.0, 5.0, 0)), self.dialer)
+        self.reactor.advance(54.9)
+        self.assertEqual(self.reactor.spawned, [])
+        self.reactor.advance(0.1)
+        self.assertEqual([args for _, args, _ in self.reactor.spawned], [["true", "stop", "7002"]])
+
     def stoppedOne(self) -> ScaleToZero:
         scaler = self.scaler(["127.0.0.1:7001"])
         self.reactor.advance(10)
