@@ -1081,8 +1081,17 @@ def _parseDefaults(where: _Where, value: object) -> dict:
     if not isinstance(value, dict):
         raise where.error(None, f"{_show(value)} is not an object of per-app settings")
     _checkKeys(where, value, _DEFAULTS_KEYS, ())
-    _parseSettings(where, value)
+    settings = _parseSettings(where, value)
+    if settings.get("pool") is not None and settings.get("sendProxy") is not None:
+        raise where.error("Pool", f"cannot be used with SendProxy: {_POOL_NO_PROXY}; remove one of the two")
     return dict(value)
+
+
+_POOL_NO_PROXY = "the PROXY header names the client, who is not known when a pooled connection is opened"
+"""
+Why a warm pool and C{SendProxy} are refused together: the header cannot
+be sent first on a connection made in advance.
+"""
 
 
 def _parseApp(where: _Where, index: int, obj: object, defaults: dict | None = None) -> AppConfig:
@@ -1151,12 +1160,15 @@ def _parseApp(where: _Where, index: int, obj: object, defaults: dict | None = No
     if discover:
         settings["discover"] = tuple(discover)
     if settings.get("pool") is not None and (settings.get("sendProxy") is not None or targetSendProxy):
-        # The header names the client, unknown when a pooled connection is
-        # opened: it cannot be sent first on a connection made in advance.
+        if "Pool" in obj:
+            raise where.error(
+                "Pool", f"cannot be used with SendProxy: {_POOL_NO_PROXY}; remove one of the two"
+            )
+        # The pool is the one of "Defaults": name what this app says.
         raise where.error(
-            "Pool",
-            "cannot be used with SendProxy: the PROXY header names the client, who is not known"
-            " when a pooled connection is opened; remove one of the two",
+            "SendProxy" if obj.get("SendProxy") is not None else "Targets",
+            f'SendProxy cannot be used with the "Pool" of "Defaults": {_POOL_NO_PROXY};'
+            ' give this app "Pool": null, or remove one of the two',
         )
     return AppConfig(name, tuple(ports), tuple(targets), tls=tls, targetTLS=targetTLS, **settings)
 

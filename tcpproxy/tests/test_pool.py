@@ -631,6 +631,37 @@ class PoolConfigTests(SynchronousTestCase):
         ):
             self.assertIn(expected, self.refused(document(app)))
 
+    def test_sendProxyRefusalNamesWhereThePoolIs(self) -> None:
+        """
+        A pool and C{SendProxy} given together in C{"Defaults"} are refused
+        there; a C{SendProxy} in an app given a pool by C{"Defaults"} is
+        refused naming the app's C{SendProxy} and where the pool comes from,
+        with the way to keep both elsewhere ({"Pool": null} in that app).
+        It named the app's "Pool", which the app did not have.
+        """
+        pool = {"Size": 2}
+        self.assertIn(
+            'c.json: "Defaults": key "Pool": cannot be used with SendProxy: the PROXY header names',
+            self.refused(document(Defaults={"Pool": pool, "SendProxy": "v1"})),
+        )
+        for app, key in (
+            ({"SendProxy": "v2"}, "SendProxy"),
+            ({"Targets": [{"Address": "127.0.0.1:6001", "SendProxy": "v1"}]}, "Targets"),
+        ):
+            message = self.refused(document(app, Defaults={"Pool": pool}))
+            self.assertTrue(
+                message.startswith(
+                    f'c.json: app "web": key "{key}": SendProxy cannot be used with the "Pool" of "Defaults":'
+                    " the PROXY header names"
+                ),
+                message,
+            )
+            self.assertTrue(message.endswith('give this app "Pool": null, or remove one of the two'), message)
+        # As the message says.
+        self.assertIsNone(
+            parseConfig(document({"SendProxy": "v2", "Pool": None}, Defaults={"Pool": pool})).apps[0].pool
+        )
+
 
 class _MemoryEngine:
     """
