@@ -348,6 +348,7 @@ class _Wake:
         scaler._waking.pop(self.target, None)
         took = scaler.reactor.seconds() - self.began
         if why is None:
+            scaler._failedAt.pop(self.target, None)
             scaler.health.setStopped(self.target, False)
             scaler._lastEnded[self.target] = scaler.reactor.seconds()
             scaler._arm(self.target, scaler.settings.idleAfter)
@@ -358,6 +359,7 @@ class _Wake:
                 seconds=took,
             )
         else:
+            scaler._failedAt[self.target] = scaler.reactor.seconds()
             log.warn(
                 "app {app}: target {target} did not start: {why}",
                 app=scaler.app,
@@ -367,9 +369,10 @@ class _Wake:
         waiters, self.waiters = self.waiters, []
         for d in waiters:
             d.callback(why)
-        if why is None:
-            # Its clients have their slots: the queue may have the rest.
-            scaler.changed()
+        # Up: its clients have their slots, and the queue may have the
+        # rest.  Failed: the clients waiting in the queue, if any, wake the
+        # next stopped target (L{ScaleToZero.wakeOne}), as held ones do.
+        scaler.changed()
 
 
 class ScaleToZero:
@@ -409,6 +412,8 @@ class ScaleToZero:
         self._timers: dict[Target, IDelayedCall] = {}
         self._lastEnded: dict[Target, float] = {}
         self._waking: dict[Target, _Wake] = {}
+        # When each target's last wake-up failed (until one succeeds).
+        self._failedAt: dict[Target, float] = {}
         self.running: set[Deferred[None]] = set()
         # The targets whose Stop runs now: what waits for it to end.
         self._stopping: dict[Target, list[Callable[[], None]]] = {}
@@ -429,6 +434,7 @@ class ScaleToZero:
         now = self.reactor.seconds()
         old = set(self.targets)
         self.targets = app.targets
+        self._failedAt = {t: when for t, when in self._failedAt.items() if t in app.targets}
         # Targets are equal by address: this gives the one of this
         # configuration, with its commands (a reload may change them).
         self._current = {target: target for target in app.targets}
@@ -600,12 +606,17 @@ class ScaleToZero:
         Wake the first stopped target that has a C{Start}, for the clients
         that wait in the app's queue (L{tcpproxy.dispatch}), unless a
         target is being woken already: it is their turn then.  Once it is
-        up, L{changed} serves them.
+        up, L{changed} serves them; if it fails to start, the next stopped
+        target is woken for them (a target whose wake-up failed less than
+        C{StartTimeout} seconds ago is passed over: the queue would
+        otherwise run a failing C{Start} again and again).
         """
         if self._waking:
             return
+        now = self.reactor.seconds()
+        holdOff = self.settings.startTimeout
         for target in self.targets:
-            if self._mayWake(target):
+            if self._mayWake(target) and now - self._failedAt.get(target, now - holdOff) >= holdOff:
                 _Wake(self, target)
                 return
 

@@ -663,6 +663,54 @@ class ScaleToZeroDispatchTests(SynchronousTestCase):
         self.assertEqual(self.dispatcher.queue, {})
         self.assertEqual(first[0].target.port, 7001)
 
+    def test_queuedClientsWakeTheNextWhenAStartFails(self) -> None:
+        """
+        Clients waiting in the queue whose wake-up of a stopped target
+        fails wake the next stopped target, as held clients do, and are
+        served by it; the target that failed is not started again for
+        them within C{StartTimeout}.
+        """
+        self.start(
+            [
+                {"Address": "127.0.0.1:7001", "MaxConnections": 1},
+                {"Address": "127.0.0.1:7002", "Start": list(START), "Stop": list(STOP)},
+                {"Address": "127.0.0.1:7003", "Start": list(START), "Stop": list(STOP), "MaxConnections": 1},
+            ],
+            QueueTimeout=30,
+        )
+        self.stopAll()
+        first = self.client()
+        accept(self.reactor, 0)
+        # A client waits in the queue (as one the wake-ups of its arrival
+        # could not place does), and the targets change: its turn to wake one.
+        queued: list = []
+        self.dispatcher._enqueue(self.protocols, "10.0.0.1").addBoth(queued.append)
+        self.dispatcher.changed()
+        self.assertEqual(self.commands()[2:], [["true", "start", "127.0.0.1:7002"]])
+        exit(self.reactor.spawned[2][0], 1)  # 7002's Start fails
+        self.assertEqual(
+            self.commands()[2:], [["true", "start", "127.0.0.1:7002"], ["true", "start", "127.0.0.1:7003"]]
+        )
+        self.assertEqual((len(self.dispatcher.queue), queued), (1, []))
+        exit(self.reactor.spawned[3][0], 0)
+        probe = len(self.reactor.tcpClients) - 1
+        self.assertEqual(self.dialled()[probe], 7003)
+        accept(self.reactor, probe)  # 7003 is up
+        self.assertEqual(self.health.stateOf(self.targets[2]), UP)
+        accept(self.reactor, probe + 1)
+        self.assertEqual(queued[0].target.port, 7003)
+        self.assertEqual(self.dispatcher.queue, {})
+        self.assertEqual(first[0].target.port, 7001)
+        # Another client waits, every running target full, and the targets
+        # change: 7002, whose Start failed less than StartTimeout ago, is
+        # not started again for it; once that is over, it is.
+        self.dispatcher._enqueue(self.protocols, "10.0.0.1")
+        self.dispatcher.changed()
+        self.assertEqual(len(self.commands()), 4)
+        self.reactor.advance(5)
+        self.dispatcher.changed()
+        self.assertEqual(self.commands()[4:], [["true", "start", "127.0.0.1:7002"]])
+
     def test_failedWakeThenQueue(self) -> None:
         """
         A client finding every running target full whose wake-up fails
