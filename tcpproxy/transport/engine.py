@@ -19,6 +19,7 @@ Both resolve host names with L{NameResolver} (no thread per lookup).
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import socket
 
@@ -177,8 +178,6 @@ class FastEngine(_EngineReactor):
             self.poller = None
 
     def adopt(self, sock: socket.socket, address: tuple, factory: IProtocolFactory, host=None) -> None:
-        # accept gives IPv6 addresses as 4-tuples: no enum conversion of
-        # sock.family per client.
         protocol = factory.buildProtocol(peerAddress(address))
         if protocol is None:
             sock.close()
@@ -196,45 +195,28 @@ class FastEngine(_EngineReactor):
         return connector
 
 
-_families: dict[str, int | None] = {}
-
-
+@functools.lru_cache(maxsize=4096)
 def _family(host: str) -> int | None:
     """
     The address family of an IP address (C{None} for anything else),
     remembered: the same few targets are dialled again and again.
     """
-    family = _families.get(host, 0)
-    if family == 0:
-        if isIPv6Address(host):
-            family = socket.AF_INET6
-        elif isIPAddress(host):
-            family = socket.AF_INET
-        else:
-            family = None
-        if len(_families) > 4096:
-            _families.clear()
-        _families[host] = family
-    return family
+    if isIPv6Address(host):
+        return socket.AF_INET6
+    if isIPAddress(host):
+        return socket.AF_INET
+    return None
 
 
-_destinations: dict[tuple[str, int], IPv4Address | IPv6Address] = {}
-
-
+@functools.lru_cache(maxsize=4096)
 def _destination(host: str, port: int) -> IPv4Address | IPv6Address:
     """
     The address of a target, as Twisted writes it, made once: addresses are
     immutable values, and the same few targets are dialled again and again
     (one address object less to make for every connection).
     """
-    address = _destinations.get((host, port))
-    if address is None:
-        kind = IPv6Address if _family(host) == socket.AF_INET6 else IPv4Address
-        address = kind("TCP", host, port)
-        if len(_destinations) > 4096:
-            _destinations.clear()
-        _destinations[(host, port)] = address
-    return address
+    kind = IPv6Address if _family(host) == socket.AF_INET6 else IPv4Address
+    return kind("TCP", host, port)
 
 
 @implementer(IConnector, IClosedListener)
