@@ -255,6 +255,9 @@ class SocketTransport:
         """
         The poller's handler for this socket: the transport itself, not a
         bound method of it (64 bytes less for every idle connection).
+
+        The read is done here, not in a method of its own: it is the
+        commonest event of all, and a call less for each.
         """
         mask = self._mask
         if self.disconnecting and not mask & WRITE:
@@ -265,11 +268,31 @@ class SocketTransport:
             self._doWrite()
         if self.connected and events & ~WRITE and mask & READ and self._mask & READ:
             # Readable, or in error or hung up: the read says which.
-            if self._doRead() and not wrote:
-                # Data, delivered: whatever it changed (a pause, a close,
-                # bytes left to send) asked for its own interest.  The
-                # common case, without a look at the interest.
-                return
+            splice = self._spliceOut
+            if splice is not None:
+                splice.pull()
+            else:
+                try:
+                    data = self.socket.recv(CHUNK)
+                except _WOULD_BLOCK:
+                    data = None
+                except OSError as e:
+                    self._lost(e)
+                    return
+                if data is None:
+                    if not wrote:
+                        return
+                elif not data:
+                    self._readEOF()
+                else:
+                    self.protocol.dataReceived(data)
+                    if len(data) == CHUNK and self._spliceConsumer is not None and self.connected:
+                        self._startSplice()
+                    elif not wrote:
+                        # Data, delivered: whatever that changed (a pause, a
+                        # close, bytes left to send) asked for its own
+                        # interest.  The common case, without a look at it.
+                        return
         elif not wrote and events & GONE and self.connected:
             # Error or hang-up on a socket that is neither read nor written now.
             error = self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -308,33 +331,6 @@ class SocketTransport:
             self._poller.register(self._fd, mask, self)
         else:
             self._poller.modify(self._fd, mask)
-
-    def _doRead(self) -> bool:
-        """
-        Read what the socket has, and deliver it.
-
-        @return: whether data was delivered, and nothing else happened here
-            (no EOF, no error, no splice): the interest is then as it was,
-            or as the calls made since asked for.
-        """
-        if self._spliceOut is not None:
-            self._spliceOut.pull()
-            return False
-        try:
-            data = self.socket.recv(CHUNK)
-        except _WOULD_BLOCK:
-            return True
-        except OSError as e:
-            self._lost(e)
-            return False
-        if not data:
-            self._readEOF()
-            return False
-        self.protocol.dataReceived(data)
-        if len(data) == CHUNK and self._spliceConsumer is not None and self.connected:
-            self._startSplice()
-            return False
-        return True
 
     def _readEOF(self) -> None:
         """
