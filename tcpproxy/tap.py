@@ -16,6 +16,7 @@ import sys
 from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
+from tcpproxy.collector import tuneCollector
 from tcpproxy.config import (
     ConfigError,
     checkWorkers,
@@ -176,13 +177,14 @@ def makeService(options: Options) -> IService:
 
     The first thing it does is catch C{SIGHUP} (L{EarlySignal}): from then
     on the signal never ends the process, and one that comes before the
-    proxy serves is applied once it does.
+    proxy serves is applied once it does.  The last is to set the process's
+    garbage collector for serving (L{tuneCollector}).
     """
     early = EarlySignal(signal.SIGHUP)
     from tcpproxy.listening import ListenError
 
     try:
-        return buildService(options, early=early)
+        service = buildService(options, early=early)
     except (ConfigError, ListenError) as e:
         early.release()
         sys.stderr.write(f"tcpproxy: error: {e}\n")
@@ -191,3 +193,5 @@ def makeService(options: Options) -> IService:
     except BaseException:
         early.release()
         raise
+    tuneCollector()
+    return service

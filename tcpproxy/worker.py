@@ -42,6 +42,7 @@ from twisted.internet.error import ReactorNotRunning
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger, globalLogBeginner
 
+from tcpproxy.collector import tuneCollector
 from tcpproxy.config import AppConfig, ConfigError, ProxyConfig, Target, parseConfigBytes, parseTarget
 from tcpproxy.control import (
     CHUNK,
@@ -290,6 +291,7 @@ def serve(arguments: argparse.Namespace, reactor, log: Logger) -> None:
         log.error("worker {number} cannot start: {error}", number=arguments.number, error=str(e))
         raise SystemExit(1) from None
     service.closeUnused()
+    tuneCollector()
 
     control = WorkerControl(service)
     reactor.adoptStreamConnection(arguments.control_fd, socket.AF_UNIX, _Once(control))

@@ -5,6 +5,7 @@ build on real loopback sockets, and how a refusal reaches the user.
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import os
@@ -21,6 +22,7 @@ from twisted.python import usage
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
+from tcpproxy.collector import YOUNG_THRESHOLD
 from tcpproxy.config import ConfigError, loadConfig
 from tcpproxy.demo import DemoBackendsService
 from tcpproxy.jsonlog import JSONLogService
@@ -28,6 +30,7 @@ from tcpproxy.listening import ListenError
 from tcpproxy.service import ProxyService
 from tcpproxy.tap import Options, buildService, makeService
 from tcpproxy.tests.loopback import blockPort, freePorts
+from tcpproxy.tests.test_collector import keepCollector
 
 
 def canBind(port: int) -> bool:
@@ -429,7 +432,10 @@ class MakeServiceTests(ConfigFileMixin, TestCase):
         error.
         """
         proxy, target = freePorts(2)
+        keepCollector(self)
         service = makeService(parse("--config", self.loopbackConfig([proxy], [target])))
         self.serveUntilTestEnds(service)
         self.assertIsInstance(service, ProxyService)
         self.assertEqual(self.stderr.getvalue(), "")
+        # The process's collector is set for serving (tcpproxy.collector).
+        self.assertEqual(gc.get_threshold()[0], YOUNG_THRESHOLD)
