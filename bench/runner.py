@@ -281,6 +281,9 @@ class BenchmarkRun:
 
 
 def _where(proxy) -> str:
+    if proxy.address is None:
+        # Not started yet: every scenario of the run starts its own process.
+        return "a fresh process per scenario"
     host, port = proxy.address
     return f"{host}:{port}" + (
         "" if proxy.pid is None else f" (pid {proxy.pid}, CPU {allowedCpus(proxy.pid)})"
