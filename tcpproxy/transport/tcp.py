@@ -162,7 +162,6 @@ class SocketTransport:
     __slots__ = (
         "_poller",
         "socket",
-        "_fd",
         "protocol",
         "_halfClose",
         "_host",
@@ -214,7 +213,6 @@ class SocketTransport:
         """
         self._poller = poller
         self.socket = sock
-        self._fd = sock.fileno()
         self.protocol = protocol
         self._halfClose = IHalfCloseableProtocol.providedBy(protocol)
         self._peer = peer
@@ -238,7 +236,7 @@ class SocketTransport:
         self._connector = connector
         self._noDelay = noDelay
         if watched:
-            poller.handOver(self._fd, self)
+            poller.handOver(sock.fileno(), self)
             self._mask = watched
 
     def startReading(self) -> None:
@@ -324,13 +322,16 @@ class SocketTransport:
             # (L{__call__}).
             return
         self._mask = mask
+        # The descriptor's number is asked of the socket, not kept: kept, it
+        # is an int object of 32 bytes per socket for the life of every
+        # connection, and it is needed only here, beside a system call.
         if not mask:
             # Hang-up would be reported for ever: stop watching instead.
-            self._poller.unregister(self._fd)
+            self._poller.unregister(self.socket.fileno())
         elif not old:
-            self._poller.register(self._fd, mask, self)
+            self._poller.register(self.socket.fileno(), mask, self)
         else:
-            self._poller.modify(self._fd, mask)
+            self._poller.modify(self.socket.fileno(), mask)
 
     def _readEOF(self) -> None:
         """
@@ -489,7 +490,7 @@ class SocketTransport:
         if reason is None:
             reason = self._closeReason or _DONE
         if self._mask:
-            self._poller.forget(self._fd)
+            self._poller.forget(self.socket.fileno())
             self._mask = 0
         if self._spliceIn is not None:
             self._spliceIn.close()
@@ -661,7 +662,7 @@ class _Splice:
         """
         src = self.src
         try:
-            size = os.splice(src._fd, self.pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
+            size = os.splice(src.socket.fileno(), self.pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
         except _WOULD_BLOCK:
             return
         except OSError as e:
@@ -687,9 +688,10 @@ class _Splice:
         Send what the pipe holds to C{dst}.
         """
         dst = self.dst
+        fd = dst.socket.fileno()
         try:
             while self.inPipe:
-                self.inPipe -= os.splice(self.pipe[0], dst._fd, self.inPipe, flags=_SPLICE_FLAGS)
+                self.inPipe -= os.splice(self.pipe[0], fd, self.inPipe, flags=_SPLICE_FLAGS)
         except _WOULD_BLOCK:
             return
         except OSError as e:
