@@ -133,6 +133,29 @@ class PollerTests(_WithPoller):
         [failure] = self.flushLoggedErrors(ZeroDivisionError)
         self.assertEqual(str(failure.value), "a bug")
 
+    def test_failingHandlerThatIsItsOwner(self) -> None:
+        """
+        A handler that is itself the transport (the fast engine's transports
+        are their own handler, not a bound method of theirs) is aborted when
+        it raises.
+        """
+
+        class Transport:
+            aborted = False
+
+            def __call__(self, events: int) -> None:
+                raise ZeroDivisionError("a bug")
+
+            def abortConnection(self) -> None:
+                self.aborted = True
+
+        transport = Transport()
+        self.poller.register(self.a.fileno(), READ, transport)
+        self.b.send(b"x")
+        self.poller.doRead()
+        self.assertTrue(transport.aborted)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
     def test_failingHandlerWithoutOwner(self) -> None:
         """
         A handler that raises and belongs to nothing that can be aborted (a

@@ -185,7 +185,9 @@ class Poller:
                 except Exception:
                     # A bug, not a network event: drop that connection, not the proxy.
                     self.log.failure("connection handler failed; dropping its connection")
-                    owner = getattr(handler, "__self__", None)
+                    # The object the handler is a method of, or the handler
+                    # itself (a transport is its own handler).
+                    owner = getattr(handler, "__self__", handler)
                     abort = getattr(owner, "abortConnection", None)
                     if abort is not None:
                         try:
