@@ -120,8 +120,8 @@ class PooledClientProtocol(ProxyClientProtocol):
             ProxyClientProtocol.connectionLost(self, reason)
             return
         self.closed = True
-        if self.closer is not None:
-            self.closer.cancel()
+        if self.closing is not None:
+            self.closing.cancel()
         self.releaseDescriptor()
         if self.pool is not None:
             self.pool.lost(self)
@@ -461,7 +461,7 @@ class WarmPool:
         self._closing.add(protocol)
         transport = protocol.transport
         if ISSLTransport.providedBy(transport):
-            protocol.closer = TLSCloser(transport, self.clock)
+            protocol.closing = TLSCloser(transport, self.clock)
         else:
             transport.loseConnection()
 

@@ -268,15 +268,18 @@ class _RelaySide:
     @ivar closed: C{connectionLost} was called.
     @ivar received: bytes read from this side's remote end (spliced ones
         included).
-    @ivar lingerCall: while in a lingering close (L{linger}), the reset
-        that ends it if it takes too long.
-    @ivar closer: while a TLS transport of this side is being closed, the
-        L{TLSCloser} that aborts it if its peer stops answering.
-    @ivar resetter: once the peer was reset, the L{ResetWhenSent} that
-        resets this side too.
+    @ivar closing: while this side is closed because its peer is gone
+        (L{closePeer}), what ends that close, cancelled if the connection
+        ends first: in a lingering close (L{linger}), the timer of the reset
+        that ends it if it takes too long; for a TLS transport, the
+        L{TLSCloser} that aborts it if its peer stops answering; once the
+        peer was reset, the L{ResetWhenSent} that resets this side too.
+        One slot for the three: a side is closed for its peer once, one way
+        (8 bytes per side less for every other open connection).
     @ivar throttle: with a bandwidth limit, the L{Throttle} this side's
         transport produces through (told of every chunk read); else C{None}.
-    @ivar dropping: in a lingering close: what arrives is dropped.
+    @ivar dropping: in a lingering close (or once nothing can take what
+        arrives): what arrives is dropped, and EOF closes the side.
     @ivar tls: this side's transport is a TLS one (looked at once).
     """
 
@@ -288,9 +291,7 @@ class _RelaySide:
         "connected",
         "peer",
         "throttle",
-        "lingerCall",
-        "closer",
-        "resetter",
+        "closing",
         "feeding",
         "readDone",
         "writeDone",
@@ -307,9 +308,7 @@ class _RelaySide:
         self.connected = 0
         self.peer: _RelaySide | None = None
         self.throttle: Throttle | None = None
-        self.lingerCall: IDelayedCall | None = None
-        self.closer: TLSCloser | None = None
-        self.resetter: ResetWhenSent | None = None
+        self.closing: IDelayedCall | TLSCloser | ResetWhenSent | None = None
         self.feeding = False
         self.readDone = False
         self.writeDone = False
@@ -371,7 +370,7 @@ class _RelaySide:
 
     def readConnectionLost(self) -> None:
         self.readDone = True
-        if self.lingerCall is not None:
+        if self.dropping:
             # The lingering close is over.
             self.transport.loseConnection()
             return
@@ -410,12 +409,12 @@ class _RelaySide:
         """
         peer = self.peer
         transport = peer.transport
+        if peer.closing is not None:
+            return  # (called once per side: its peer's connection is lost once)
         if reset:
-            if peer.resetter is None:
-                peer.resetter = ResetWhenSent(transport, self.relay.factory.clock)
+            peer.closing = ResetWhenSent(transport, self.relay.factory.clock)
         elif peer.tls:
-            if peer.closer is None:
-                peer.closer = TLSCloser(transport, self.relay.factory.clock)
+            peer.closing = TLSCloser(transport, self.relay.factory.clock)
         elif peer.readDone:
             transport.loseConnection()
         else:
@@ -433,7 +432,14 @@ class _RelaySide:
         transport = self.transport
         transport.loseWriteConnection()
         transport.resumeProducing()
-        self.lingerCall = self.relay.factory.clock.callLater(LINGER, _abort, transport)
+        self.closing = self.relay.factory.clock.callLater(LINGER, self._lingeredTooLong)
+
+    def _lingeredTooLong(self) -> None:
+        """
+        The lingering close took L{LINGER} seconds: reset the side.
+        """
+        self.closing = None  # (called: nothing left to cancel)
+        _abort(self.transport)
 
     def writeConnectionLost(self) -> None:
         self.writeDone = True
@@ -441,12 +447,8 @@ class _RelaySide:
 
     def connectionLost(self, reason: Failure) -> None:
         self.closed = True
-        if self.closer is not None:
-            self.closer.cancel()
-        if self.resetter is not None:
-            self.resetter.cancel()
-        if self.lingerCall is not None and self.lingerCall.active():
-            self.lingerCall.cancel()
+        if self.closing is not None:
+            self.closing.cancel()
         if self.throttle is not None:
             self.throttle.stop()
         peer = self.peer
