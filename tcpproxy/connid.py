@@ -88,11 +88,24 @@ class ConnectionIds:
         self._prefix = tag + "-"
         self._counter = itertools.count(1)
 
+    def nextNumber(self) -> int:
+        """
+        The number of a new connection, from 1: its id is L{format}C{(number)}.
+        """
+        return next(self._counter)
+
+    def format(self, number: int) -> str:
+        """
+        The id of the connection numbered C{number}: the tag, C{-}, and the
+        number in hexadecimal.
+        """
+        return f"{self._prefix}{number:x}"
+
     def next(self) -> str:
         """
-        A new id: the tag, C{-}, and the next number in hexadecimal.
+        A new id.
         """
-        return f"{self._prefix}{next(self._counter):x}"
+        return self.format(next(self._counter))
 
 
 _ids = ConnectionIds(processTag())
@@ -113,3 +126,22 @@ def newConnectionId() -> str:
     A new connection id, unique across this host's processes and restarts.
     """
     return _ids.next()
+
+
+def newConnectionNumber() -> int:
+    """
+    A new connection's number, for an id written only when it is asked for
+    (L{connectionIdOf}): what an open connection keeps is then an int of 32
+    bytes, not a string of 72, and a connection that is never logged never
+    has its id written at all.
+    """
+    return _ids.nextNumber()
+
+
+def connectionIdOf(number: int) -> str:
+    """
+    The id of the connection numbered C{number} by L{newConnectionNumber}
+    in this process.  (A child of fork writes its own tag: a number it
+    inherited is not one of its connections.)
+    """
+    return _ids.format(number)

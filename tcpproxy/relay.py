@@ -81,7 +81,7 @@ from tcpproxy.access import (
     END_TARGET_LOST,
     IConnectionRecord,
 )
-from tcpproxy.connid import newConnectionId
+from tcpproxy.connid import connectionIdOf, newConnectionNumber
 from tcpproxy.describe import describeAddress
 from tcpproxy.dialer import Dialled, NoTargetAvailable
 from tcpproxy.idle import IIdleWatched
@@ -542,7 +542,7 @@ class ProxyServerProtocol(_RelaySide):
         "port",
         "app",
         "clientHost",
-        "connectionId",
+        "_id",
         "proxied",
     )
 
@@ -567,8 +567,8 @@ class ProxyServerProtocol(_RelaySide):
         self.port = 0
         self.app = None
         self.clientHost = ""
-        # Given by the TLS gate, for a client whose TLS ends here.
-        self.connectionId: str | None = None
+        # The connection id, or its number (see connectionId).
+        self._id: int | str | None = None
         # The client as a PROXY header gave it (tcpproxy.proxyaccept), set
         # before connectionMade; else the transport's peer is the client.
         self.proxied = None
@@ -577,9 +577,26 @@ class ProxyServerProtocol(_RelaySide):
     def relay(self) -> ProxyServerProtocol:
         return self
 
+    @property
+    def connectionId(self) -> str | None:
+        """
+        The connection's id (L{tcpproxy.connid}); C{None} before
+        C{connectionMade}.  Kept as its number, and written when asked for
+        (to log the connection, mostly): 40 bytes less for every open
+        connection.  A client whose TLS ends here has the id its handshake's
+        log lines had, given as a string by the TLS gate before
+        C{connectionMade}.
+        """
+        ident = self._id
+        return connectionIdOf(ident) if type(ident) is int else ident
+
+    @connectionId.setter
+    def connectionId(self, value: str) -> None:
+        self._id = value
+
     def connectionMade(self) -> None:
-        if self.connectionId is None:
-            self.connectionId = newConnectionId()
+        if self._id is None:
+            self._id = newConnectionNumber()
         factory = self.factory
         self.started = factory.clock.seconds()
         if not self.clientHost:

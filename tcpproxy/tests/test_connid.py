@@ -78,6 +78,21 @@ class IdTests(SynchronousTestCase):
         ids = connid.ConnectionIds("TAG")
         self.assertEqual([ids.next() for _ in range(11)][-2:], ["TAG-a", "TAG-b"])
 
+    def test_numberWrittenWhenAsked(self):
+        """
+        A connection may keep only its number and have its id written when
+        asked: the id it would have had from L{connid.newConnectionId} (the
+        next of the process's ids), the same whenever it is written.
+        """
+        before = connid.newConnectionId()
+        number = connid.newConnectionNumber()
+        after = connid.newConnectionId()
+        tag, counter = before.split("-")
+        self.assertEqual(connid.connectionIdOf(number), f"{tag}-{int(counter, 16) + 1:x}")
+        self.assertEqual(connid.connectionIdOf(number), connid.connectionIdOf(number))
+        self.assertEqual(after, f"{tag}-{int(counter, 16) + 2:x}")
+        self.assertRegex(connid.connectionIdOf(number), connid.PATTERN)
+
     def test_uniqueInProcess(self):
         """
         The ids made in a process are all different.

@@ -421,7 +421,7 @@ class TerminationTests(TLSServiceMixin, TestCase):
         gateIds = iter(["GATE-1", "GATE-2"])
         relayIds: list[str] = []
         self.patch(tlsModule, "newConnectionId", lambda: next(gateIds))
-        self.patch(relayModule, "newConnectionId", lambda: relayIds.append("RELAY") or "RELAY")
+        self.patch(relayModule, "newConnectionNumber", lambda: relayIds.append("RELAY") or 1)
         app, port = self.terminating([listen(self, echoFactory())])
         self.serve([app])
         yield self.echoThrough(port, trusting(BETA))
