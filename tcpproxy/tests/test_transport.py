@@ -44,7 +44,7 @@ from twisted.logger import formatEvent
 from twisted.names import dns
 from twisted.names.error import DNSServerError
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
@@ -110,6 +110,33 @@ class InterfaceTests(SynchronousTestCase):
         transport = SocketTransport(poller, a, Protocol(), ("127.0.0.1", 1))
         for interface in (ITCPTransport, IPushProducer, IConsumer, ISystemHandle, ISplicing, IWriteBuffer):
             self.assertTrue(verifyObject(interface, transport), interface)
+
+    def test_peerOfAcceptedSockets(self) -> None:
+        """
+        An accepted socket's transport gives its peer as Twisted writes it,
+        IPv4 or IPv6 (as C{accept} gave it), also once closed (for the log).
+        """
+        poller = Poller(self.reactor)
+        self.addCleanup(poller.close)
+        kinds = ((socket.AF_INET, "127.0.0.1", IPv4Address), (socket.AF_INET6, "::1", IPv6Address))
+        for family, host, kind in kinds:
+            listener = socket.socket(family)
+            self.addCleanup(listener.close)
+            try:
+                listener.bind((host, 0))
+            except OSError:
+                raise SkipTest(f"no {host} here")
+            listener.listen(1)
+            client = socket.create_connection(listener.getsockname()[:2])
+            self.addCleanup(client.close)
+            accepted, address = listener.accept()
+            transport = SocketTransport(poller, accepted, Protocol(), address)
+            expected = kind("TCP", host, client.getsockname()[1])
+            self.assertEqual(transport.getPeer(), expected)
+            transport.abortConnection()
+            self.reactor.advance(0)
+            self.assertFalse(transport.connected)
+            self.assertEqual(transport.getPeer(), expected)
 
     def test_fastEngine(self) -> None:
         engine = FastEngine(self.reactor, self.resolver)

@@ -140,9 +140,17 @@ def peerAddress(address: tuple) -> IPv4Address | IPv6Address:
     A socket address as C{accept} gives it (an IPv6 one is a 4-tuple), as
     Twisted writes it.
     """
-    if len(address) == 4:
-        return IPv6Address("TCP", address[0], address[1])
-    return IPv4Address("TCP", address[0], address[1])
+    return _address(address[0], address[1])
+
+
+def _address(host: str, port: int) -> IPv4Address | IPv6Address:
+    """
+    An IP address (IPv6 ones have colons, IPv4 ones none) and port, as
+    Twisted writes them.
+    """
+    if ":" in host:
+        return IPv6Address("TCP", host, port)
+    return IPv4Address("TCP", host, port)
 
 
 def _lostReason(error: OSError | None) -> Failure:
@@ -170,9 +178,9 @@ class SocketTransport:
         "_halfClose",
         "_host",
         "_peer",
+        "_peerPort",
         "_mask",
         "_buffer",
-        "_buffered",
         "_producer",
         "_producerPaused",
         "_paused",
@@ -186,7 +194,6 @@ class SocketTransport:
         "_spliceIn",
         "_spliceConsumer",
         "_spliceCounter",
-        "_connector",
         "_noDelay",
         "bufferSize",
     )
@@ -204,12 +211,14 @@ class SocketTransport:
     ) -> None:
         """
         @param peer: the remote address as C{accept} gave it (a tuple);
-            C{None} for a dialled socket, whose C{connector} (an
-            L{IConnector}) gives it when asked.  Not an address object: kept
-            for the life of the connection, that is 150 bytes more per idle
-            one, and it is rarely asked for.
-        @param connector: told with the reason after the protocol's
-            C{connectionLost} (a client connector tells its factory).
+            C{None} for a dialled socket, whose C{connector} gives it when
+            asked.  Only its host and port are kept: not an address object,
+            nor the tuple (for the life of the connection, 150 and 56 bytes
+            more per idle one), for what is rarely asked for.
+        @param connector: for a dialled socket: the L{IConnector} that
+            dialled it, which gives the peer's address when asked, and is
+            told with the reason after the protocol's C{connectionLost} (a
+            client connector tells its factory).
         @param watched: the interest C{sock} is registered with in C{poller}
             already (by the connector that dialled it), whose handler this
             transport takes over.
@@ -220,11 +229,18 @@ class SocketTransport:
         self.socket = sock
         self.protocol = protocol
         self._halfClose = IHalfCloseableProtocol.providedBy(protocol)
-        self._peer = peer
+        # One pair of slots for the two kinds (8 bytes per socket less for
+        # every idle connection): an accepted socket's peer host and port,
+        # or a dialled socket's connector and None.
+        if connector is None:
+            self._peer: str | IClosedListener = peer[0]
+            self._peerPort: int | None = peer[1]
+        else:
+            self._peer = connector
+            self._peerPort = None
         self._host = host
         self._mask = 0
         self._buffer: list | None = None  # made when something waits (memory per idle connection)
-        self._buffered = 0
         self._producer: IPushProducer | None = None
         self._producerPaused = False
         self._paused = False
@@ -238,7 +254,6 @@ class SocketTransport:
         self._spliceIn: _Splice | None = None
         self._spliceConsumer: SocketTransport | None = None
         self._spliceCounter = None
-        self._connector = connector
         self._noDelay = noDelay
         self.bufferSize = CHUNK
         if watched:
@@ -367,10 +382,8 @@ class SocketTransport:
                 return
             if sent < len(data):
                 self._buffer = [memoryview(data)[sent:]]
-                self._buffered = len(data) - sent
                 return
             self._buffer = None
-            self._buffered = 0
         self._flushed()
 
     def _flushed(self) -> None:
@@ -381,7 +394,7 @@ class SocketTransport:
         if self._producer is not None and self._producerPaused:
             self._producerPaused = False
             self._producer.resumeProducing()
-            if not self.connected or self._buffered:
+            if not self.connected or self._buffer:
                 return
         if self._shutRequested and not self._writeShut:
             self._shutWrite()
@@ -424,7 +437,6 @@ class SocketTransport:
                     data = memoryview(data)[sent:]
             buffer = self._buffer = []
         buffer.append(data)
-        self._buffered += len(data)
         producer = self._producer
         if producer is not None and not self._producerPaused:
             self._producerPaused = True
@@ -470,7 +482,6 @@ class SocketTransport:
         except OSError:
             pass
         self._buffer = None
-        self._buffered = 0
         self._closeReason = Failure(ConnectionAborted())
         # Nothing more is read or written; the close comes from the loop.
         self.disconnecting = True
@@ -506,7 +517,6 @@ class SocketTransport:
         # Else the pipe holds bytes read from this socket (and counted):
         # the consumer still sends them, then closes the pipe (L{_Splice.push}).
         self._buffer = None
-        self._buffered = 0
         if orderly and not self._writeShut and not self._readDone:
             # EOF first, as Twisted's transport does: a peer whose last bytes
             # were not read then sees an orderly end, not only the reset
@@ -529,13 +539,13 @@ class SocketTransport:
         try:
             protocol.connectionLost(reason)
         finally:
-            if self._connector is not None:
-                self._connector.transportClosed(reason)
+            if self._peerPort is None:
+                self._peer.transportClosed(reason)
 
     def getPeer(self) -> IPv4Address | IPv6Address:
-        if self._peer is None:
-            return self._connector.getDestination()
-        return peerAddress(self._peer)
+        if self._peerPort is None:
+            return self._peer.getDestination()
+        return _address(self._peer, self._peerPort)
 
     def getHost(self) -> IPv4Address | IPv6Address:
         if self._host is not None:
@@ -608,7 +618,9 @@ class SocketTransport:
     @property
     def bufferedBytes(self) -> int:
         splice = self._spliceIn
-        return self._buffered + (splice.inPipe if splice is not None else 0)
+        # Counted when asked (rarely: closing a side), not on every write.
+        buffered = sum(map(len, self._buffer)) if self._buffer else 0
+        return buffered + (splice.inPipe if splice is not None else 0)
 
     # ISplicing
 
