@@ -574,6 +574,38 @@ def connectionRate(address: Address, concurrency: int, warmup: float, duration: 
         loop.close()
 
 
+def connectMany(address: Address, concurrency: int, count: int, timeout: float) -> dict:
+    """
+    Connect, exchange one small echo, close, as L{connectionRate} does, for
+    C{count} connections (not for a time): what a count of instructions per
+    connection needs.
+
+    @return: the connections completed and the errors (with C{"errorKinds"}).
+    @raise LoadError: the C{count} did not complete within C{timeout} seconds.
+    """
+    loop = _ConnectLoop(address, concurrency)
+    try:
+        start = lastExpiry = time.perf_counter()
+        while loop.done + sum(loop.errors.values()) < count:
+            now = time.perf_counter()
+            if now - start > timeout:
+                raise LoadError(
+                    f"{loop.done} of {count} connections in {timeout:g}s; errors: {_showErrors(loop.errors)}"
+                )
+            begun = loop.done + sum(loop.errors.values()) + len(loop.attempts)
+            loop.step(now, count - begun)
+            if now - lastExpiry > 0.5:
+                loop.expire(now)
+                lastExpiry = now
+        return {
+            "connections": loop.done,
+            "errors": sum(loop.errors.values()),
+            "errorKinds": dict(loop.errors),
+        }
+    finally:
+        loop.close()
+
+
 def _showErrors(errors: dict[str, int]) -> str:
     return ", ".join(f"{kind} x{count}" for kind, count in sorted(errors.items())) or "none"
 

@@ -175,6 +175,11 @@ class _ProxyProcess:
     address: Address | None = None
     tlsAddress: Address | None = None
     proxyProtocolAddress: Address | None = None
+    wrapper: tuple[str, ...] = ()
+    """
+    A command the proxy is run under (C{valgrind ...}, L{bench.instructions}).
+    """
+    startTimeout = START_TIMEOUT
 
     def __init__(self, workdir: str, cpus: frozenset[int] | None) -> None:
         self._workdir = os.path.join(workdir, self.name)
@@ -204,7 +209,7 @@ class _ProxyProcess:
         # proxy binding it: try another.
         for attempt in range(3):
             port = freePort()
-            argv = self.command(port, backend)
+            argv = [*self.wrapper, *self.command(port, backend)]
             with open(self._logPath, "ab") as log:
                 self._process = subprocess.Popen(
                     argv,
@@ -218,7 +223,7 @@ class _ProxyProcess:
                 )
             self.address = (LOOPBACK, port)
             try:
-                waitUntilEchoing(self.address, START_TIMEOUT, self.alive)
+                waitUntilEchoing(self.address, self.startTimeout, self.alive)
                 return
             except NotReady as e:
                 self.stop()
