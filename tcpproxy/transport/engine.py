@@ -227,31 +227,40 @@ class Connector:
     C{clientConnectionFailed}, and C{clientConnectionLost} at the end.
     """
 
+    # Kept for the life of the connection it makes (its transport tells it
+    # of the end, and asks it for the peer's address): each slot is 8 bytes
+    # per idle relayed connection.
     __slots__ = (
         "_engine",
-        "host",
-        "port",
+        "_destination",
         "factory",
         "timeout",
         "bindAddress",
-        "_sock",
+        "_connection",
         "state",
-        "transport",
     )
 
     def __init__(self, engine: FastEngine, host: str, port: int, factory, timeout, bindAddress) -> None:
         self._engine = engine
-        self.host = host
-        self.port = port
+        # The address object, shared by every dial of the target: the host
+        # and port in one slot.
+        self._destination = _destination(host, port)
         self.factory = factory
         self.timeout = timeout
         self.bindAddress = bindAddress
-        self._sock: socket.socket | None = None
+        # The socket while connecting, then the transport while connected.
+        self._connection: socket.socket | SocketTransport | None = None
         self.state = "disconnected"
-        self.transport: SocketTransport | None = None
+
+    @property
+    def transport(self) -> SocketTransport | None:
+        """
+        The connection made, while it is open.
+        """
+        return self._connection if self.state == "connected" else None
 
     def getDestination(self) -> IPv4Address | IPv6Address:
-        return _destination(self.host, self.port)
+        return self._destination
 
     def connect(self) -> None:
         self.state = "connecting"
@@ -259,7 +268,7 @@ class Connector:
         self.factory.startedConnecting(self)
         if self.state != "connecting":
             return  # stopped at once
-        host = self.host
+        host = self._destination.host
         family = _family(host)
         if family is None:
             self._failed(error.DNSLookupError(f"{host} is not an IP address"))
@@ -272,7 +281,7 @@ class Connector:
         try:
             if self.bindAddress is not None:
                 sock.bind(self.bindAddress)
-            code = sock.connect_ex((host, self.port))
+            code = sock.connect_ex((host, self._destination.port))
         except OSError as e:
             sock.close()
             self._failed(error.ConnectBindError(e.errno, e.strerror))
@@ -281,13 +290,13 @@ class Connector:
             sock.close()
             self._failed(error.getConnectError((code, os.strerror(code))))
             return
-        self._sock = sock
+        self._connection = sock
         self._engine.poller.register(sock.fileno(), WRITE, self._ready)
         if self.timeout:
             self._engine.deadlines.add(self, self.timeout)
 
     def _ready(self, events: int) -> None:
-        sock = self._sock
+        sock = self._connection
         # Writable alone is connected; with error or hang-up, ask which error.
         code = 0 if events == WRITE else sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if not code and not events & (WRITE | GONE):
@@ -298,26 +307,26 @@ class Connector:
             self._failed(error.getConnectError((code, os.strerror(code))))
             return
         self._stopTimer()
-        self._sock = None
+        self._connection = None
         self.state = "connected"
-        protocol = self.factory.buildProtocol(self.getDestination())
+        protocol = self.factory.buildProtocol(self._destination)
         if protocol is None:
             self._engine.poller.forget(sock.fileno())
             sock.close()
             self.state = "disconnected"
             self.factory.doStop()
             return
-        self.transport = SocketTransport(
+        transport = self._connection = SocketTransport(
             self._engine.poller, sock, protocol, None, connector=self, watched=WRITE
         )
-        self.transport.startReading()
+        transport.startReading()
 
     def transportClosed(self, reason: Failure) -> None:
         """
         The connection made is gone (L{IClosedListener}): tell the factory.
         """
         self.state = "disconnected"
-        self.transport = None
+        self._connection = None
         self.factory.clientConnectionLost(self, reason)
         self.factory.doStop()
 
@@ -335,7 +344,7 @@ class Connector:
     def _abandon(self, timer: bool = True) -> None:
         if timer:
             self._stopTimer()
-        sock, self._sock = self._sock, None
+        sock, self._connection = self._connection, None
         if sock is not None:
             self._engine.poller.forget(sock.fileno())
             sock.close()
