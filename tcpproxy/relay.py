@@ -531,11 +531,9 @@ class ProxyServerProtocol(_RelaySide):
         "target",
         "end",
         "tlsFields",
-        "refused",
         "idleSeen",
         "idleSince",
         "_pending",
-        "_pendingSize",
         "_dialling",
         "failures",
         "started",
@@ -556,11 +554,13 @@ class ProxyServerProtocol(_RelaySide):
         # For a client whose TLS was terminated here: tlsVersion, cipher,
         # sni and alpn, set before connectionMade (tcpproxy.tls).
         self.tlsFields = self._noFields
-        self.refused: str | None = None
         self.idleSeen = 0
         self.idleSince: float | None = None
-        self._pending: list[bytes] | None = None
-        self._pendingSize = 0
+        # What the client sent while its target is dialled: the bytes of
+        # its first read as they came (most clients send one chunk, if any,
+        # before their target is connected: nothing to join), a bytearray
+        # once more came.  Its length is the size held.
+        self._pending: bytes | bytearray | None = None
         self._dialling = None
         self.failures: list | tuple = ()
         self.started = 0.0
@@ -623,7 +623,6 @@ class ProxyServerProtocol(_RelaySide):
         """
         Close a client the app does not take, before any target is dialled.
         """
-        self.refused = reason
         self.factory.logRefusal(self.clientAddress, self.port, reason, self.connectionId)
         self.transport.loseConnection()
 
@@ -646,11 +645,14 @@ class ProxyServerProtocol(_RelaySide):
             _RelaySide.dataReceived(self, data)
             return
         self.received += len(data)
-        if self._pending is None:
-            self._pending = []
-        self._pending.append(data)
-        self._pendingSize += len(data)
-        if self._pendingSize >= PREDIAL_BUFFER:
+        pending = self._pending
+        if pending is None:
+            self._pending = pending = data
+        else:
+            if not isinstance(pending, bytearray):
+                pending = self._pending = bytearray(pending)
+            pending += data
+        if len(pending) >= PREDIAL_BUFFER:
             self.transport.pauseProducing()
 
     def _targetConnected(self, dialled: Dialled) -> None:
@@ -661,12 +663,13 @@ class ProxyServerProtocol(_RelaySide):
         client.relay = self
         client.tls = _isTLS(client.transport)
         _noDelay(client)
-        pending, self._pending = self._pending or (), None
+        # (bytes() of bytes is the same object: no copy of a single chunk.)
+        pending, self._pending = bytes(self._pending or b""), None
         if self.closed:
             # The client left cleanly after sending this: deliver it, then
             # EOF; whatever the target answers has nowhere to go.
             client.dropping = True
-            client.transport.write(b"".join(pending))
+            client.transport.write(pending)
             client.transport.loseConnection()
             return
         app = self.app
@@ -679,14 +682,14 @@ class ProxyServerProtocol(_RelaySide):
         if self.readDone:
             # The client sent EOF while the target was dialled.
             self.stopFeeding()
-            client.transport.write(b"".join(pending))
+            client.transport.write(pending)
             self.shutPeerWrite()
             return
         self.transport.resumeProducing()
         if pending:
-            client.transport.write(b"".join(pending))
+            client.transport.write(pending)
             if self.throttle is not None:
-                self.throttle.consumed(self._pendingSize)
+                self.throttle.consumed(len(pending))
 
     @property
     def idleTimeout(self) -> float:

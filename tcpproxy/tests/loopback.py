@@ -303,7 +303,7 @@ def bufferedBytes(factory: ProxyServerFactory) -> int:
     """
     total = 0
     for relay in factory.relays:
-        total += relay._pendingSize if relay._pending is not None else 0
+        total += len(relay._pending) if relay._pending is not None else 0
         for side in (relay, relay.client):
             if side is None or side.transport is None:
                 continue
