@@ -156,7 +156,9 @@ def listenProxy(testCase, factory: ProxyServerFactory, interface: str = "127.0.0
     engine = engineFor(testCase)
     sock = bindTCP(interface, 0)
     number = sock.getsockname()[1]
-    port = SocketPort(reactor, sock, _PortFactory(factory, number, engine))
+    portFactory = _PortFactory(factory, number, engine)
+    port = SocketPort(reactor, sock, portFactory)
+    portFactory.host = port.getHost()
     testCase.addCleanup(port.stopListening)
     return number
 
