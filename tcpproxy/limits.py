@@ -350,15 +350,22 @@ class Throttle:
     @ivar reasons: why the transport is paused now.
     """
 
-    def __init__(self, producer: IPushProducer, bucket: TokenBucket) -> None:
+    def __init__(self, producer: IPushProducer, bucket: TokenBucket, reader=None) -> None:
+        """
+        @param reader: the transport that reads from the socket, whose read
+            size (C{bufferSize}, bytes) is capped: C{producer} itself unless
+            given; for a TLS transport, which has no read size of its own,
+            the TCP transport under it.
+        """
         self.producer = producer
         self.bucket = bucket
-        if isinstance(getattr(producer, "bufferSize", None), int):
+        reader = producer if reader is None else reader
+        if isinstance(getattr(reader, "bufferSize", None), int):
             # A TCP transport reads up to 64 KiB at once, and a chunk already
             # read is relayed whole: at 100 kB/s that is a burst of 0.6 s
             # above the rate.  Reads of about the bucket's size keep the
-            # burst to the bucket's.
-            producer.bufferSize = min(producer.bufferSize, max(int(bucket.capacity), MIN_READ))
+            # burst to the bucket's (and to a TLS record, 16 KiB, under TLS).
+            reader.bufferSize = min(reader.bufferSize, max(int(bucket.capacity), MIN_READ))
         self.reasons: set[str] = set()
         self._timer: IDelayedCall | None = None
         self._stopped = False

@@ -180,13 +180,21 @@ class ResetWhenSent:
         self._call = None
 
 
+def _tcp(side: _RelaySide):
+    """
+    The transport that reads and writes C{side}'s socket: its own, or the
+    TCP one under a TLS one.
+    """
+    return side.transport.transport if side.tls else side.transport
+
+
 def _noDelay(side: _RelaySide) -> None:
     """
     Turn Nagle's algorithm off (on the TCP transport under a TLS one): the
     relay writes whole chunks as they come, and must not hold back a small
     reply waiting for an ACK.
     """
-    transport = side.transport.transport if side.tls else side.transport
+    transport = _tcp(side)
     if ITCPTransport.providedBy(transport):
         transport.setTcpNoDelay(True)
 
@@ -214,7 +222,7 @@ def _readInBulk(side: _RelaySide) -> None:
     can only pay back afterwards.  C{bufferSize} is the read size's name
     on Twisted's transports too.
     """
-    transport = side.transport.transport if side.tls else side.transport
+    transport = _tcp(side)
     if ISplicing.providedBy(transport):
         transport.bufferSize = BULK_READ
 
@@ -473,8 +481,8 @@ class _RelaySide:
         self.peer = peer
         peer.peer = self
         if bandwidthLimit:
-            self.throttle = Throttle(self.transport, TokenBucket(bandwidthLimit, clock))
-            peer.throttle = Throttle(peer.transport, TokenBucket(bandwidthLimit, clock))
+            self.throttle = Throttle(self.transport, TokenBucket(bandwidthLimit, clock), _tcp(self))
+            peer.throttle = Throttle(peer.transport, TokenBucket(bandwidthLimit, clock), _tcp(peer))
         self.transport.registerProducer(peer, True)
         peer.transport.registerProducer(self, True)
         self.feeding = peer.feeding = True

@@ -329,6 +329,17 @@ class ThrottleTests(SynchronousTestCase):
         Throttle(self.producer, TokenBucket(1000, self.clock))
         self.assertEqual(self.producer.bufferSize, MIN_READ)
 
+    def test_readSizeOfReader(self):
+        """
+        Given the transport that reads from the socket (the TCP one under a
+        TLS producer, which has no read size of its own), a throttle caps
+        that one's reads.
+        """
+        reader = FakeProducer()
+        reader.bufferSize = 65536
+        Throttle(self.producer, TokenBucket(200_000, self.clock), reader=reader)
+        self.assertEqual(reader.bufferSize, 10_000)
+
     def test_stopProducing(self):
         self.throttle.stopProducing()
         self.assertEqual(self.producer.calls, ["stop"])
