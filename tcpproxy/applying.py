@@ -223,7 +223,7 @@ class Reloader:
         for port, sock in (rebound or {}).items():
             previous = service.listeningPorts[port]
             service.listeningPorts[port] = SocketPort(service.reactor, sock, service.portFactories[port])
-            service.portFactories[port].host = service.listeningPorts[port].getHost()
+            service.portFactories[port].listeningOn(service.listeningPorts[port].getHost())
             service.gate.portAdded(service.listeningPorts[port])
             closing.append(maybeDeferred(previous.stopListening))
 

@@ -11,8 +11,10 @@ import resource
 import socket
 from collections import Counter
 from collections.abc import Sequence
+from ipaddress import ip_address
 
 from twisted.application.service import Service
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
@@ -55,8 +57,9 @@ class _PortFactory:
 
     @ivar appFactory: the L{ProxyServerFactory} of the port's app.
     @ivar port: the port number.
-    @ivar host: the address the port listens on (an L{IAddress}), once
-        listening.
+    @ivar host: the address every connection accepted here was made to
+        (an L{IAddress}): the port's, once it listens on a specific
+        address; C{None} on a wildcard one (see L{listeningOn}).
     """
 
     def __init__(self, appFactory: ProxyServerFactory, port: int, engine: IEngine) -> None:
@@ -64,6 +67,17 @@ class _PortFactory:
         self.port = port
         self.engine = engine
         self.host = None
+
+    def listeningOn(self, address: IPv4Address | IPv6Address) -> None:
+        """
+        The port listens on C{address}.  Its connections are given it as
+        their own address (C{getHost}: a system call saved per connection),
+        unless it is a wildcard (C{0.0.0.0}, C{::}, the default
+        C{BindAddress}): a connection is then made to one address of the
+        host's, which only its socket knows (the PROXY header's
+        destination).
+        """
+        self.host = None if ip_address(address.host).is_unspecified else address
 
     def socketAccepted(self, sock: socket.socket, address: tuple) -> None:
         """
@@ -289,7 +303,7 @@ class ProxyService(Service):
     def listen(self, port: int, appFactory: ProxyServerFactory, sock: socket.socket) -> None:
         portFactory = self.portFactories[port] = _PortFactory(appFactory, port, self.engine)
         self.listeningPorts[port] = SocketPort(self.reactor, sock, portFactory)
-        portFactory.host = self.listeningPorts[port].getHost()
+        portFactory.listeningOn(self.listeningPorts[port].getHost())
         self.gate.portAdded(self.listeningPorts[port])
 
     def openConnections(self) -> int:

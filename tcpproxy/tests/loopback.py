@@ -158,7 +158,7 @@ def listenProxy(testCase, factory: ProxyServerFactory, interface: str = "127.0.0
     number = sock.getsockname()[1]
     portFactory = _PortFactory(factory, number, engine)
     port = SocketPort(reactor, sock, portFactory)
-    portFactory.host = port.getHost()
+    portFactory.listeningOn(port.getHost())
     testCase.addCleanup(port.stopListening)
     return number
 

@@ -231,6 +231,26 @@ class ProxyProtocolMixin(TLSServiceMixin):
         target.transport.loseConnection()
         yield self.idle()
 
+    @inlineCallbacks
+    def test_wildcardBindSendsAddressDialled(self):
+        """
+        On a port bound to every address (C{"BindAddress": "0.0.0.0"}, the
+        default), the header's destination is the address the client
+        dialled, not the wildcard the port listens on.
+        """
+        self.bindAddress = "0.0.0.0"
+        backends, backendPort = self.backend()
+        app, port = self.app(backendPort, SendProxy="v1")
+        self.serve([app])
+        client = yield connectClient(port)
+        client.transport.write(b"x")
+        target, header, rest = yield self.receivedHeader(backends, 1)
+        mine = client.transport.getHost()
+        self.assertEqual((header.source, header.destination), ((mine.host, mine.port), ("127.0.0.1", port)))
+        client.transport.loseConnection()
+        target.transport.loseConnection()
+        yield self.idle()
+
     def ipv6Backend(self) -> tuple[CollectorFactory, int]:
         if not socket.has_ipv6:
             raise SkipTest("no IPv6 here")

@@ -177,9 +177,11 @@ class TLSServiceMixin:
         self.path = os.path.join(self.folder, "config.json")
         self.events = captureEvents(self, "tcpproxy")
 
+    bindAddress = "127.0.0.1"
+
     def config(self, apps: list[dict]):
         with open(self.path, "w") as f:
-            json.dump({"BindAddress": "127.0.0.1", "Apps": apps}, f)
+            json.dump({"BindAddress": self.bindAddress, "Apps": apps}, f)
         return loadConfig(self.path)
 
     def serve(self, apps: list[dict]) -> ProxyService:
