@@ -70,6 +70,21 @@ what that direction holds, in the kernel, when the receiver is slow.
 _SPLICE_FLAGS = (os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK) if SPLICE else 0
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _WOULD_BLOCK = (BlockingIOError, InterruptedError)
+_SHUT_ASKED = 1
+_SHUT_DONE = 2
+"""
+C{_shutRequested} of a transport whose write side is to be shut once
+flushed, and of one whose write side is shut (else C{False}).
+"""
+
+_HALF_CLOSE = 1
+_NODELAY_ON = 2
+_NODELAY_OFF = 4
+"""
+Bits of a transport's C{_traits}: its protocol is half-closeable;
+C{TCP_NODELAY} is known to be on, or off (neither: not known).
+"""
+
 _RESET = struct.pack("ii", 1, 0)
 """
 C{SO_LINGER} on, with no time to linger: the close sends a reset.
@@ -175,7 +190,7 @@ class SocketTransport:
         "_poller",
         "socket",
         "protocol",
-        "_halfClose",
+        "_traits",
         "_host",
         "_peer",
         "_peerPort",
@@ -186,7 +201,6 @@ class SocketTransport:
         "_paused",
         "_readDone",
         "_shutRequested",
-        "_writeShut",
         "disconnecting",
         "connected",
         "_closeReason",
@@ -194,7 +208,6 @@ class SocketTransport:
         "_spliceIn",
         "_spliceConsumer",
         "_spliceCounter",
-        "_noDelay",
         "bufferSize",
     )
 
@@ -228,7 +241,13 @@ class SocketTransport:
         self._poller = poller
         self.socket = sock
         self.protocol = protocol
-        self._halfClose = IHalfCloseableProtocol.providedBy(protocol)
+        # What is asked once or twice per connection, in one slot (8 bytes
+        # per socket less for every idle connection): whether the protocol
+        # is half-closeable, and what TCP_NODELAY is known to be.
+        traits = _HALF_CLOSE if IHalfCloseableProtocol.providedBy(protocol) else 0
+        if noDelay is not None:
+            traits |= _NODELAY_ON if noDelay else _NODELAY_OFF
+        self._traits = traits
         # One pair of slots for the two kinds (8 bytes per socket less for
         # every idle connection): an accepted socket's peer host and port,
         # or a dialled socket's connector and None.
@@ -245,8 +264,9 @@ class SocketTransport:
         self._producerPaused = False
         self._paused = False
         self._readDone = False
-        self._shutRequested = False
-        self._writeShut = False
+        # _SHUT_ASKED, then _SHUT_DONE, once loseWriteConnection was called:
+        # one slot for the two steps.
+        self._shutRequested: int | bool = False
         self.disconnecting = False
         self.connected = True
         self._closeReason: Failure | None = None
@@ -254,7 +274,6 @@ class SocketTransport:
         self._spliceIn: _Splice | None = None
         self._spliceConsumer: SocketTransport | None = None
         self._spliceCounter = None
-        self._noDelay = noDelay
         self.bufferSize = CHUNK
         if watched:
             poller.handOver(sock.fileno(), self)
@@ -359,7 +378,7 @@ class SocketTransport:
         The peer sent EOF: a half-closeable protocol is told and may go on
         writing; any other is closed, as Twisted does.
         """
-        if not self._halfClose:
+        if not self._traits & _HALF_CLOSE:
             self._lost(None)
             return
         self._readDone = True
@@ -396,19 +415,19 @@ class SocketTransport:
             self._producer.resumeProducing()
             if not self.connected or self._buffer:
                 return
-        if self._shutRequested and not self._writeShut:
+        if self._shutRequested == _SHUT_ASKED:
             self._shutWrite()
         if self.disconnecting and self._closeReason is None:
             self._close(None)
 
     def _shutWrite(self) -> None:
-        self._writeShut = True
+        self._shutRequested = _SHUT_DONE
         try:
             self.socket.shutdown(socket.SHUT_WR)
         except OSError as e:
             self._lost(e)
             return
-        if self._halfClose:
+        if self._traits & _HALF_CLOSE:
             self._poller.soon(self._writeConnectionLost)
 
     def _writeConnectionLost(self) -> None:
@@ -466,7 +485,7 @@ class SocketTransport:
         """
         if not self.connected or self._shutRequested or self._closeReason is not None:
             return  # (after abortConnection, a FIN would pass for an orderly end)
-        self._shutRequested = True
+        self._shutRequested = _SHUT_ASKED
         if not self._buffer and (self._spliceIn is None or not self._spliceIn.inPipe):
             self._shutWrite()
 
@@ -517,7 +536,7 @@ class SocketTransport:
         # Else the pipe holds bytes read from this socket (and counted):
         # the consumer still sends them, then closes the pipe (L{_Splice.push}).
         self._buffer = None
-        if orderly and not self._writeShut and not self._readDone:
+        if orderly and self._shutRequested != _SHUT_DONE and not self._readDone:
             # EOF first, as Twisted's transport does: a peer whose last bytes
             # were not read then sees an orderly end, not only the reset
             # that closing with unread bytes sends.  (After the peer's EOF
@@ -562,9 +581,10 @@ class SocketTransport:
 
     def setTcpNoDelay(self, enabled: bool) -> None:
         # A system call saved per connection where the state is known.
-        if self._noDelay is not bool(enabled):
+        known = _NODELAY_ON if enabled else _NODELAY_OFF
+        if not self._traits & known:
             self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, enabled)
-            self._noDelay = bool(enabled)
+            self._traits = (self._traits & ~(_NODELAY_ON | _NODELAY_OFF)) | known
 
     def getTcpKeepAlive(self) -> bool:
         return bool(self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE))
