@@ -72,9 +72,17 @@ _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _WOULD_BLOCK = (BlockingIOError, InterruptedError)
 _SHUT_ASKED = 1
 _SHUT_DONE = 2
+_ABORTED = 3
 """
 C{_shutRequested} of a transport whose write side is to be shut once
-flushed, and of one whose write side is shut (else C{False}).
+flushed, of one whose write side is shut, and of one aborted (else
+C{False}): each says that nothing more is written.
+"""
+
+_READ_DONE = 2
+"""
+C{_paused} of a transport whose peer's EOF was read: nothing more is read,
+whatever C{resumeProducing} says (else C{True} while paused, or C{False}).
 """
 
 _HALF_CLOSE = 1
@@ -149,6 +157,11 @@ The reason of every orderly close, made once: a L{Failure} costs a few
 microseconds to make, twice per relayed connection.
 """
 
+_ABORTED_REASON = Failure(ConnectionAborted())
+"""
+The reason of every close by C{abortConnection}, made once too.
+"""
+
 
 def peerAddress(address: tuple) -> IPv4Address | IPv6Address:
     """
@@ -199,11 +212,9 @@ class SocketTransport:
         "_producer",
         "_producerPaused",
         "_paused",
-        "_readDone",
         "_shutRequested",
         "disconnecting",
         "connected",
-        "_closeReason",
         "_spliceOut",
         "_spliceIn",
         "_spliceConsumer",
@@ -262,14 +273,13 @@ class SocketTransport:
         self._buffer: list | None = None  # made when something waits (memory per idle connection)
         self._producer: IPushProducer | None = None
         self._producerPaused = False
-        self._paused = False
-        self._readDone = False
-        # _SHUT_ASKED, then _SHUT_DONE, once loseWriteConnection was called:
-        # one slot for the two steps.
+        # True while paused, _READ_DONE once EOF was read: one slot.
+        self._paused: bool | int = False
+        # _SHUT_ASKED, then _SHUT_DONE, once loseWriteConnection was called;
+        # _ABORTED once abortConnection was: one slot for what stops writes.
         self._shutRequested: int | bool = False
         self.disconnecting = False
         self.connected = True
-        self._closeReason: Failure | None = None
         self._spliceOut: _Splice | None = None
         self._spliceIn: _Splice | None = None
         self._spliceConsumer: SocketTransport | None = None
@@ -344,7 +354,7 @@ class SocketTransport:
         Ask the epoll set for the events this socket needs now.
         """
         mask = 0
-        if not (self._paused or self._readDone or self.disconnecting):
+        if not (self._paused or self.disconnecting):
             splice = self._spliceOut
             if splice is None or not splice.inPipe:
                 mask = READ
@@ -381,7 +391,7 @@ class SocketTransport:
         if not self._traits & _HALF_CLOSE:
             self._lost(None)
             return
-        self._readDone = True
+        self._paused = _READ_DONE
         self.protocol.readConnectionLost()
 
     def _doWrite(self) -> None:
@@ -417,7 +427,7 @@ class SocketTransport:
                 return
         if self._shutRequested == _SHUT_ASKED:
             self._shutWrite()
-        if self.disconnecting and self._closeReason is None:
+        if self.disconnecting and self._shutRequested != _ABORTED:
             self._close(None)
 
     def _shutWrite(self) -> None:
@@ -437,7 +447,7 @@ class SocketTransport:
     # ITransport
 
     def write(self, data: bytes) -> None:
-        if not self.connected or self._shutRequested or self._closeReason is not None or not data:
+        if not self.connected or self._shutRequested or not data:
             return
         buffer = self._buffer
         if buffer is None:
@@ -483,7 +493,7 @@ class SocketTransport:
         Send EOF once what was written has been sent; the peer may go on
         sending.
         """
-        if not self.connected or self._shutRequested or self._closeReason is not None:
+        if not self.connected or self._shutRequested:
             return  # (after abortConnection, a FIN would pass for an orderly end)
         self._shutRequested = _SHUT_ASKED
         if not self._buffer and (self._spliceIn is None or not self._spliceIn.inPipe):
@@ -494,18 +504,18 @@ class SocketTransport:
         Close at once with a reset, dropping what is not sent: a peer cut off
         mid-stream must not take the close for an orderly end.
         """
-        if not self.connected or self._closeReason is not None:
+        if not self.connected or self._shutRequested == _ABORTED:
             return
         try:
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
         except OSError:
             pass
         self._buffer = None
-        self._closeReason = Failure(ConnectionAborted())
+        self._shutRequested = _ABORTED
         # Nothing more is read or written; the close comes from the loop.
         self.disconnecting = True
         self._update()
-        self._poller.soon(self._closeIfConnected, self._closeReason)
+        self._poller.soon(self._closeIfConnected, _ABORTED_REASON)
 
     def _closeIfConnected(self, reason: Failure | None) -> None:
         if self.connected:
@@ -522,9 +532,10 @@ class SocketTransport:
         if not self.connected:
             return
         self.connected = False
-        orderly = reason is None and self._closeReason is None
+        aborted = self._shutRequested == _ABORTED
+        orderly = reason is None and not aborted
         if reason is None:
-            reason = self._closeReason or _DONE
+            reason = _ABORTED_REASON if aborted else _DONE
         if self._mask:
             self._poller.forget(self.socket.fileno())
             self._mask = 0
@@ -536,7 +547,7 @@ class SocketTransport:
         # Else the pipe holds bytes read from this socket (and counted):
         # the consumer still sends them, then closes the pipe (L{_Splice.push}).
         self._buffer = None
-        if orderly and self._shutRequested != _SHUT_DONE and not self._readDone:
+        if orderly and self._shutRequested != _SHUT_DONE and self._paused != _READ_DONE:
             # EOF first, as Twisted's transport does: a peer whose last bytes
             # were not read then sees an orderly end, not only the reset
             # that closing with unread bytes sends.  (After the peer's EOF
@@ -606,7 +617,7 @@ class SocketTransport:
                 self._update()
 
     def resumeProducing(self) -> None:
-        if self._paused:
+        if self._paused is True:
             self._paused = False
             if self.connected:
                 self._update()
