@@ -23,6 +23,7 @@ import functools
 import os
 import socket
 import sys
+from typing import NamedTuple
 
 from twisted.internet import error
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -214,15 +215,28 @@ def _family(host: str) -> int | None:
     return None
 
 
-@functools.lru_cache(maxsize=4096)
-def _destination(host: str, port: int) -> IPv4Address | IPv6Address:
+class _Dial(NamedTuple):
     """
-    The address of a target, as Twisted writes it, made once: addresses are
-    immutable values, and the same few targets are dialled again and again
-    (one address object less to make for every connection).
+    What a dial is asked for: its target's address (as Twisted writes it),
+    the connect timeout (seconds; 0 or C{None} for none) and the local
+    address to bind, if any.
+    """
+
+    destination: IPv4Address | IPv6Address
+    timeout: float | None
+    bindAddress: tuple | None
+
+
+@functools.lru_cache(maxsize=4096)
+def _dial(host: str, port: int, timeout: float | None, bindAddress: tuple | None) -> _Dial:
+    """
+    A dial's L{_Dial}, made once: the same few targets are dialled again and
+    again with the same settings, and a connector keeps it for the life of
+    the connection it makes (an address object less to make for every
+    connection, and one slot of the connector's, not four).
     """
     kind = IPv6Address if _family(host) == socket.AF_INET6 else IPv4Address
-    return kind("TCP", host, port)
+    return _Dial(kind("TCP", host, port), timeout, bindAddress)
 
 
 @implementer(IConnector, IClosedListener)
@@ -238,22 +252,16 @@ class Connector:
     # per idle relayed connection.
     __slots__ = (
         "_engine",
-        "_destination",
+        "_dial",
         "factory",
-        "timeout",
-        "bindAddress",
         "_connection",
         "state",
     )
 
     def __init__(self, engine: FastEngine, host: str, port: int, factory, timeout, bindAddress) -> None:
         self._engine = engine
-        # The address object, shared by every dial of the target: the host
-        # and port in one slot.
-        self._destination = _destination(host, port)
+        self._dial = _dial(host, port, timeout, bindAddress)
         self.factory = factory
-        self.timeout = timeout
-        self.bindAddress = bindAddress
         # The socket while connecting, then the transport while connected.
         self._connection: socket.socket | SocketTransport | None = None
         self.state = "disconnected"
@@ -266,7 +274,7 @@ class Connector:
         return self._connection if self.state == "connected" else None
 
     def getDestination(self) -> IPv4Address | IPv6Address:
-        return self._destination
+        return self._dial.destination
 
     def connect(self) -> None:
         self.state = "connecting"
@@ -274,7 +282,8 @@ class Connector:
         self.factory.startedConnecting(self)
         if self.state != "connecting":
             return  # stopped at once
-        host = self._destination.host
+        dial = self._dial
+        host = dial.destination.host
         family = _family(host)
         if family is None:
             self._failed(error.DNSLookupError(f"{host} is not an IP address"))
@@ -285,9 +294,9 @@ class Connector:
             self._failed(error.ConnectBindError(e.errno, e.strerror))
             return
         try:
-            if self.bindAddress is not None:
-                sock.bind(self.bindAddress)
-            code = sock.connect_ex((host, self._destination.port))
+            if dial.bindAddress is not None:
+                sock.bind(dial.bindAddress)
+            code = sock.connect_ex((host, dial.destination.port))
         except OSError as e:
             sock.close()
             self._failed(error.ConnectBindError(e.errno, e.strerror))
@@ -298,8 +307,8 @@ class Connector:
             return
         self._connection = sock
         self._engine.poller.register(sock.fileno(), WRITE, self._ready)
-        if self.timeout:
-            self._engine.deadlines.add(self, self.timeout)
+        if dial.timeout:
+            self._engine.deadlines.add(self, dial.timeout)
 
     def _ready(self, events: int) -> None:
         sock = self._connection
@@ -315,7 +324,7 @@ class Connector:
         self._stopTimer()
         self._connection = None
         self.state = "connected"
-        protocol = self.factory.buildProtocol(self._destination)
+        protocol = self.factory.buildProtocol(self._dial.destination)
         if protocol is None:
             self._engine.poller.forget(sock.fileno())
             sock.close()
@@ -344,8 +353,9 @@ class Connector:
         self._failed(error.TimeoutError())
 
     def _stopTimer(self) -> None:
-        if self.timeout:
-            self._engine.deadlines.remove(self, self.timeout)
+        timeout = self._dial.timeout
+        if timeout:
+            self._engine.deadlines.remove(self, timeout)
 
     def _abandon(self, timer: bool = True) -> None:
         if timer:
