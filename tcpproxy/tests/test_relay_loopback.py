@@ -671,18 +671,19 @@ class IdleMemoryTests(TestCase):
     """
 
     count = 200
-    bound = 1280
+    bound = 1152
 
     @inlineCallbacks
     def test_ownObjectsPerIdleConnection(self):
         """
         200 idle relayed connections (each client connected and its target
-        too) cost under 1,280 bytes each in what the project's own code
+        too) cost under 1,152 bytes each in what the project's own code
         allocates: the relay's two sides and their two transports, sockets,
         connector, connection id and bookkeeping, as C{tracemalloc} counts
         them by the line that allocated them.  Twisted's objects (its
         endpoint's, per dial) and the test's clients and target are not
-        counted: this bounds what the project can shrink (1,540 bytes once, 1,113 now).
+        counted: this bounds what the project can shrink (1,540 bytes once,
+        1,025 now).
         """
         import gc
         import tracemalloc
