@@ -509,7 +509,7 @@ The TLS fields of a client whose TLS does not end here (never changed).
 """
 
 
-def _front(proxied: ProxiedAddress | None, tlsFields: dict[str, str | None]):
+def _frontOf(proxied: ProxiedAddress | None, tlsFields: dict[str, str | None]):
     """
     What L{ProxyServerProtocol} keeps of what the stages in front told of
     its client: the TLS fields (a dict, maybe L{_NO_FIELDS}), the PROXY
@@ -622,7 +622,7 @@ class ProxyServerProtocol(_RelaySide):
 
     @proxied.setter
     def proxied(self, address: ProxiedAddress | None) -> None:
-        self._front = _front(address, self.tlsFields)
+        self._front = _frontOf(address, self.tlsFields)
 
     @property
     def tlsFields(self) -> dict[str, str | None]:
@@ -638,7 +638,7 @@ class ProxyServerProtocol(_RelaySide):
 
     @tlsFields.setter
     def tlsFields(self, fields: dict[str, str | None]) -> None:
-        self._front = _front(self.proxied, fields)
+        self._front = _frontOf(self.proxied, fields)
 
     @property
     def connectionId(self) -> str | None:
