@@ -11,7 +11,6 @@ import resource
 import socket
 from collections import Counter
 from collections.abc import Sequence
-from ipaddress import ip_address
 
 from twisted.application.service import Service
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -57,9 +56,8 @@ class _PortFactory:
 
     @ivar appFactory: the L{ProxyServerFactory} of the port's app.
     @ivar port: the port number.
-    @ivar host: the address every connection accepted here was made to
-        (an L{IAddress}): the port's, once it listens on a specific
-        address; C{None} on a wildcard one (see L{listeningOn}).
+    @ivar host: the address the port listens on (an L{IAddress}), once it
+        does (see L{listeningOn}).
     """
 
     def __init__(self, appFactory: ProxyServerFactory, port: int, engine: IEngine) -> None:
@@ -70,14 +68,14 @@ class _PortFactory:
 
     def listeningOn(self, address: IPv4Address | IPv6Address) -> None:
         """
-        The port listens on C{address}.  Its connections are given it as
-        their own address (C{getHost}: a system call saved per connection),
-        unless it is a wildcard (C{0.0.0.0}, C{::}, the default
-        C{BindAddress}): a connection is then made to one address of the
-        host's, which only its socket knows (the PROXY header's
-        destination).
+        The port listens on C{address}, which its connections are given
+        (C{getHost}: a system call saved per connection on a specific
+        address; on a wildcard one, C{0.0.0.0} or C{::}, the default
+        C{BindAddress}, a connection asks its socket which address of the
+        host's the client dialled, for the PROXY header's destination, and
+        takes the port from C{address}).
         """
-        self.host = None if ip_address(address.host).is_unspecified else address
+        self.host = address
 
     def socketAccepted(self, sock: socket.socket, address: tuple) -> None:
         """

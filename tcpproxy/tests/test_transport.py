@@ -295,10 +295,10 @@ class _TransportTestMixin:
         self.listener = bindTCP("127.0.0.1", 0)
         self.addCleanup(self.listener.close)
 
-    def adopt(self, protocol: Protocol) -> SocketTransport:
+    def adopt(self, protocol: Protocol, host=None) -> SocketTransport:
         sock, address = self.listener.accept()
         sock.setblocking(False)
-        self.engine.adopt(sock, address, Factory.forProtocol(lambda: protocol))
+        self.engine.adopt(sock, address, Factory.forProtocol(lambda: protocol), host)
         self.assertIsInstance(protocol.transport, SocketTransport)
 
         def close() -> Deferred:
@@ -322,14 +322,15 @@ class _TransportTestMixin:
         self.addCleanup(lambda: peer.transport.connected and peer.transport.abortConnection())
         return peer
 
-    def withSocketPeer(self, protocol: Protocol) -> socket.socket:
+    def withSocketPeer(self, protocol: Protocol, host=None) -> socket.socket:
         """
-        Connect a bare non-blocking socket to C{protocol} on our transport.
+        Connect a bare non-blocking socket to C{protocol} on our transport
+        (told C{host} as its listener's address).
         """
         peer = socket.create_connection(self.listener.getsockname(), timeout=5)
         self.addCleanup(peer.close)
         peer.setblocking(False)
-        self.adopt(protocol)
+        self.adopt(protocol, host)
         return peer
 
 
@@ -680,6 +681,28 @@ class SocketTransportTests(_TransportTestMixin, TestCase):
         self.assertFalse(transport.getTcpNoDelay())
         transport.setTcpKeepAlive(True)
         self.assertTrue(transport.getTcpKeepAlive())
+
+    @inlineCallbacks
+    def test_hostOfItsListener(self):
+        """
+        C{getHost} is the listener's address, given by whoever accepted the
+        socket (one object for all its connections); for a listener on
+        every address (C{0.0.0.0}), it is the address the client dialled,
+        with the listener's port (the same int object: a relay keeps it).
+        """
+        listening = self.listener.getsockname()
+        specific = IPv4Address("TCP", *listening)
+        probe = _Probe()
+        self.withSocketPeer(probe, specific)
+        yield probe.made
+        self.assertIs(probe.transport.getHost(), specific)
+        wildcard = IPv4Address("TCP", "0.0.0.0", int(str(listening[1])))
+        probe = _Probe()
+        peer = self.withSocketPeer(probe, wildcard)
+        yield probe.made
+        host = probe.transport.getHost()
+        self.assertEqual(host, IPv4Address("TCP", *peer.getpeername()))
+        self.assertIs(host.port, wildcard.port)
 
 
 @implementer(IHalfCloseableProtocol)

@@ -151,6 +151,11 @@ class IWriteBuffer(Interface):
     bufferedBytes = Attribute("Bytes written to the transport and not yet taken by the kernel.")
 
 
+_WILDCARDS = frozenset({"0.0.0.0", "::"})
+"""
+The addresses a listening socket bound to every address of the host has.
+"""
+
 _DONE = Failure(ConnectionDone())
 """
 The reason of every orderly close, made once: a L{Failure} costs a few
@@ -239,6 +244,10 @@ class SocketTransport:
             asked.  Only its host and port are kept: not an address object,
             nor the tuple (for the life of the connection, 150 and 56 bytes
             more per idle one), for what is rarely asked for.
+        @param host: for an accepted socket, the address of the listening
+            socket it came from (one object for all its connections): its
+            own address (L{getHost}, no system call), or on a wildcard
+            listener (C{0.0.0.0}, C{::}) its port.
         @param connector: for a dialled socket: the L{IConnector} that
             dialled it, which gives the peer's address when asked, and is
             told with the reason after the protocol's C{connectionLost} (a
@@ -578,12 +587,17 @@ class SocketTransport:
         return _address(self._peer, self._peerPort)
 
     def getHost(self) -> IPv4Address | IPv6Address:
-        if self._host is not None:
-            return self._host
-        # Not kept: asked once per connection, if at all.
-        host, port = self.socket.getsockname()[:2]
+        listening = self._host
+        if listening is not None and listening.host not in _WILDCARDS:
+            return listening
+        # Not kept: asked once per connection, if at all.  On a wildcard
+        # listener only the socket knows which of the host's addresses the
+        # client dialled (a PROXY header's destination); the port is the
+        # listener's, one int object for all its connections (a relay keeps
+        # it for the life of each).
+        address = self.socket.getsockname()
         kind = IPv6Address if self.socket.family == socket.AF_INET6 else IPv4Address
-        return kind("TCP", host, port)
+        return kind("TCP", address[0], address[1] if listening is None else listening.port)
 
     # ITCPTransport
 
