@@ -59,6 +59,13 @@ Seconds before a source that has never answered is asked again when the
 app has no C{"Refresh"}: there is no TTL to go by.
 """
 
+MAX_ALIASES = 8
+"""
+CNAME records followed at most from the name asked to its addresses
+(RFC 1034 section 3.6.2 lets an answer carry the chain); a longer chain,
+or one that loops, gives no address.
+"""
+
 OK = "ok"
 HELD = "held"
 EXPIRED = "expired"
@@ -101,6 +108,48 @@ def _address(record: dns.RRHeader) -> str | None:
     return None
 
 
+def _nameKey(name: dns.Name) -> bytes:
+    # Twisted's Name compares without regard to case but hashes with it.
+    return name.name.lower().rstrip(b".")
+
+
+def answering(
+    records: Sequence[dns.RRHeader], name: bytes | str, type: int, aliases: int = MAX_ALIASES
+) -> tuple[list[dns.RRHeader], int]:
+    """
+    The records of an answer section that answer the question asked of it:
+    of class IN, of C{type}, and owned by C{name} or by a name reached from
+    it through at most C{aliases} CNAME records of the same section (RFC
+    1034 section 3.6.2), without a loop.  Names compare without regard to
+    case (RFC 4343).
+
+    Why: a server, buggy or hostile, or a forger, may put in any record;
+    one for a name never asked about must not become a target.
+
+    @param records: the answer section (L{dns.RRHeader}s).
+    @param name: the name asked.
+    @param aliases: 0 for no alias (an SRV name's own records only).
+    @return: the records used, in the server's order, and how many records
+        of the section were neither used nor a CNAME on the way to them.
+    """
+    chain: dict[bytes, bytes] = {}
+    for record in records:
+        if record.type == dns.CNAME and record.cls == dns.IN:
+            chain.setdefault(_nameKey(record.name), _nameKey(record.payload.name))
+    owner = _nameKey(dns.Name(name))
+    owners = [owner]
+    for _ in range(aliases):
+        owner = chain.get(owner)
+        if owner is None or owner in owners:
+            break
+        owners.append(owner)
+    used = [r for r in records if r.type == type and r.cls == dns.IN and _nameKey(r.name) in owners]
+    followed = sum(
+        1 for r in records if r.type == dns.CNAME and r.cls == dns.IN and _nameKey(r.name) in owners[:-1]
+    )
+    return used, len(records) - len(used) - followed
+
+
 class Answer:
     """
     One source's lookup, answered.
@@ -109,11 +158,15 @@ class Answer:
         others as backup targets), then by weight (heaviest first);
         addresses in the order the server gave.
     @ivar ttl: the smallest TTL of the records used (seconds).
+    @ivar ignored: how many records of the answer section were left out as
+        not answering the question asked (L{answering}): another name,
+        class or type.
     """
 
-    def __init__(self, targets: Sequence[Target], ttl: float) -> None:
+    def __init__(self, targets: Sequence[Target], ttl: float, ignored: int = 0) -> None:
         self.targets = tuple(dict.fromkeys(targets))
         self.ttl = ttl
+        self.ignored = ignored
 
 
 def lookUp(resolver, source: DNSSource) -> Deferred[Answer]:
@@ -129,18 +182,27 @@ def lookUp(resolver, source: DNSSource) -> Deferred[Answer]:
         failing as the resolver's lookup failed.
     """
     if source.kind == "srv":
-        return resolver.lookupService(source.name, timeout=LOOKUP_TIMEOUT).addCallback(_fromSRV, resolver)
+        return resolver.lookupService(source.name, timeout=LOOKUP_TIMEOUT).addCallback(
+            _fromSRV, source.name, resolver
+        )
+    ignored: list[int] = []
 
     def answer(found: list[tuple[str, float]]) -> Answer:
-        return Answer([_target(a, source.port) for a, _ in found], min((t for _, t in found), default=0))
+        return Answer(
+            [_target(a, source.port) for a, _ in found], min((t for _, t in found), default=0), sum(ignored)
+        )
 
-    return _addresses(resolver, source.name).addCallback(answer)
+    return _addresses(resolver, source.name, ignored).addCallback(answer)
 
 
-def _addresses(resolver, name: str) -> Deferred[list[tuple[str, float]]]:
+def _addresses(resolver, name: str, ignored: list[int] | None = None) -> Deferred[list[tuple[str, float]]]:
     """
     The A and AAAA addresses of C{name}, each with its TTL; a failure if
-    both lookups failed (an empty list if the name has none).
+    both lookups failed (an empty list if the name has none).  Only the
+    records that answer the question asked are used (L{answering}).
+
+    @param ignored: if given, the count of records left out of each answer
+        is appended to it.
     """
     lookups = [
         resolver.lookupAddress(name, timeout=LOOKUP_TIMEOUT),
@@ -155,9 +217,12 @@ def _addresses(resolver, name: str) -> Deferred[list[tuple[str, float]]]:
 
     def combine(results: list) -> list[tuple[str, float]]:
         found: list[tuple[str, float]] = []
-        for result in results:
+        for result, type in zip(results, (dns.A, dns.AAAA), strict=True):
             if result is not None:
-                for record in result[0]:
+                used, left = answering(result[0], name, type)
+                if ignored is not None:
+                    ignored.append(left)
+                for record in used:
                     address = _address(record)
                     if address is not None:
                         found.append((address, record.ttl))
@@ -168,14 +233,15 @@ def _addresses(resolver, name: str) -> Deferred[list[tuple[str, float]]]:
     return gatherResults([d.addErrback(caught) for d in lookups]).addCallback(combine)
 
 
-def _fromSRV(result: tuple, resolver) -> Deferred[Answer]:
+def _fromSRV(result: tuple, name: str, resolver) -> Deferred[Answer]:
     answers, _authority, additional = result
-    records = [r for r in answers if r.type == dns.SRV]
+    # Only the SRV records of the name asked (an alias is not followed).
+    records, ignored = answering(answers, name, dns.SRV, aliases=0)
     # RFC 2782: lowest priority first; within one, heavier first.
     records.sort(key=lambda r: (r.payload.priority, -r.payload.weight))
     known: dict[str, list[tuple[str, float]]] = {}
     for record in additional:
-        address = _address(record)
+        address = _address(record) if record.cls == dns.IN else None
         if address is not None:
             known.setdefault(normalName(str(record.name)), []).append((address, record.ttl))
     ttls = [r.ttl for r in records]
@@ -204,7 +270,7 @@ def _fromSRV(result: tuple, resolver) -> Deferred[Answer]:
         return found.addCallback(targets)
 
     def answer(lists: list[list[Target]]) -> Answer:
-        return Answer([t for targets in lists for t in targets], min(ttls, default=0))
+        return Answer([t for targets in lists for t in targets], min(ttls, default=0), ignored)
 
     return gatherResults([each(r) for r in records]).addCallback(answer)
 
@@ -221,9 +287,17 @@ class _Source:
         self.state: str | None = None
 
 
-def describeLookupFailure(reason: Failure | None) -> str:
+def describeLookupFailure(reason: Failure | None, ignored: int = 0) -> str:
+    """
+    Why a lookup gave no target, for the log: C{reason} the lookup's
+    failure, or C{None} if it was answered without a usable record, of
+    which C{ignored} records were left out as answering another question
+    (L{answering}).
+    """
     if reason is None:
-        return "no records"
+        if ignored:
+            return f"no usable record: {ignored} record(s) for another name, class or type ignored"
+        return "no usable record"
     if reason.check(DNSNameError):
         return "no such name"
     if reason.check(DNSQueryTimeoutError):
@@ -355,7 +429,7 @@ class AppDiscovery:
             known.goodAt = now
             known.state = OK
             return
-        why = describeLookupFailure(reason)
+        why = describeLookupFailure(reason, result.ignored if result is not None else 0)
         if known.goodAt is None:
             if known.state != UNRESOLVED:
                 known.state = UNRESOLVED
@@ -441,6 +515,50 @@ class _Unsolicited:
         pass
 
 
+def asks(message: dns.Message, query: dns.Query) -> bool:
+    """
+    Whether C{message}'s question section is C{query}: one question, of the
+    same name (without regard to case), type and class.
+    """
+    if len(message.queries) != 1:
+        return False
+    question = message.queries[0]
+    return _nameKey(question.name) == _nameKey(query.name) and (question.type, question.cls) == (
+        query.type,
+        query.cls,
+    )
+
+
+class _QuestionProtocol(dns.DNSDatagramProtocol):
+    """
+    A L{dns.DNSDatagramProtocol} for the queries of one question: a
+    datagram whose question section is not that question (L{asks}) is
+    dropped as if it had not come, before the protocol matches its id.
+
+    Why: RFC 5452 section 9.1 accepts a reply only if its question matches
+    the query's.  Twisted's protocol checks the id and the server; were a
+    reply with the right id but another question handed to it, it would
+    take it and stop waiting for the true one.
+
+    @ivar question: the L{dns.Query} asked.
+    """
+
+    def __init__(self, controller, question: dns.Query, reactor) -> None:
+        dns.DNSDatagramProtocol.__init__(self, controller, reactor=reactor)
+        self.question = question
+
+    def datagramReceived(self, data: bytes, addr: tuple[str, int]) -> None:
+        message = dns.Message()
+        try:
+            message.fromStr(data)
+        except (EOFError, ValueError):
+            pass  # not a message: the protocol drops it (and says why)
+        else:
+            if not asks(message, self.question):
+                return
+        dns.DNSDatagramProtocol.datagramReceived(self, data, addr)
+
+
 @implementer(IReadDescriptor)
 class _QuerySocket:
     """
@@ -518,7 +636,9 @@ class DiscoveryResolver(ResolverBase):
     each lookup has its own socket
     (L{_QuerySocket}, logging nothing), closed when it is answered or gives
     up.  An answer is taken only from the server asked, with the id asked
-    (L{dns.DNSDatagramProtocol}).  The servers are tried in turn, each with
+    (L{dns.DNSDatagramProtocol}), and with the question asked (RFC 5452
+    section 9.1, L{_QuestionProtocol}): any other reply is ignored, the
+    query still waits.  The servers are tried in turn, each with
     each timeout of L{LOOKUP_TIMEOUT}.
 
     @param servers: C{(address, port)} of each name server.
@@ -530,8 +650,8 @@ class DiscoveryResolver(ResolverBase):
         self.reactor = reactor
         self._open: set[_QuerySocket] = set()
 
-    def _socket(self, family: int) -> _QuerySocket:
-        protocol = dns.DNSDatagramProtocol(_Unsolicited(), reactor=self.reactor)
+    def _socket(self, family: int, query: dns.Query) -> _QuerySocket:
+        protocol = _QuestionProtocol(_Unsolicited(), query, self.reactor)
         protocol.noisy = False
         each = _QuerySocket(self.reactor, family, protocol)
         self._open.add(each)
@@ -556,7 +676,7 @@ class DiscoveryResolver(ResolverBase):
                 return fail(DNSQueryTimeoutError(name))  # closed: the resolver stopped
             if family not in sockets:
                 try:
-                    sockets[family] = self._socket(family)
+                    sockets[family] = self._socket(family, query)
                 except OSError:
                     return fail()
 

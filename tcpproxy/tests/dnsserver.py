@@ -51,6 +51,14 @@ class Zone(ResolverBase):
             for address in addresses
         ]
 
+    def answer(self, name: str, type: int, records: list[dns.RRHeader]) -> None:
+        """
+        Answer the question C{name}, C{type} with C{records} as they are,
+        whatever their owner names, types and classes: a server that puts
+        in records not asked for.
+        """
+        self.records[(name.encode(), type)] = list(records)
+
     def remove(self, name: str) -> None:
         for key in [key for key in self.records if key[0] == name.encode()]:
             del self.records[key]
@@ -70,19 +78,31 @@ class Zone(ResolverBase):
 
 class _RecordingFactory(DNSServerFactory):
     """
-    A server that notes the address each query came from (its C{peers}).
+    A server that notes the address each query came from (its C{peers}),
+    and sends its C{forgeries} before each reply.
     """
 
     def messageReceived(self, message, proto, address=None):
         self.peers.append(address)
         return DNSServerFactory.messageReceived(self, message, proto, address)
 
+    def sendReply(self, protocol, message, address):
+        for queries, answers in self.forgeries:
+            forged = dns.Message(id=message.id, answer=1)
+            forged.queries = list(queries)
+            forged.answers = list(answers)
+            protocol.writeMessage(forged, address)
+        DNSServerFactory.sendReply(self, protocol, message, address)
+
 
 class DNSServer:
     """
     A L{Zone} served over UDP on 127.0.0.1, on a free port, until the test
     ends (or L{stop}).  C{peers} lists the C{(address, port)} each query
-    came from.
+    came from.  C{forgeries} lists C{(queries, answers)}: before each
+    reply, a reply with the same id (from the same address and port) but
+    these question and answer sections is sent, as a forger who guessed
+    the id and port, or a buggy server, would.
     """
 
     def __init__(self, testCase, zone: Zone) -> None:
@@ -91,6 +111,8 @@ class DNSServer:
         self.factory.noisy = False
         self.peers: list[tuple[str, int]] = []
         self.factory.peers = self.peers
+        self.forgeries: list[tuple[list[dns.Query], list[dns.RRHeader]]] = []
+        self.factory.forgeries = self.forgeries
         self.protocol = dns.DNSDatagramProtocol(self.factory)
         self.port = reactor.listenUDP(0, self.protocol, interface="127.0.0.1")
         self.number = self.port.getHost().port

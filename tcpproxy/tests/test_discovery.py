@@ -11,6 +11,8 @@ import json
 
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import formatEvent
+from twisted.names import dns
 from twisted.trial.unittest import SynchronousTestCase
 
 from tcpproxy.config import ConfigError, DNSSource, Target, loadConfig, parseConfig
@@ -238,6 +240,29 @@ class AppDiscoveryTests(SynchronousTestCase):
         self.assertEqual(discovery.targets, (t("127.0.0.1:7001"),))
         self.assertEqual([e.get("discovery") for e in self.events], ["unresolved", "ok"])
         self.assertIn("no such name", self.events[0]["why"])
+
+    def test_noUsableRecordLogged(self):
+        """
+        An answer whose records are all for another name or class gives no
+        target, and the log says why in one line.
+        """
+        self.zone.answer(
+            "db.example",
+            dns.A,
+            [
+                dns.RRHeader(b"evil.example", dns.A, ttl=30, payload=dns.Record_A("10.6.6.1", 30)),
+                dns.RRHeader(b"db.example", dns.A, cls=dns.CH, ttl=30, payload=dns.Record_A("10.6.6.2", 30)),
+            ],
+        )
+        discovery = self.start(["db.example:1"], Resolve="all", Refresh=1)
+        self.assertEqual(discovery.targets, ())
+        self.assertEqual(
+            [formatEvent(e) for e in self.events],
+            [
+                'app "echo": db.example:1 does not resolve (no usable record: 2 record(s) for another'
+                " name, class or type ignored): no targets from it until it does"
+            ],
+        )
 
     def test_stop(self):
         self.zone.a("db.example", ["127.0.0.1"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from itertools import pairwise
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
@@ -16,8 +17,8 @@ from twisted.logger import globalLogPublisher
 from twisted.names import dns
 from twisted.trial.unittest import TestCase
 
-from tcpproxy.config import loadConfig
-from tcpproxy.discovery import DiscoveryResolver
+from tcpproxy.config import DNSSource, loadConfig
+from tcpproxy.discovery import DiscoveryResolver, lookUp
 from tcpproxy.service import ProxyService
 from tcpproxy.tests.dnsserver import DNSServer, Zone
 from tcpproxy.tests.loopback import captureEvents, connectClient, deadPort, engineFor, eventually, listen
@@ -231,3 +232,138 @@ class ResolverSourcePortTests(TestCase):
         # (about 28000 ports): all three the same by chance is unthinkable.
         self.assertGreater(len(set(ports)), 1, f"every lookup came from the same port: {ports}")
         self.assertEqual([e.get("log_format") or e.get("log_text") or e.get("message") for e in logged], [])
+
+
+def _a(name: str, address: str, cls: int = dns.IN) -> dns.RRHeader:
+    return dns.RRHeader(name.encode(), dns.A, cls=cls, ttl=1, payload=dns.Record_A(address, 1))
+
+
+def _cname(name: str, alias: str) -> dns.RRHeader:
+    return dns.RRHeader(name.encode(), dns.CNAME, ttl=1, payload=dns.Record_CNAME(alias.encode(), 1))
+
+
+class AnswerCheckTests(TestCase):
+    """
+    L{DiscoveryResolver} and L{lookUp} against the test's DNS server, when
+    a reply, or records in it, answer another question than the one asked:
+    such a reply is ignored (RFC 5452 section 9.1), such records are not
+    used (RFC 1034 section 3.6.2), and never become targets.
+    """
+
+    timeout = 15
+
+    def setUp(self):
+        self.zone = Zone(ttl=1)
+        self.server = DNSServer(self, self.zone)
+        self.resolver = DiscoveryResolver([("127.0.0.1", self.server.number)], reactor)
+        self.addCleanup(self.resolver.stop)
+
+    @inlineCallbacks
+    def targets(self, source: DNSSource):
+        answer = yield lookUp(self.resolver, source)
+        return [str(t) for t in answer.targets]
+
+    @inlineCallbacks
+    def test_replyToAnotherQuestionIgnored(self):
+        """
+        Replies with the id of the query, from the server asked, but another
+        question -- another name, type or class -- are ignored and the query
+        waits on; one whose question differs only in case is taken (names
+        compare without regard to case).
+        """
+        self.zone.a("web.cluster.test", ["127.0.0.1"])
+        self.server.forgeries.extend(
+            [
+                ([dns.Query(b"evil.example", dns.A)], [_a("evil.example", "10.6.6.1")]),
+                ([dns.Query(b"web.cluster.test", dns.MX)], [_a("web.cluster.test", "10.6.6.2")]),
+                ([dns.Query(b"web.cluster.test", dns.A, dns.CH)], [_a("web.cluster.test", "10.6.6.3")]),
+                ([], [_a("web.cluster.test", "10.6.6.4")]),
+                ([dns.Query(b"WEB.Cluster.TEST", dns.A)], [_a("WEB.Cluster.TEST", "127.0.0.2")]),
+            ]
+        )
+        self.assertEqual((yield self.targets(DNSSource("all", "web.cluster.test", 80))), ["127.0.0.2:80"])
+
+    @inlineCallbacks
+    def test_recordsOfOtherNamesIgnored(self):
+        """
+        Of an answer to an A or AAAA question, only the records of the name
+        asked, or of the names its CNAME records lead to, are used.
+        """
+        self.zone.answer(
+            "web.cluster.test",
+            dns.A,
+            [
+                _a("evil.example", "10.6.6.1"),
+                _cname("web.cluster.test", "one.cluster.test"),
+                _cname("One.Cluster.Test", "two.cluster.test"),
+                _a("two.cluster.test", "127.0.0.3"),
+                _a("other.cluster.test", "10.6.6.2"),
+            ],
+        )
+        self.zone.answer(
+            "web.cluster.test",
+            dns.AAAA,
+            [dns.RRHeader(b"evil.example", dns.AAAA, ttl=1, payload=dns.Record_AAAA("::6", 1))],
+        )
+        self.assertEqual((yield self.targets(DNSSource("all", "web.cluster.test", 80))), ["127.0.0.3:80"])
+
+    @inlineCallbacks
+    def test_aliasChainBounded(self):
+        """
+        A CNAME chain is followed for 8 steps at most, and not round a loop.
+        """
+
+        def chain(name: str, steps: int) -> list[dns.RRHeader]:
+            names = [name] + [f"{i}.{name}" for i in range(1, steps + 1)]
+            return [_cname(a, b) for a, b in pairwise(names)] + [_a(names[-1], "127.0.0.4")]
+
+        self.zone.answer("eight.cluster.test", dns.A, chain("eight.cluster.test", 8))
+        self.zone.answer("nine.cluster.test", dns.A, chain("nine.cluster.test", 9))
+        self.zone.answer(
+            "loop.cluster.test",
+            dns.A,
+            [
+                _cname("loop.cluster.test", "back.cluster.test"),
+                _cname("back.cluster.test", "loop.cluster.test"),
+                _a("evil.example", "10.6.6.1"),
+            ],
+        )
+        self.assertEqual((yield self.targets(DNSSource("all", "eight.cluster.test", 80))), ["127.0.0.4:80"])
+        self.assertEqual((yield self.targets(DNSSource("all", "nine.cluster.test", 80))), [])
+        self.assertEqual((yield self.targets(DNSSource("all", "loop.cluster.test", 80))), [])
+
+    @inlineCallbacks
+    def test_otherClassIgnored(self):
+        """
+        Records of class CH (or any but IN) are not used.
+        """
+        self.zone.answer(
+            "web.cluster.test",
+            dns.A,
+            [_a("web.cluster.test", "10.6.6.1", cls=dns.CH), _a("web.cluster.test", "127.0.0.1")],
+        )
+        self.assertEqual((yield self.targets(DNSSource("all", "web.cluster.test", 80))), ["127.0.0.1:80"])
+
+    @inlineCallbacks
+    def test_srvOfOtherNamesIgnored(self):
+        """
+        Of an answer to an SRV question, only the SRV records of class IN
+        owned by the name asked are used.
+        """
+
+        def srv(name: str, port: int, cls: int = dns.IN) -> dns.RRHeader:
+            return dns.RRHeader(
+                name.encode(),
+                dns.SRV,
+                cls=cls,
+                ttl=1,
+                payload=dns.Record_SRV(10, 1, port, "a.cluster.test", 1),
+            )
+
+        self.zone.a("a.cluster.test", ["127.0.0.1"])
+        self.zone.answer(
+            SRV,
+            dns.SRV,
+            [srv("_evil._tcp.cluster.test", 6661), srv(SRV, 6662, cls=dns.CH), srv(SRV.upper(), 7001)],
+        )
+        self.assertEqual((yield self.targets(DNSSource("srv", SRV))), ["127.0.0.1:7001"])
