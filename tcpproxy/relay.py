@@ -487,15 +487,14 @@ class _RelaySide:
         self.transport.registerProducer(peer, True)
         peer.transport.registerProducer(self, True)
         self.feeding = peer.feeding = True
+        if bandwidthLimit:
+            return
         mine, theirs = self.transport, peer.transport
+        spliced = False
         # implementedBy, not providedBy: a wrapping transport (TLS) claims
         # every interface of the one under it, whose splice would move its
         # raw (encrypted) bytes past it.
-        splicing = ISplicing.implementedBy(type(mine)) and ISplicing.implementedBy(type(theirs))
-        if bandwidthLimit:
-            return
-        spliced = False
-        if splicing:
+        if ISplicing.implementedBy(type(mine)) and ISplicing.implementedBy(type(theirs)):
             spliced = mine.spliceTo(theirs, self)
             spliced = theirs.spliceTo(mine, peer) and spliced
         if not spliced:
